@@ -1,0 +1,236 @@
+"""The ``lmedit`` command line: one-off edits, benchmark runs, listings."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit knowledge in language models and measure it.")
+console = Console()
+err_console = Console(stderr=True)
+
+MAIN_METRICS = ("rewrite_acc", "rephrase_acc", "locality", "portability", "locality_acc", "rewrite_ppl")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+        force=True,
+    )
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are read as YAML so numbers and lists work."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _make_editor(method: str, model: str, preset: Optional[str], hparams: Optional[Path], overrides: dict, eval_config: Any) -> Any:
+    from lmedit.editor import Editor
+    from lmedit.registry import get_method, list_presets
+
+    info = get_method(method)
+    if preset is None and hparams is None and model in list_presets(info.name):
+        preset = model
+    with console.status(f"loading {model}..."):
+        from lmedit.models import load_model
+
+        loaded, tok = load_model(model)
+    return Editor(loaded, tok, info.name, preset=preset, hparams_file=hparams, overrides=overrides,
+                  eval_config=eval_config, model_name=model)
+
+
+@app.command()
+def run(
+    method: str = typer.Option("FT-M", "--method", "-m", help="Editing method (see `lmedit methods`)."),
+    model: str = typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
+    data: Optional[Path] = typer.Option(None, help="Benchmark file (zsRE, CounterFact, KnowEdit, WISE, lmedit JSON); default: the demo set."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Data format; detected from the file when omitted."),
+    limit: Optional[int] = typer.Option(None, help="Use only this many requests (after --offset)."),
+    offset: int = typer.Option(0, help="Skip this many requests first."),
+    protocol: str = typer.Option("single", help="single | batch | sequential."),
+    T: Optional[int] = typer.Option(None, "--T", "-T", help="Sequential: edits per chunk before evaluation."),
+    batch_size: int = typer.Option(1, help="Requests per edit call (batch protocol, or sequential batches)."),
+    preset: Optional[str] = typer.Option(None, help="Packaged hyperparameter preset (default: the model's, if any)."),
+    hparams: Optional[Path] = typer.Option(None, help="Hyperparameter YAML file."),
+    set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value (repeatable)."),
+    eval_mode: str = typer.Option("teacher", help="teacher | generate | both."),
+    eval_batch_size: int = typer.Option(32, help="Prompts per evaluation forward pass."),
+    chat_template: bool = typer.Option(False, help="Wrap edit prompts in the tokenizer's chat template."),
+    eval_each: bool = typer.Option(False, help="Also score each request right after its own edit (EasyEdit HEAD's 'sequential')."),
+    seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a benchmark: edit every request under a protocol, evaluate, write a run folder."""
+    _setup_logging(verbose)
+    from lmedit.data import load_requests
+    from lmedit.evaluation import EvalConfig
+    from lmedit.runner import file_sha256
+
+    try:
+        requests = load_requests(data, limit=limit, offset=offset, format=data_format)
+        if not requests:
+            _fail("the data selection is empty; check --data, --offset and --limit")
+        editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_),
+                              EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template))
+        data_path = str(data) if data else None
+        summary, folder = editor.run(
+            requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each, out_dir=out,
+            show_progress=progress, data=data_path or "demo", data_sha256=file_sha256(data) if data else None,
+            offset=offset, limit=limit,
+        )
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    _print_summary(summary, f"{editor.method.name} on {model}, {protocol}" + (f" T={T}" if T else "") + f", {eval_mode} scoring")
+    console.print(f"results: [bold]{folder}[/]")
+
+
+def _print_summary(summary: dict[str, Any], title: str) -> None:
+    phases = [p for p in ("pre", "post", "post_each") if p in summary]
+    metrics = [m for m in summary.get("post", {}) if "/" not in m]
+    ordered = [m for m in MAIN_METRICS if m in metrics] + sorted(m for m in metrics if m not in MAIN_METRICS)
+    table = Table(title=f"{title} (n={summary['n']})")
+    table.add_column("metric")
+    for phase in phases:
+        table.add_column(phase, justify="right")
+    for metric in ordered:
+        table.add_row(metric, *(_fmt(summary[p].get(metric)) for p in phases))
+    console.print(table)
+    chunks = summary.get("chunks", [])
+    if len(chunks) > 1 and any(chunk["n"] > 1 for chunk in chunks):
+        shown = [m for m in ("rewrite_acc", "rephrase_acc", "locality", "portability") if m in metrics]
+        per_chunk = Table(title="post metrics per chunk")
+        per_chunk.add_column("chunk", justify="right")
+        per_chunk.add_column("n", justify="right")
+        for metric in shown:
+            per_chunk.add_column(metric, justify="right")
+        for chunk in chunks:
+            per_chunk.add_row(str(chunk["chunk"]), str(chunk["n"]), *(_fmt(chunk["post"].get(m)) for m in shown))
+        per_chunk.add_row("mean", "", *(_fmt(summary["chunk_mean"]["post"].get(m)) for m in shown), style="bold")
+        console.print(per_chunk)
+    timing = summary.get("timing", {})
+    console.print(f"edit time per request: {timing.get('edit_seconds_per_request', 0):.2f} s")
+
+
+def _fmt(value: Any) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+@app.command()
+def edit(
+    prompt: str = typer.Option(..., help="The prompt to edit, e.g. 'The Eiffel Tower is in the city of'."),
+    target: str = typer.Option(..., help="The new completion, e.g. 'Rome'."),
+    subject: Optional[str] = typer.Option(None, help="The subject inside the prompt (needed by ROME-style methods)."),
+    rephrase: Optional[str] = typer.Option(None, help="A paraphrase of the prompt, to check generalisation."),
+    locality_prompt: Optional[str] = typer.Option(None, help="An unrelated prompt that should not change."),
+    locality_answer: Optional[str] = typer.Option(None, help="Its answer (defaults to the model's own greedy answer)."),
+    method: str = typer.Option("FT-M", "--method", "-m"),
+    model: str = typer.Option("smollm2-135m"),
+    preset: Optional[str] = typer.Option(None),
+    hparams: Optional[Path] = typer.Option(None),
+    set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value."),
+    max_new_tokens: int = typer.Option(8, help="Tokens to generate for the before/after answers."),
+    save: Optional[Path] = typer.Option(None, help="Save the edit to this folder (re-apply with the library's load_edit)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Make one edit and show the model's greedy answers before and after."""
+    _setup_logging(verbose)
+    from lmedit.evaluation import EvalConfig, generate_greedy
+    from lmedit.requests import EditRequest
+
+    try:
+        editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_), EvalConfig())
+        shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (
+            [("locality", locality_prompt)] if locality_prompt else [])
+        before = _answers(editor, [p for _, p in shown], max_new_tokens, generate_greedy)
+        locality = {}
+        if locality_prompt:
+            locality = {"neighborhood": [(locality_prompt, locality_answer or before[-1].strip() or "?")]}
+        request = EditRequest(prompt, target, subject=subject, rephrase=(rephrase,) if rephrase else (), locality=locality)
+        pre = editor.capture([request])
+        with console.status(f"editing with {editor.method.name}..."):
+            handle = editor.apply(request)
+        after = _answers(editor, [p for _, p in shown], max_new_tokens, generate_greedy)
+        metrics = editor.evaluate([request], pre)[0]
+        if save:
+            handle.save(save)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{editor.method.name} on {model}: greedy answers")
+    for column in ("probe", "prompt", "before", "after"):
+        table.add_column(column)
+    for (kind, text), b, a in zip(shown, before, after):
+        table.add_row(kind, text, repr(b), repr(a))
+    console.print(table)
+    console.print("  ".join(f"{k}: {pre.metrics[0].get(k, float('nan')):.3f} → {v:.3f}" if k in pre.metrics[0] else f"{k}: {v:.3f}"
+                            for k, v in metrics.items() if "/" not in k))
+    if save:
+        console.print(f"edit saved to [bold]{save}[/]")
+    handle.restore()
+
+
+def _answers(editor: Any, prompts: list[str], max_new_tokens: int, generate: Any) -> list[str]:
+    tokens = generate(editor.model, editor.tok, prompts, [max_new_tokens] * len(prompts))
+    return [editor.tok.decode(t, skip_special_tokens=True) for t in tokens]
+
+
+@app.command()
+def methods() -> None:
+    """List the registered editing methods and their presets."""
+    from lmedit.registry import list_methods, list_presets
+
+    table = Table(title="editing methods")
+    for column in ("name", "batch", "needs subject", "presets", "what it does"):
+        table.add_column(column)
+    for info in list_methods():
+        table.add_row(info.name, "yes" if info.supports_batch else "no", "yes" if info.needs_subject else "no",
+                      ", ".join(list_presets(info.name)) or "—", info.summary)
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the model presets and whether they are installed here."""
+    from lmedit.models import lmedit_home, preset_status
+
+    table = Table(title=f"model presets (cache: {lmedit_home()})")
+    for column in ("name", "state", "description", "licence"):
+        table.add_column(column)
+    for row in preset_status():
+        table.add_row(row["name"], row["state"], row["description"], row["licence"])
+    console.print(table)
+    console.print("Any Hugging Face model id or local folder also works with --model.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Turn the standard knowledge-editing benchmark files into ``EditRequest`` lists.
+
+Each benchmark ships its own JSON schema (zsRE in MEND's layout, CounterFact
+in EasyEdit's flat layout or ROME's nested one, KnowEdit, WISE). The mappings
+below follow how EasyEdit reads those files, so that numbers computed here are
+comparable with published ones; every record is validated while loading, so a
+broken record is reported by its index before any model time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from lmedit.requests import EditRequest, Probe, RequestError
+
+logger = logging.getLogger(__name__)
+
+Record = Mapping[str, Any]
+
+DATA_FORMATS: tuple[str, ...] = (
+    "lmedit",
+    "demo",
+    "zsre",
+    "counterfact",
+    "counterfact-rome",
+    "knowedit",
+    "wise",
+)
+"""Every name accepted by ``load_requests(format=...)``; "demo" is an alias of "lmedit"."""
+
+_ALIASES = {"demo": "lmedit"}
+
+# The probe groups KnowEdit defines; EasyEdit reads exactly these keys.
+KNOWEDIT_PORTABILITY_GROUPS: tuple[str, ...] = ("Reasoning", "Subject_Aliasing", "Logical_Generalization")
+KNOWEDIT_LOCALITY_GROUPS: tuple[str, ...] = ("Relation_Specificity", "Forgetfulness")
+
+_LMEDIT_FIELDS = frozenset(
+    {"case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase", "locality", "portability"}
+)
+_IRRELEVANT_FORMATS = ("zsre", "counterfact", "wise")
+
+
+class DataError(ValueError):
+    """A data file cannot be read as edit requests; the message names the file and the record."""
+
+
+def demo_path() -> Path:
+    """Path of the demo edit set shipped inside the package (used when no file is given)."""
+    return Path(str(files("lmedit.data") / "demo_edits.json"))
+
+
+def _accepted() -> str:
+    return (
+        "accepted formats: " + ", ".join(DATA_FORMATS) + " (a JSON list of records, or JSON Lines; "
+        "zsRE MEND-style, CounterFact flat or ROME-style, KnowEdit, WISE, or lmedit's own EditRequest dicts)"
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_records(path: Path) -> list[Record]:
+    """Read a JSON list (or JSON Lines) of objects; anything else is a DataError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read data file {path}: {exc}; {_accepted()}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = _parse_json_lines(path, text)
+    if not isinstance(data, list):
+        raise DataError(
+            f"data file {path} holds a JSON {type(data).__name__}, expected a list of records; {_accepted()}"
+        )
+    for index, record in enumerate(data):
+        if not isinstance(record, Mapping):
+            raise DataError(
+                f"data file {path}: record {index} is a {type(record).__name__}, expected a JSON object"
+            )
+    return data
+
+
+def _parse_json_lines(path: Path, text: str) -> list[Any]:
+    records = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"data file {path} is neither JSON nor JSON Lines (line {line_no}: {exc.msg}); {_accepted()}"
+            ) from exc
+    return records
+
+
+def _window(records: Sequence[Record], limit: int | None, offset: int) -> list[tuple[int, Record]]:
+    """Select records [offset, offset+limit) in file order, keeping each record's file index."""
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    stop = None if limit is None else offset + limit
+    return list(enumerate(records))[offset:stop]
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detect_format(records: Sequence[Record]) -> str:
+    """Name the schema of ``records`` from the fields of the first record (files are homogeneous)."""
+    if not records:
+        raise DataError(f"cannot detect the format of an empty record list; {_accepted()}")
+    first = records[0]
+    if not isinstance(first, Mapping):
+        raise DataError(f"record 0 is a {type(first).__name__}, expected a JSON object; {_accepted()}")
+    keys = set(first)
+    if "requested_rewrite" in keys:
+        return "counterfact-rome"
+    if {"src", "alt"} <= keys:
+        return "zsre"
+    if keys & {"text", "labels", "concept"} or _has_knowedit_groups(first):
+        return "knowedit"
+    if {"locality_prompt", "rephrase_prompt"} <= keys:
+        return "counterfact"
+    if "locality_prompt" in keys:
+        return "wise"
+    if {"prompt", "target_new"} <= keys and keys <= _LMEDIT_FIELDS:
+        return "lmedit"
+    raise DataError(f"unrecognised record fields {sorted(keys)}; {_accepted()}")
+
+
+def _has_knowedit_groups(record: Record) -> bool:
+    """KnowEdit probes are {prompt, ground_truth} objects under KnowEdit's group names.
+
+    Our own format writes probes as [prompt, answer] lists, which keeps the two apart
+    even when a demo file reuses a KnowEdit group name.
+    """
+    known = set(KNOWEDIT_PORTABILITY_GROUPS) | set(KNOWEDIT_LOCALITY_GROUPS)
+    for section in ("locality", "portability"):
+        groups = record.get(section)
+        if not isinstance(groups, Mapping):
+            continue
+        for name in known & set(groups):
+            items = groups[name]
+            if isinstance(items, Mapping) or (isinstance(items, list) and any(isinstance(i, Mapping) for i in items)):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _first_string(value: Any) -> str | None:
+    """Unwrap str | list[str] | list[list[str]] to its first string; KnowEdit nests answers this way."""
+    while isinstance(value, list):
+        if not value:
+            return None
+        value = value[0]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(f"expected a string answer, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _probe_group(pairs: Sequence[tuple[Any, Any]]) -> tuple[Probe, ...]:
+    """Build probes, dropping pairs whose prompt or answer is missing or blank."""
+    probes = []
+    for prompt, answer in pairs:
+        if isinstance(prompt, str) and prompt.strip() and isinstance(answer, str) and answer.strip():
+            probes.append(Probe(prompt, answer))
+    return tuple(probes)
+
+
+def _groups(**named: Sequence[tuple[Any, Any]]) -> dict[str, tuple[Probe, ...]]:
+    """Keep only the non-empty groups, so absent data never shows up as an empty group."""
+    built = {name: _probe_group(pairs) for name, pairs in named.items()}
+    return {name: probes for name, probes in built.items() if probes}
+
+
+def _required(record: Record, key: str) -> Any:
+    if key not in record:
+        raise RequestError(f"missing field {key!r} (record has {sorted(record)})")
+    return record[key]
+
+
+# --------------------------------------------------------------------------- per-format mappers
+
+
+def _from_zsre(record: Record, index: int) -> EditRequest | None:
+    """MEND-style zsRE record; None when ``alt`` is empty (EasyEdit skips those)."""
+    alt = _required(record, "alt")
+    if isinstance(alt, str) and not alt.strip():
+        return None
+    subject = record.get("subject")
+    portability = record.get("portability") or {}
+    return EditRequest(
+        prompt=_required(record, "src"),
+        target_new=alt,
+        subject=subject,
+        ground_truth=_first_string(record.get("answers")),
+        rephrase=record.get("rephrase"),
+        # ``loc`` keeps its "nq question: " prefix, exactly as EasyEdit feeds it to the model.
+        locality=_groups(neighborhood=[(record.get("loc"), record.get("loc_ans"))]),
+        portability=_groups(
+            one_hop=[(portability.get("New Question"), portability.get("New Answer"))],
+            # The inverse question asks the reverse relation about the *new* object (alt), e.g.
+            # src "Who is Nebaioth's father?" -> alt "Babur" -> "Who is the son of Babur?".
+            # After the edit its answer is the edited record's subject, not alt or answers[0].
+            inverse_relation=[(record.get("inverse question"), subject)],
+            subject_replace=[(record.get("alter_subject_question"), alt)],
+        ),
+        case_id=str(index),
+    )
+
+
+def _from_counterfact(record: Record, index: int) -> EditRequest:
+    """EasyEdit's flat CounterFact record (counterfact-train/edit/val.json)."""
+    return EditRequest(
+        prompt=_required(record, "prompt"),
+        target_new=_required(record, "target_new"),
+        subject=record.get("subject"),
+        ground_truth=record.get("ground_truth"),
+        rephrase=record.get("rephrase_prompt"),
+        locality=_groups(neighborhood=[(record.get("locality_prompt"), record.get("locality_ground_truth"))]),
+        case_id=str(record.get("case_id", index)),
+    )
+
+
+def _from_counterfact_rome(record: Record, index: int) -> EditRequest:
+    """ROME/MEMIT CounterFact record with a ``requested_rewrite`` template."""
+    rewrite = _required(record, "requested_rewrite")
+    template = _required(rewrite, "prompt")
+    subject = _required(rewrite, "subject")
+    target_new = _required(_required(rewrite, "target_new"), "str")
+    target_true = _required(_required(rewrite, "target_true"), "str")
+    portability = record.get("portability") or {}
+    alternative = record.get("alternative_subject")
+    return EditRequest(
+        # str.replace, not str.format: it fills the same "{}" slot but tolerates stray braces.
+        prompt=_fill(template, subject),
+        target_new=target_new,
+        subject=subject,
+        ground_truth=target_true,
+        rephrase=record.get("paraphrase_prompts"),
+        locality=_groups(neighborhood=[(p, target_true) for p in record.get("neighborhood_prompts") or ()]),
+        portability=_groups(
+            one_hop=[(portability.get("New Question"), portability.get("New Answer"))],
+            subject_replace=[(_fill(template, alternative) if alternative else None, target_new)],
+        ),
+        case_id=str(record.get("case_id", index)),
+    )
+
+
+def _fill(template: Any, subject: str) -> str:
+    if not isinstance(template, str) or "{}" not in template:
+        raise RequestError(f"requested_rewrite.prompt must be a string with a '{{}}' slot, got {template!r}")
+    return template.replace("{}", subject)
+
+
+def _from_knowedit(record: Record, index: int) -> EditRequest:
+    """KnowEdit record (ZsRE, WikiBio, ...): field fallbacks and nested answers as EasyEdit reads them."""
+    locality = record.get("locality") or {}
+    portability = record.get("portability") or {}
+    rephrase = record.get("rephrase_prompt", record.get("rephrase"))
+    return EditRequest(
+        prompt=_first_present(record, "prompt", "text"),
+        target_new=_first_present(record, "target_new", "labels"),
+        subject=record.get("subject", record.get("concept")),
+        ground_truth=_first_string(record.get("ground_truth")),
+        rephrase=rephrase,
+        locality=_knowedit_groups(locality, KNOWEDIT_LOCALITY_GROUPS, "locality"),
+        portability=_knowedit_groups(portability, KNOWEDIT_PORTABILITY_GROUPS, "portability"),
+        case_id=str(record.get("case_id", index)),
+    )
+
+
+def _first_present(record: Record, *keys: str) -> Any:
+    for key in keys:
+        if record.get(key) is not None:
+            return record[key]
+    raise RequestError(f"missing field {' or '.join(repr(k) for k in keys)} (record has {sorted(record)})")
+
+
+def _knowedit_groups(section: Any, names: Sequence[str], where: str) -> dict[str, tuple[Probe, ...]]:
+    if not isinstance(section, Mapping):
+        raise RequestError(f"{where} must be an object of probe groups, got {type(section).__name__}")
+    pairs_by_group: dict[str, list[tuple[Any, Any]]] = {}
+    for name in names:
+        items = section.get(name) or []
+        if isinstance(items, Mapping):
+            items = [items]
+        pairs_by_group[name] = [pair for item in items for pair in _knowedit_pairs(item, f"{where}.{name}")]
+    return _groups(**pairs_by_group)
+
+
+def _knowedit_pairs(item: Any, where: str) -> list[tuple[Any, Any]]:
+    """One KnowEdit probe item -> (prompt, answer) pairs; a list of prompts shares one answer."""
+    if not isinstance(item, Mapping) or "prompt" not in item:
+        raise RequestError(f"{where}: each probe must be an object with 'prompt' and 'ground_truth', got {item!r}")
+    answer = _first_string(item.get("ground_truth"))
+    prompts = item["prompt"] if isinstance(item["prompt"], list) else [item["prompt"]]
+    return [(prompt, answer) for prompt in prompts]
+
+
+def _from_wise(record: Record, index: int) -> EditRequest:
+    """WISE hallucination / temporal record; temporal's out-of-distribution rephrase becomes a rephrase."""
+    return EditRequest(
+        prompt=_required(record, "prompt"),
+        target_new=_required(record, "target_new"),
+        subject=record.get("subject"),
+        rephrase=record.get("ood_rephrase"),
+        locality=_groups(neighborhood=[(record.get("locality_prompt"), record.get("locality_ground_truth"))]),
+        case_id=str(record.get("case_id", index)),
+    )
+
+
+def _from_lmedit(record: Record, index: int) -> EditRequest:
+    """Our own ``EditRequest.to_dict()`` form; a missing case_id falls back to the file index."""
+    data = dict(record)
+    if data.get("case_id") is None:
+        data["case_id"] = str(index)
+    return EditRequest.from_dict(data)
+
+
+_MAPPERS: dict[str, Callable[[Record, int], EditRequest | None]] = {
+    "lmedit": _from_lmedit,
+    "zsre": _from_zsre,
+    "counterfact": _from_counterfact,
+    "counterfact-rome": _from_counterfact_rome,
+    "knowedit": _from_knowedit,
+    "wise": _from_wise,
+}
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _resolve_format(format: str | None, records: Sequence[Record], path: Path) -> str:
+    if format is None:
+        try:
+            return detect_format(records)
+        except DataError as exc:
+            raise DataError(f"data file {path}: {exc}") from exc
+    name = _ALIASES.get(format.lower(), format.lower())
+    if name not in _MAPPERS:
+        raise DataError(f"unknown data format {format!r} for {path}; {_accepted()}")
+    return name
+
+
+def load_requests(
+    path: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+    format: str | None = None,
+) -> list[EditRequest]:
+    """Load edit requests from a benchmark file (or the packaged demo set when ``path`` is None).
+
+    ``offset``/``limit`` select raw records in file order, as EasyEdit's ``[:K]``
+    slicing does, so skipped zsRE records (empty ``alt``) count towards ``limit``
+    and case ids stay equal to file positions.
+    """
+    file = demo_path() if path is None else Path(path)
+    records = _read_records(file)
+    name = _resolve_format(format, records, file)
+    mapper = _MAPPERS[name]
+    requests: list[EditRequest] = []
+    skipped = 0
+    for index, record in _window(records, limit, offset):
+        request = _map_record(mapper, record, index, file, name)
+        if request is None:
+            skipped += 1
+        else:
+            requests.append(request)
+    if skipped:
+        logger.info("%s: skipped %d record(s) with an empty target (alt), as EasyEdit does", file, skipped)
+    logger.debug("loaded %d %s request(s) from %s", len(requests), name, file)
+    return requests
+
+
+def _map_record(
+    mapper: Callable[[Record, int], EditRequest | None], record: Record, index: int, path: Path, name: str
+) -> EditRequest | None:
+    try:
+        return mapper(record, index)
+    except (RequestError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"data file {path}: record {index} is not a valid {name} record: {exc}") from exc
+
+
+def load_irrelevant_prompts(path: str | Path, *, limit: int | None = None, offset: int = 0) -> list[str]:
+    """Unrelated texts ("prompt answer") from a benchmark file, used by WISE as its locality pool."""
+    file = Path(path)
+    records = _read_records(file)
+    name = _resolve_format(None, records, file)
+    if name not in _IRRELEVANT_FORMATS:
+        raise DataError(
+            f"data file {file} is in format {name!r}, which has no irrelevant-prompt pool; "
+            f"use one of: {', '.join(_IRRELEVANT_FORMATS)}"
+        )
+    keys = ("loc", "loc_ans") if name == "zsre" else ("locality_prompt", "locality_ground_truth")
+    texts = []
+    for index, record in _window(records, limit, offset):
+        prompt, answer = record.get(keys[0]), record.get(keys[1])
+        if not isinstance(prompt, str) or not isinstance(answer, str):
+            raise DataError(f"data file {file}: record {index} lacks string fields {keys[0]!r} and {keys[1]!r}")
+        texts.append(f"{prompt} {answer}")
+    return texts

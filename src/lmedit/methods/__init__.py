@@ -1,0 +1,1 @@
+"""Editing methods, one module each; importing a module registers its methods."""

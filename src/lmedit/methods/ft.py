@@ -1,0 +1,158 @@
+"""Fine-tuning baselines: FT-L and FT-M.
+
+Both fine-tune the weights of chosen modules (by default one layer's MLP
+down-projection) with Adam for a few steps.
+
+* FT-L (ROME paper's constrained fine-tuning): the loss reads every target
+  token's log-probability at the *last prompt position*
+  (``objective: prompt_last``), and after every step the weights are
+  clamped to within ``norm_constraint`` of the originals (an L-inf ball).
+* FT-M (EasyEdit): cross-entropy on the target tokens of
+  ``prompt + " " + target`` with the prompt masked (``objective: target_new``).
+
+As in EasyEdit, a batch whose loss is already below ``early_stop_loss`` is
+not stepped, and training stops once the epoch's mean loss is below it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+
+from lmedit.evaluation.scoring import TokenizedPair, forward_tail, pad_id_of, tokenize_pair
+from lmedit.handles import WeightSnapshotHandle
+from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.registry import register
+from lmedit.requests import EditRequest
+from lmedit.spec import ModelSpec
+
+ModuleRole = Literal["mlp_out", "mlp_in", "attn_out"]
+
+
+@dataclass
+class FTHyperParams(HyperParams):
+    """Hyperparameters shared by FT-L and FT-M (they differ in objective and constraint defaults)."""
+
+    layers: list[int] = field(default_factory=lambda: [21])
+    modules: list[ModuleRole] = field(default_factory=lambda: ["mlp_out"])
+    objective: Literal["prompt_last", "target_new"] = "target_new"
+    num_steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    norm_constraint: float | None = None
+    batch_size: int = 64
+    early_stop_loss: float = 1e-2
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise HyperParamsError("layers must name at least one layer")
+        if self.num_steps < 1 or self.batch_size < 1:
+            raise HyperParamsError("num_steps and batch_size must be at least 1")
+        if self.lr <= 0:
+            raise HyperParamsError("lr must be positive")
+        if self.norm_constraint is not None and self.norm_constraint <= 0:
+            raise HyperParamsError("norm_constraint must be positive, or null for no constraint")
+
+
+@dataclass
+class FTLHyperParams(FTHyperParams):
+    """FT-L defaults: last-prompt-position objective with an L-inf constraint on the change."""
+
+    objective: Literal["prompt_last", "target_new"] = "prompt_last"
+    norm_constraint: float | None = 5e-4
+
+
+@register("FT-M", hparams=FTHyperParams, batch=True)
+def apply_ft_m(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: FTHyperParams) -> WeightSnapshotHandle:
+    """Fine-tune chosen weights on the target tokens with the prompt masked (EasyEdit's FT-M)."""
+    return _fine_tune("FT-M", model, tok, requests, hparams)
+
+
+@register("FT-L", hparams=FTLHyperParams, batch=True)
+def apply_ft_l(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: FTLHyperParams) -> WeightSnapshotHandle:
+    """Fine-tune one layer's MLP with the change clamped to a norm ball (ROME's FT-L)."""
+    return _fine_tune("FT-L", model, tok, requests, hparams)
+
+
+def trainable_parameter_names(spec: ModelSpec, hparams: FTHyperParams) -> list[str]:
+    """Weight names of the chosen modules at the chosen layers."""
+    names: list[str] = []
+    for layer in hparams.layers:
+        if not 0 <= layer < spec.num_layers:
+            raise HyperParamsError(f"layer {layer} does not exist; the model has layers 0..{spec.num_layers - 1}")
+        for role in hparams.modules:
+            paths = {"mlp_out": (spec.mlp_out(layer),), "mlp_in": spec.mlp_in(layer), "attn_out": (spec.attn_out(layer),)}[role]
+            names.extend(f"{path}.weight" for path in paths)
+    return names
+
+
+def _fine_tune(
+    method: str, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: FTHyperParams
+) -> WeightSnapshotHandle:
+    names = trainable_parameter_names(ModelSpec.from_model(model), hparams)
+    handle = WeightSnapshotHandle(method, model, names)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in names]
+    originals = [p.detach().clone() for p in params] if hparams.norm_constraint is not None else []
+    examples = [tokenize_pair(tok, r.prompt, r.target_new) for r in requests]
+    loss_fn = _prompt_last_loss if hparams.objective == "prompt_last" else _masked_target_loss
+    pad_id = pad_id_of(tok)
+
+    started = time.perf_counter()
+    previous = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
+    losses: list[float] = []
+    try:
+        for _ in range(hparams.num_steps):
+            epoch = []
+            for start in range(0, len(examples), hparams.batch_size):
+                loss = loss_fn(model, examples[start : start + hparams.batch_size], pad_id)
+                epoch.append(loss.item())
+                if epoch[-1] >= hparams.early_stop_loss:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                if originals:
+                    _clamp_to_ball(params, originals, hparams.norm_constraint)
+            losses.append(sum(epoch) / len(epoch))
+            if losses[-1] < hparams.early_stop_loss:
+                break
+    finally:
+        for p, flag in zip(params, previous):
+            p.requires_grad_(flag)
+            p.grad = None
+    handle.info = {"losses": losses, "steps": len(losses), "seconds": time.perf_counter() - started}
+    return handle
+
+
+def _clamp_to_ball(params: list[torch.nn.Parameter], originals: list[torch.Tensor], eps: float | None) -> None:
+    with torch.no_grad():
+        for p, o in zip(params, originals):
+            p.copy_(torch.clamp(p, min=o - eps, max=o + eps))
+
+
+def _masked_target_loss(model: torch.nn.Module, batch: list[TokenizedPair], pad_id: int) -> torch.Tensor:
+    """Per example, mean NLL of its target tokens given everything before them; then the batch mean."""
+    longest = max(len(e.target_ids) for e in batch)
+    logits = forward_tail(model, [e.ids for e in batch], pad_id, longest + 1)
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # column j predicts the token in column j+1
+    losses = []
+    for row, example in enumerate(batch):
+        n = len(example.target_ids)
+        rows = logprobs[row, longest - n :]
+        target = torch.tensor(example.target_ids, device=rows.device)
+        losses.append(-rows.gather(1, target[:, None]).mean())
+    return torch.stack(losses).mean()
+
+
+def _prompt_last_loss(model: torch.nn.Module, batch: list[TokenizedPair], pad_id: int) -> torch.Tensor:
+    """ROME's FT-L: every target token scored at the last prompt position (exact for one-token targets)."""
+    logits = forward_tail(model, [e.ids[: e.prompt_len] for e in batch], pad_id, 1)
+    logprobs = torch.log_softmax(logits[:, -1], dim=-1)
+    losses = [-logprobs[row, list(e.target_ids)].mean() for row, e in enumerate(batch)]
+    return torch.stack(losses).mean()

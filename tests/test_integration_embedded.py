@@ -1,0 +1,52 @@
+"""Integration on the embedded SmolLM2-135M model and the real zsRE file (select with -m embedded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import snapshot, state_equal
+from lmedit.data import load_requests
+from lmedit.editor import Editor
+from lmedit.evaluation import score_teacher_forced
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def zsre(shared_data):
+    return load_requests(shared_data / "zsre" / "zsre_mend_eval_portability_gpt4.json", limit=4)
+
+
+def test_ft_m_single_edits_succeed_on_zsre(embedded, zsre, tmp_path):
+    model, tok = embedded
+    original = snapshot(model)
+    summary, _ = Editor(model, tok, "FT-M", preset="smollm2-135m").run(zsre, out_dir=tmp_path / "r", show_progress=False)
+    assert summary["post"]["rewrite_acc"] >= 0.9
+    assert summary["post"]["rewrite_acc"] > summary["pre"]["rewrite_acc"] + 0.5
+    for phase in ("pre", "post"):
+        assert {"rewrite_acc", "rephrase_acc", "portability"} <= set(summary[phase])
+    assert 0.5 <= summary["post"]["locality"] <= 1.0
+    assert state_equal(model, original)
+
+
+@pytest.mark.parametrize("method", ["FT-L", "FT-M"])
+def test_restore_is_bit_exact_on_the_embedded_model(embedded, zsre, method):
+    model, tok = embedded
+    original = snapshot(model)
+    editor = Editor(model, tok, method, preset="smollm2-135m", overrides={"num_steps": 3})
+    handle = editor.apply(zsre[0])
+    assert not state_equal(model, original)
+    handle.restore()
+    assert state_equal(model, original)
+
+
+def test_batched_evaluation_matches_one_prompt_at_a_time(embedded, zsre):
+    model, tok = embedded
+    pairs = [(r.prompt, r.target_new) for r in zsre] + [(r.rephrase[0], r.target_new) for r in zsre]
+    pairs += [(p.prompt, p.answer) for r in zsre for p in r.locality["neighborhood"]]
+    batched = score_teacher_forced(model, tok, pairs, batch_size=16)
+    alone = [score_teacher_forced(model, tok, [pair], batch_size=1)[0] for pair in pairs]
+    for b, a in zip(batched, alone):
+        assert b.predicted_ids == a.predicted_ids
+        assert torch.allclose(torch.tensor(b.target_logprobs), torch.tensor(a.target_logprobs), atol=1e-3)

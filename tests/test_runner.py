@@ -1,0 +1,79 @@
+"""Run folders: files written as results arrive, summaries, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmedit.editor import Editor
+from lmedit.runner import RunError, read_records, summarize
+from lmedit.requests import EditRequest
+
+REQUESTS = [
+    EditRequest("the capital of france is", "rome", rephrase=["the capital of paris is"],
+                locality={"nb": [("sky", "blue")]}, portability={"hop": [("who", "wrote")]}, case_id="0"),
+    EditRequest("who wrote hamlet", "tolstoy", locality={"nb": [("grass", "green")]}, case_id="1"),
+    EditRequest("the eiffel tower is located in", "berlin", case_id="2"),
+]
+
+
+def _editor(model, tok):
+    return Editor(model, tok, "FT-M", overrides={"layers": [1], "lr": 5e-2, "num_steps": 20})
+
+
+def test_run_writes_config_results_and_summary(tiny_llama, word_tok, tmp_path):
+    summary, out = _editor(tiny_llama, word_tok).run(REQUESTS, protocol="sequential", T=2, out_dir=tmp_path / "r",
+                                                     show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "FT-M" and config["T"] == 2 and config["hparams"]["layers"] == [1]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert [json.loads(l)["chunk"] for l in lines] == [0, 0, 1]
+    written = json.loads((out / "summary.json").read_text())
+    assert written["n"] == 3 and written["complete"] is True
+    assert set(written["post"]) >= {"rewrite_acc", "locality", "portability", "rephrase_acc"}
+    assert written["counts"]["post"]["portability"] == 1  # only one request has portability probes
+    assert len(written["chunks"]) == 2
+    assert summary["post"]["rewrite_acc"] == pytest.approx(
+        sum(json.loads(l)["post"]["rewrite_acc"] for l in lines) / 3)
+
+
+def test_resume_skips_finished_chunks(tiny_llama, word_tok, tmp_path):
+    editor = _editor(tiny_llama, word_tok)
+    out = tmp_path / "r"
+    first, _ = editor.run(REQUESTS, protocol="single", out_dir=out, show_progress=False)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # interrupted mid-write
+    calls = []
+    original_apply = editor.method.apply
+    from dataclasses import replace
+
+    editor.method = replace(editor.method, apply=lambda *a: calls.append(1) or original_apply(*a))
+    second, _ = editor.run(REQUESTS, protocol="single", out_dir=out, show_progress=False)
+    assert len(calls) == 1  # only the chunk whose line was torn is redone
+    assert second["post"]["rewrite_acc"] == pytest.approx(first["post"]["rewrite_acc"])
+
+
+def test_a_folder_of_another_run_is_not_overwritten(tiny_llama, word_tok, tmp_path):
+    editor = _editor(tiny_llama, word_tok)
+    editor.run(REQUESTS[:1], protocol="single", out_dir=tmp_path / "r", show_progress=False)
+    with pytest.raises(RunError, match="differs in"):
+        editor.run(REQUESTS[:1], protocol="sequential", T=1, out_dir=tmp_path / "r", show_progress=False)
+
+
+def test_summary_means_per_chunk_and_of_chunks():
+    records = [
+        {"index": 0, "chunk": 0, "pre": {"a": 0.0}, "post": {"a": 1.0}},
+        {"index": 1, "chunk": 0, "pre": {"a": 0.0}, "post": {"a": 0.0}},
+        {"index": 2, "chunk": 1, "pre": {"a": 0.0}, "post": {"a": 1.0}},
+    ]
+    s = summarize(records)
+    assert s["post"]["a"] == pytest.approx(2 / 3)
+    assert [c["post"]["a"] for c in s["chunks"]] == [0.5, 1.0]
+    assert s["chunk_mean"]["post"]["a"] == pytest.approx(0.75)
+
+
+def test_read_records_keeps_the_newest_line_per_request(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"index": 0, "chunk": 0, "v": 1}\n{"index": 0, "chunk": 0, "v": 2}\n{"index": 1,')
+    assert read_records(path) == [{"index": 0, "chunk": 0, "v": 2}]
