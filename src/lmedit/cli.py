@@ -79,7 +79,9 @@ def run(
     hparams: Optional[Path] = typer.Option(None, help="Hyperparameter YAML file."),
     set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value (repeatable)."),
     eval_mode: str = typer.Option("teacher", help="teacher | generate | both."),
-    eval_batch_size: int = typer.Option(32, help="Prompts per evaluation forward pass."),
+    eval_batch_size: int = typer.Option(128, help="Most prompts per evaluation forward pass."),
+    eval_max_tokens: int = typer.Option(2048, help="Most tokens per teacher-forced evaluation forward pass."),
+    packing: bool = typer.Option(True, help="Pack several prompts per row in teacher-forced evaluation."),
     chat_template: bool = typer.Option(False, help="Wrap edit prompts in the tokenizer's chat template."),
     eval_each: bool = typer.Option(False, help="Also score each request right after its own edit (EasyEdit HEAD's 'sequential')."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
@@ -98,7 +100,8 @@ def run(
         if not requests:
             _fail("the data selection is empty; check --data, --offset and --limit")
         editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_),
-                              EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template))
+                              EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
+                                         max_batch_tokens=eval_max_tokens, packing=packing))
         data_path = str(data) if data else None
         summary, folder = editor.run(
             requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each, out_dir=out,
@@ -228,9 +231,20 @@ def models() -> None:
     console.print("Any Hugging Face model id or local folder also works with --model.")
 
 
+from lmedit.commands.stats import stats_command  # noqa: E402  (cheap: imports torch only when run)
+
+app.command("stats")(stats_command)
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
+
+
+# `lmedit trace` (causal tracing); the command module imports only typer/rich at load time.
+from lmedit.commands.trace import trace_command  # noqa: E402
+
+app.command("trace")(trace_command)

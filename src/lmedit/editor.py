@@ -6,6 +6,8 @@ same for every method and never needs to know which one it holds.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -43,7 +45,10 @@ class Editor:
         self.preset = preset
         self.hparams_file = str(hparams_file) if hparams_file else None
         self.hparams = hparams if hparams is not None else self.method.load_hparams(preset, hparams_file, overrides)
-        self.evaluator = Evaluator(tok, eval_config)
+        config = eval_config or EvalConfig()
+        if not self.method.packed_evaluation:
+            config = dataclasses.replace(config, packing=False)
+        self.evaluator = Evaluator(tok, config)
 
     @classmethod
     def from_pretrained(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,15 +96,42 @@ class WeightSnapshotHandle(EditHandle):
         return path
 
 
-def load_edit(model: torch.nn.Module, path: str | Path) -> WeightSnapshotHandle:
-    """Apply a saved weight edit to ``model``; the returned handle restores the model's own weights."""
+EditLoader = Callable[[torch.nn.Module, Path, dict[str, Any]], EditHandle]
+_EDIT_FORMATS: dict[str, EditLoader] = {}
+
+
+def register_edit_format(format_name: str, loader: EditLoader) -> None:
+    """Let :func:`load_edit` read saved edits whose ``edit.json`` says ``"format": format_name``.
+
+    ``loader(model, folder, meta)`` re-applies the edit and returns its handle
+    (stateful adapters register theirs when their module is imported).
+    """
+    _EDIT_FORMATS[format_name] = loader
+
+
+def _edit_loader(format_name: Any) -> EditLoader | None:
+    if format_name not in _EDIT_FORMATS:
+        from lmedit.registry import list_methods
+
+        list_methods()  # importing the built-in methods registers their edit formats
+    return _EDIT_FORMATS.get(format_name)
+
+
+def load_edit(model: torch.nn.Module, path: str | Path) -> EditHandle:
+    """Apply a saved edit to ``model``; the returned handle undoes it (for weight edits: the model's own weights)."""
     path = Path(path)
     meta_path = path / "edit.json"
     if not meta_path.is_file():
         raise EditHandleError(f"{path} holds no saved edit (edit.json is missing)")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != "lmedit-weight-edit":
-        raise EditHandleError(f"{meta_path} is not an lmedit weight edit (format {meta.get('format')!r})")
+        loader = _edit_loader(meta.get("format"))
+        if loader is None:
+            raise EditHandleError(
+                f"{meta_path} is not an lmedit edit this version can read (format {meta.get('format')!r}; "
+                f"known formats: lmedit-weight-edit, {', '.join(sorted(_EDIT_FORMATS)) or 'none'})"
+            )
+        return loader(model, path, meta)
     tensors = load_file(str(path / "edit.safetensors"))
     params = dict(model.named_parameters())
     for name, tensor in tensors.items():

@@ -40,6 +40,7 @@ class MethodInfo:
     supports_batch: bool
     needs_subject: bool
     summary: str
+    packed_evaluation: bool = True
 
     def check_requests(self, requests: Sequence[EditRequest]) -> None:
         """Fail before any model time is spent when the requests cannot be edited by this method."""
@@ -77,14 +78,20 @@ def register(
     hparams: type[HyperParams],
     batch: bool = False,
     needs_subject: bool = False,
+    packed_evaluation: bool = True,
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Register ``apply`` under ``name``; its docstring's first line becomes the summary."""
+    """Register ``apply`` under ``name``; its docstring's first line becomes the summary.
+
+    ``packed_evaluation=False`` is for methods whose edited model must see
+    one sequence per row (adapters that act on "the last token" of the
+    input or pool over it): their evaluation uses left-padded batches.
+    """
 
     def decorator(apply: ApplyFn) -> ApplyFn:
         if name in _REGISTRY and _REGISTRY[name].apply is not apply:
             raise MethodError(f"method name {name!r} is registered twice")
         summary = (apply.__doc__ or "").strip().splitlines()[0] if apply.__doc__ else ""
-        _REGISTRY[name] = MethodInfo(name, apply, hparams, batch, needs_subject, summary)
+        _REGISTRY[name] = MethodInfo(name, apply, hparams, batch, needs_subject, summary, packed_evaluation)
         return apply
 
     return decorator

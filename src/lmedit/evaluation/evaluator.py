@@ -30,17 +30,27 @@ EVAL_MODES: tuple[str, ...] = ("teacher", "generate", "both")
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate: scoring mode, batch size, and whether edit prompts use the chat template."""
+    """How to evaluate: scoring mode, batching, and whether edit prompts use the chat template.
+
+    ``batch_size`` caps the sequences per forward pass (and the prompts per
+    generation batch); ``max_batch_tokens`` caps the tokens per teacher-forced
+    pass; ``packing`` lets several sequences share a row (results equal to
+    one-at-a-time scoring up to float rounding).
+    """
 
     mode: EvalMode = "teacher"
-    batch_size: int = 32
+    batch_size: int = 128
     use_chat_template: bool = False
+    max_batch_tokens: int = 2048
+    packing: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
             raise ValueError(f"eval mode {self.mode!r} is not one of {', '.join(EVAL_MODES)}")
         if self.batch_size < 1:
             raise ValueError("eval batch size must be at least 1")
+        if self.max_batch_tokens < 1:
+            raise ValueError("eval max_batch_tokens must be at least 1")
 
     @property
     def teacher(self) -> bool:
@@ -135,7 +145,8 @@ class Evaluator:
             if self.config.teacher:
                 scores = score_teacher_forced(
                     model, self.tok, [(p.prompt, p.answer) for p in probes],
-                    batch_size=self.config.batch_size, progress=progress,
+                    batch_size=self.config.batch_size, max_batch_tokens=self.config.max_batch_tokens,
+                    packing=self.config.packing, progress=progress,
                 )
                 for outcome, score in zip(outcomes, scores):
                     outcome.teacher_predicted = score.predicted_ids

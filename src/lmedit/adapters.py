@@ -1,0 +1,422 @@
+"""Stateful adapters: edits that wrap one linear module and keep their own memory.
+
+GRACE, DEFER and WISE do not change weights in place. They replace one
+module (an MLP down-projection named by ``inner_params``) with an adapter
+that holds the original module plus the method's state, and that state
+grows with every sequential edit. This module gives them one base so that
+the framework's contract holds for all of them:
+
+* the first edit inserts the adapter, later edits find it and add to it;
+* every edit returns a handle whose ``restore()`` undoes exactly that edit;
+  undoing the last edit puts the original module object back in place;
+* ``handle.save(path)`` writes the adapter's state as safetensors plus a
+  JSON sidecar (no pickle), and :func:`lmedit.handles.load_edit` re-inserts
+  it into a fresh copy of the model;
+* an evaluation forward pass never changes the state: training behaviour is
+  switched on only inside the method's own edit context, never by
+  ``module.train()``, and nothing is merged, counted or cached on a forward.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError, register_edit_format
+from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like
+
+ADAPTER_FORMAT = "lmedit-adapter"
+
+A = TypeVar("A", bound="AdapterLayer")
+
+
+class AdapterError(ValueError):
+    """An adapter was asked for something it cannot do; the message says what to do instead."""
+
+
+# --------------------------------------------------------------------------- module paths
+
+
+def module_path(inner_param: str) -> str:
+    """The dotted module path of an ``inner_params`` entry.
+
+    Accepts EasyEdit's spelling ``model.layers[27].mlp.down_proj.weight`` as
+    well as ``model.layers.27.mlp.down_proj(.weight)``.
+    """
+    path = re.sub(r"\[(\d+)\]", r".\1", inner_param.strip())
+    for suffix in (".weight", ".bias"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+    return path.strip(".")
+
+
+def single_module_path(inner_params: Sequence[str]) -> str:
+    """The one module an adapter method wraps; several entries are a configuration error."""
+    if len(inner_params) != 1:
+        raise AdapterError(
+            f"inner_params must name exactly one module (e.g. model.layers[27].mlp.down_proj.weight), got {list(inner_params)}"
+        )
+    return module_path(inner_params[0])
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(model, parent_path), name, module)
+
+
+# --------------------------------------------------------------------------- the adapter base
+
+
+class AdapterLayer(nn.Module):
+    """A linear-like module wrapped with a method's state; subclasses define ``forward`` and the state.
+
+    ``edit_log`` lists the ids of the edits the adapter currently holds,
+    oldest first; an adapter whose log is empty is removed from the model.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, original: nn.Module, path: str) -> None:
+        super().__init__()
+        if not is_linear_like(original):
+            raise AdapterError(
+                f"{self.kind} wraps a linear layer, but {path!r} is a {type(original).__name__}; "
+                "point inner_params at an MLP projection such as model.layers[27].mlp.down_proj.weight"
+            )
+        self.original = original
+        self.path = path
+        self.in_features, self.out_features = in_out_features(original)
+        self.edit_log: list[str] = []
+        self.edits_made = 0
+
+    @property
+    def weight_device(self) -> torch.device:
+        return self.original.weight.device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.original.weight.dtype
+
+    def new_edit_id(self, case_id: str | None) -> str:
+        """The request's case id when it is still free in this adapter, else ``edit-<n>``."""
+        self.edits_made += 1
+        if case_id is not None and case_id not in self.edit_log:
+            return str(case_id)
+        candidate = f"edit-{self.edits_made}"
+        while candidate in self.edit_log:
+            self.edits_made += 1
+            candidate = f"edit-{self.edits_made}"
+        return candidate
+
+    def require_newest(self, edit_ids: Sequence[str]) -> None:
+        """Undo records are exact only newest first: refuse anything else with a way out."""
+        live = [e for e in edit_ids if e in self.edit_log]
+        if live and self.edit_log[-len(live):] != live:
+            raise EditHandleError(
+                f"{self.kind} edit(s) {live} are not the newest in the adapter (newest: {self.edit_log[-1]!r}); "
+                "restore handles newest first (restore_all does), or remove one edit with its method's rollback"
+            )
+
+    # ---- what subclasses provide
+
+    def undo(self, record: Any) -> None:  # pragma: no cover - abstract
+        """Undo one edit from its record (taken by the method while editing)."""
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_meta(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, edits={len(self.edit_log)}"
+
+
+_ADAPTER_KINDS: dict[str, type[AdapterLayer]] = {}
+
+
+def register_adapter_kind(cls: type[A]) -> type[A]:
+    """Class decorator: lets saved adapters of ``cls.kind`` be loaded."""
+    if not cls.kind:
+        raise AdapterError(f"{cls.__name__} must set a non-empty kind")
+    _ADAPTER_KINDS[cls.kind] = cls
+    return cls
+
+
+def find_adapter(model: nn.Module, path: str) -> AdapterLayer | None:
+    """The adapter sitting at ``path``, or None when the module there is a plain layer."""
+    module = get_module(model, path)
+    return module if isinstance(module, AdapterLayer) else None
+
+
+def adapters_of(model: nn.Module, kind: type[A]) -> list[A]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+def ensure_adapter(model: nn.Module, path: str, kind: type[A], build: Callable[[nn.Module], A]) -> A:
+    """Return the ``kind`` adapter at ``path``, inserting ``build(original)`` there on first use."""
+    try:
+        module = get_module(model, path)
+    except ModelSpecError as exc:
+        raise AdapterError(f"{kind.kind}: inner_params names {path!r}, which this model lacks ({exc})") from None
+    if isinstance(module, kind):
+        return module
+    if isinstance(module, AdapterLayer):
+        raise AdapterError(
+            f"{path!r} already holds a {module.kind} adapter; restore those edits before editing the same module with {kind.kind}"
+        )
+    adapter = build(module)
+    _set_module(model, path, adapter)
+    return adapter
+
+
+def remove_adapter(model: nn.Module, adapter: AdapterLayer) -> None:
+    """Put the original module object back where the adapter was."""
+    if find_adapter(model, adapter.path) is not adapter:
+        raise EditHandleError(f"the {adapter.kind} adapter is no longer at {adapter.path!r}; nothing to remove")
+    _set_module(model, adapter.path, adapter.original)
+
+
+# --------------------------------------------------------------------------- handles
+
+
+class AdapterEditHandle(EditHandle):
+    """Undoes one apply call on an adapter (its records, newest first); removes the adapter when it is empty."""
+
+    def __init__(self, method: str, model: nn.Module, adapter: AdapterLayer, edit_ids: list[str], records: list[Any]) -> None:
+        super().__init__(method)
+        self.model = model
+        self.adapter = adapter
+        self.edit_ids = list(edit_ids)
+        self._records = list(records)
+
+    def _restore(self) -> None:
+        adapter = self.adapter
+        if find_adapter(self.model, adapter.path) is not adapter:
+            if any(e in adapter.edit_log for e in self.edit_ids):
+                raise EditHandleError(f"the {adapter.kind} adapter holding {self.edit_ids} is no longer in the model")
+            return  # already rolled back and removed
+        adapter.require_newest(self.edit_ids)
+        for record in reversed(self._records):
+            adapter.undo(record)
+        if not adapter.edit_log:
+            remove_adapter(self.model, adapter)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adapter as it is now (every edit it holds) for :func:`lmedit.handles.load_edit`."""
+        return save_adapter(self.adapter, path, self.method, self.info)
+
+
+class LoadedAdapterHandle(EditHandle):
+    """The handle of an adapter read from disk: restoring removes the whole adapter."""
+
+    def __init__(self, method: str, model: nn.Module, adapter: AdapterLayer) -> None:
+        super().__init__(method)
+        self.model = model
+        self.adapter = adapter
+        self.edit_ids = list(adapter.edit_log)
+
+    def _restore(self) -> None:
+        if find_adapter(self.model, self.adapter.path) is self.adapter:
+            remove_adapter(self.model, self.adapter)
+
+    def save(self, path: str | Path) -> Path:
+        return save_adapter(self.adapter, path, self.method, self.info)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_adapter(adapter: AdapterLayer, path: str | Path, method: str, info: dict[str, Any] | None = None) -> Path:
+    """``edit.safetensors`` (the state tensors) and ``edit.json`` (everything else), no pickle."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in adapter.state_tensors().items()}
+    save_file(tensors, str(path / "edit.safetensors"))
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "version": EDIT_FORMAT_VERSION,
+        "method": method,
+        "kind": adapter.kind,
+        "module_path": adapter.path,
+        "in_features": adapter.in_features,
+        "out_features": adapter.out_features,
+        "edit_log": list(adapter.edit_log),
+        "edits_made": adapter.edits_made,
+        "state": adapter.state_meta(),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        "info": _jsonable(info or {}),
+    }
+    (path / "edit.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_adapter_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> LoadedAdapterHandle:
+    """Re-insert a saved adapter into ``model`` (registered with :func:`lmedit.handles.register_edit_format`)."""
+    kind = _ADAPTER_KINDS.get(meta.get("kind", ""))
+    if kind is None:
+        raise EditHandleError(f"{path}: unknown adapter kind {meta.get('kind')!r}; known: {sorted(_ADAPTER_KINDS)}")
+    target = meta["module_path"]
+    try:
+        module = get_module(model, target)
+    except ModelSpecError:
+        raise EditHandleError(f"saved {kind.kind} edit wraps {target!r}, which this model does not have; "
+                              "load it onto the same model it was made on") from None
+    if isinstance(module, AdapterLayer):
+        raise EditHandleError(f"{target!r} already holds a {module.kind} adapter; restore it before loading another")
+    if not is_linear_like(module) or in_out_features(module) != (meta["in_features"], meta["out_features"]):
+        raise EditHandleError(
+            f"saved {kind.kind} edit wraps a {meta['in_features']} -> {meta['out_features']} layer at {target!r}, "
+            "which this model does not have; load it onto the same model it was made on"
+        )
+    tensors = load_file(str(path / "edit.safetensors"))
+    adapter = kind(module, target)
+    adapter.load_state(tensors, meta["state"])
+    adapter.edit_log = list(meta["edit_log"])
+    adapter.edits_made = int(meta["edits_made"])
+    _set_module(model, target, adapter)
+    handle = LoadedAdapterHandle(meta["method"], model, adapter)
+    handle.info = dict(meta.get("info", {}))
+    return handle
+
+
+register_edit_format(ADAPTER_FORMAT, load_adapter_edit)
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+@contextmanager
+def frozen_model(model: nn.Module) -> Iterator[None]:
+    """No model parameter collects gradients while an adapter trains; flags and .grad come back as they were."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The model's architecture map, read with every adapter swapped back to its original layer."""
+    adapters = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    for adapter in adapters:
+        _set_module(model, adapter.path, adapter.original)
+    try:
+        return ModelSpec.from_model(model)
+    finally:
+        for adapter in adapters:
+            _set_module(model, adapter.path, adapter)
+
+
+@dataclass
+class _Captured:
+    hidden: torch.Tensor | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+
+class SequenceLogits:
+    """Logits of one unpadded token sequence at chosen columns, for an adapter's training loop.
+
+    The blocks below the adapter do not depend on what the adapter learns,
+    so after one full pass only the blocks from the adapter's block upward
+    are rerun (a tenth of the model for layer 27 of 30). That shortcut is
+    checked against the full forward once and dropped if the two differ
+    (a model that does something the shortcut misses).
+    """
+
+    def __init__(self, model: nn.Module, adapter_path: str, ids: Sequence[int], columns: Sequence[int]) -> None:
+        self.model = model
+        device = next(model.parameters()).device
+        self.input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        self.columns = torch.tensor(list(columns), dtype=torch.long, device=device)
+        self._tail: Callable[[], torch.Tensor] | None = None
+        try:
+            self._tail = self._prepare_tail(adapter_path)
+        except (ModelSpecError, AttributeError, TypeError, IndexError, RuntimeError, ValueError):
+            self._tail = None
+
+    def __call__(self) -> torch.Tensor:
+        """Float logits, shape (len(columns), vocab)."""
+        if self._tail is not None:
+            return self._tail()
+        return self._full()
+
+    @property
+    def uses_shortcut(self) -> bool:
+        return self._tail is not None
+
+    def _full(self) -> torch.Tensor:
+        logits = self.model(input_ids=self.input_ids, use_cache=False).logits
+        return logits[0].index_select(0, self.columns).float()
+
+    def _prepare_tail(self, adapter_path: str) -> Callable[[], torch.Tensor] | None:
+        spec = spec_of(self.model)
+        block = next((i for i in range(spec.num_layers) if adapter_path.startswith(spec.block(i) + ".")), None)
+        if block is None:
+            return None
+        blocks = get_module(self.model, spec.layers_path)
+        norm = get_module(self.model, spec.final_norm_path)
+        head = get_module(self.model, spec.lm_head_path)
+        captured = _Captured()
+
+        def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.hidden = args[0].detach()
+            captured.args = args[1:]
+            captured.kwargs = dict(kwargs)
+
+        hook = blocks[block].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                reference = self._full()
+        finally:
+            hook.remove()
+        if captured.hidden is None or captured.kwargs is None:
+            return None
+        upper = list(blocks)[block:]
+
+        def tail() -> torch.Tensor:
+            hidden = captured.hidden
+            for layer in upper:
+                out = layer(hidden, *captured.args, **captured.kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+            picked = hidden[0].index_select(0, self.columns)
+            return head(norm(picked)).float()
+
+        with torch.no_grad():
+            shortcut = tail()
+        if shortcut.shape != reference.shape or not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
+            return None
+        return tail
+
+
+def target_nll(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens; row i of ``logits`` predicts ``target_ids[i]``."""
+    target = torch.tensor(list(target_ids), dtype=torch.long, device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, target)

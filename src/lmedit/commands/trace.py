@@ -1,0 +1,157 @@
+"""``lmedit trace``: causal tracing over CounterFact facts, written to a folder (JSON + heatmaps).
+
+Only typer/rich are imported at module level; torch, transformers and
+matplotlib load when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_DATA_NAME = "counterfact/counterfact_portability_gpt4.json"
+"""The CounterFact file in ROME's layout (``requested_rewrite``) among the shared benchmark data."""
+
+
+def default_data_path() -> Path:
+    """``$LMEDIT_SHARED_DATA/<counterfact file>``, else ``../shared/data/...`` next to the working folder."""
+    root = os.environ.get("LMEDIT_SHARED_DATA")
+    candidates = [Path(root)] if root else []
+    candidates += [Path("../shared/data"), Path("/work/shared/data")]
+    for candidate in candidates:
+        if (candidate / DEFAULT_DATA_NAME).is_file():
+            return candidate / DEFAULT_DATA_NAME
+    return candidates[0] / DEFAULT_DATA_NAME
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _parse_kinds(text: str) -> tuple[str, ...]:
+    from lmedit.analysis.tracing import KINDS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        _fail(f"--kinds got {text!r}; give a comma-separated subset of {','.join(KINDS)}")
+    return tuple(dict.fromkeys(kinds))
+
+
+def trace_command(
+    model: str = typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
+    data: Optional[Path] = typer.Option(None, help="CounterFact file (ROME or EasyEdit layout); default: the shared counterfact_portability_gpt4.json."),
+    limit: int = typer.Option(50, help="Trace this many facts (after --known-only filtering)."),
+    offset: int = typer.Option(0, help="Skip this many records of the data file first."),
+    kinds: str = typer.Option("hidden,mlp,attn", help="What to restore: comma-separated hidden, mlp, attn."),
+    samples: int = typer.Option(10, help="Noise samples per fact (averaged)."),
+    noise_multiplier: float = typer.Option(3.0, help="Noise std = this x the std of the subjects' embeddings (ROME: 3)."),
+    window: int = typer.Option(10, help="MLP/attention: layers restored together, centred on each layer."),
+    known_only: bool = typer.Option(True, "--known-only/--all", help="Keep only facts the model predicts correctly (first token), as ROME's known facts."),
+    seed: int = typer.Option(0, help="Seed of the noise samples."),
+    max_batch_tokens: int = typer.Option(2048, help="Most tokens per forward pass."),
+    examples: int = typer.Option(1, help="Also plot per-fact heatmaps for this many facts."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write heatmap PNGs (needs matplotlib, the 'plot' extra)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<time>-trace."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Causal tracing (ROME §2.1): which layers carry facts; suggests layers for ROME/MEMIT."""
+    _setup_logging(verbose)
+    kind_list = _parse_kinds(kinds)
+    if limit < 1 or samples < 1 or window < 1 or noise_multiplier < 0 or max_batch_tokens < 1 or offset < 0:
+        _fail("--limit, --samples, --window and --max-batch-tokens must be positive; --noise-multiplier and --offset non-negative")
+    if plots:
+        from lmedit.analysis.plots import PlotDependencyError, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotDependencyError as exc:
+            _fail(f"{exc}; or pass --no-plots to write only trace.json")
+    data_path = data or default_data_path()
+    if not data_path.is_file():
+        _fail(f"data file {data_path} not found; pass --data <CounterFact JSON> (or set LMEDIT_SHARED_DATA)")
+    folder = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-trace"
+
+    from lmedit.analysis import tracing
+
+    try:
+        facts = tracing.load_facts(data_path, offset=offset, limit=None if known_only else limit)
+        with console.status(f"loading {model}..."):
+            from lmedit.models import load_model
+
+            loaded, tok = load_model(model)
+        if known_only:
+            with console.status("keeping the facts the model knows..."):
+                candidates = len(facts)
+                facts = tracing.select_known_facts(loaded, tok, facts, limit=limit)
+            console.print(f"{len(facts)} known facts (looked at up to {candidates} records)")
+        report = tracing.trace_facts(
+            loaded, tok, facts, kinds=kind_list, samples=samples, noise_multiplier=noise_multiplier,
+            window=window, seed=seed, max_batch_tokens=max_batch_tokens, show_progress=progress,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(str(exc))
+    report.extra.update({"model": model, "data": str(data_path), "offset": offset, "limit": limit, "known_only": known_only})
+    written = _write(report, folder, model_name=model, plots=plots, examples=examples)
+    _print(report, model)
+    console.print("wrote: " + ", ".join(str(p) for p in written))
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def _write(report: Any, folder: Path, *, model_name: str, plots: bool, examples: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "trace.json"
+    path.write_text(json.dumps(report.to_dict(), indent=1))
+    written = [path]
+    if plots:
+        from lmedit.analysis.plots import plot_fact_heatmap, plot_summary_heatmap
+
+        window = int(report.settings["window"])
+        for kind, summary in report.summaries.items():
+            written.append(plot_summary_heatmap(summary, folder / f"trace_avg_{kind}.png", window=window, model_name=model_name))
+        for index, trace in enumerate(report.traces[: max(0, examples)]):
+            for kind in report.summaries:
+                written.append(plot_fact_heatmap(trace, kind, folder / f"trace_fact{index}_{kind}.png", model_name=model_name))
+    return written
+
+
+def _print(report: Any, model: str) -> None:
+    table = Table(title=f"causal tracing on {model}: {len(report.traces)} facts, "
+                        f"noise std {report.noise_std:.3f}, {report.seconds:.0f} s")
+    for column in ("kind", "p clean", "p corrupt", "subj. peak", "AIE", "last peak", "AIE"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for kind, summary in report.summaries.items():
+        subject_layer, subject_effect = summary.peak("last_subject")
+        last_layer, last_effect = summary.peak("last")
+        table.add_row(kind, f"{summary.mean_p_clean:.3f}", f"{summary.mean_p_corrupted:.3f}", str(subject_layer),
+                      f"{subject_effect:.4f}", str(last_layer), f"{last_effect:.4f}")
+    console.print(table)
+    console.print("subj. peak / last peak: layer with the largest average indirect effect (AIE) "
+                  "at the last subject token / the last token")
+    suggestion = report.suggestion()
+    if suggestion:
+        console.print(f"suggested edit layers: ROME [bold]{suggestion['rome_layer']}[/], "
+                      f"MEMIT [bold]{suggestion['memit_layers']}[/] (MLP peak at the last subject token)")

@@ -1,0 +1,407 @@
+"""Shared math of the locate-then-edit family: keys, target values and closed-form updates.
+
+ROME, MEMIT and AlphaEdit all (1) read *keys* k, the input of an MLP
+down-projection at the subject's last token, averaged over short prefixes
+the model writes itself; (2) optimise a *target value* that makes the model
+produce the new object (negative log-likelihood of the target, a KL term on
+"{subject} is a" that keeps the subject's other properties, and a weight
+decay on the change, as the ROME paper defines it); and (3) solve a least
+squares problem for the weight change. Everything here is written once; the
+method modules only choose which pieces to combine.
+
+Conventions: weight changes are returned as ``(out, in)`` matrices (the
+``nn.Linear`` layout) and applied with :func:`add_to_weight`, which
+transposes for GPT-2's Conv1D. Linear algebra runs in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lmedit.evaluation.scoring import forward_reading, pad_id_of, tokenize_pair
+from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.requests import EditRequest
+from lmedit.spec import ModelSpec, get_module
+
+log = logging.getLogger(__name__)
+
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+"""Words the model continues to make context prefixes (the ROME/MEMIT choice)."""
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+@dataclass
+class LocateHyperParams(HyperParams):
+    """Fields shared by ROME, MEMIT and AlphaEdit (names follow the original code where it exists)."""
+
+    layers: list[int] = field(default_factory=lambda: [5])
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_stop_loss: float = 5e-2
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_template_seed: int = 0
+    mom2_adjustment: bool = True
+    mom2_dataset: str = "enwiki2015"
+    mom2_n_samples: int = 1000
+    mom2_sample_length: int = 256
+    mom2_dtype: str = "float64"
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise HyperParamsError("layers must name at least one layer")
+        if self.fact_token not in ("subject_last", "last"):
+            raise HyperParamsError(f"fact_token must be 'subject_last' or 'last', got {self.fact_token!r}")
+        if self.v_num_grad_steps < 1 or self.v_lr <= 0:
+            raise HyperParamsError("v_num_grad_steps must be at least 1 and v_lr positive")
+        for pair in self.context_template_length_params:
+            if len(pair) != 2 or min(pair) < 1:
+                raise HyperParamsError(
+                    "context_template_length_params is a list of [length, count] pairs, "
+                    f"e.g. [[5, 10], [10, 10]]; got {self.context_template_length_params!r}"
+                )
+
+    def stats_config(self) -> Any:
+        from lmedit.locate.stats import StatsConfig
+
+        return StatsConfig(
+            corpus=self.mom2_dataset, n_samples=self.mom2_n_samples,
+            sample_length=self.mom2_sample_length, dtype=self.mom2_dtype,
+        )
+
+
+# --------------------------------------------------------------------------- per-model state
+
+
+_SESSION_STATE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def session_state(model: nn.Module) -> dict[str, Any]:
+    """State that belongs to the editing session of this model object (caches, accumulated keys).
+
+    It lives as long as the model object and is never shared with another
+    model; :func:`reset_session_state` clears it explicitly.
+    """
+    return _SESSION_STATE.setdefault(model, {})
+
+
+def reset_session_state(model: nn.Module) -> None:
+    _SESSION_STATE.pop(model, None)
+
+
+# --------------------------------------------------------------------------- context templates
+
+
+def context_templates(
+    model: nn.Module, tok: Any, length_params: Sequence[Sequence[int]], seed: int = 0
+) -> list[str]:
+    """``"{}"`` plus prefixes the model writes itself, each ending in ``". {}"``.
+
+    For each ``[length, count]`` pair, ``count`` continuations of ``length``
+    tokens (seed word included) are sampled with top-5 sampling from the
+    words in :data:`PREFIX_SEEDS`, ``count // 5`` per word, as ROME does.
+    Generated once per model object and cached with the session, so
+    sequential edits reuse the prefixes of the unedited model.
+    """
+    key = ("context_templates", tuple(tuple(p) for p in length_params), seed)
+    cache = session_state(model)
+    if key not in cache:
+        generator = torch.Generator().manual_seed(seed)
+        templates = ["{}"]
+        for length, count in length_params:
+            for word in PREFIX_SEEDS:
+                for text in _sample_top_k(model, tok, word, max(count // len(PREFIX_SEEDS), 1), length, generator):
+                    templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
+        cache[key] = templates
+        log.info("generated %d context templates", len(templates) - 1)
+    return list(cache[key])
+
+
+@torch.no_grad()
+def _sample_top_k(
+    model: nn.Module, tok: Any, start: str, n: int, length: int, generator: torch.Generator, top_k: int = 5
+) -> list[str]:
+    device = next(model.parameters()).device
+    prompt = tok(start).input_ids
+    ids = torch.tensor([prompt] * n, device=device)
+    while ids.shape[1] < max(length, len(prompt) + 1):
+        logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+        top = logits.topk(top_k, dim=-1)
+        choice = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=generator).to(device)
+        ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
+    return [tok.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+
+
+# --------------------------------------------------------------------------- token positions
+
+
+def subject_last_index(tok: Any, text: str, subject_start: int, subject_end: int) -> int:
+    """Index in ``tok(text).input_ids`` of the last token overlapping ``text[subject_start:subject_end]``."""
+    try:
+        encoded = tok(text, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        offsets = None
+    if offsets:
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < subject_end and b > subject_start]
+        if hits:
+            return hits[-1]
+    return len(tok(text[:subject_end]).input_ids) - 1
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A text, its token ids and the position whose key/value is read or edited."""
+
+    ids: tuple[int, ...]
+    index: int
+
+
+def lookup(tok: Any, template: str, prompt: str, subject: str, fact_token: str = "subject_last") -> Lookup:
+    """Tokenise ``template.format(prompt)`` and find the fact token (the subject's last token, or the last token)."""
+    text = template.format(prompt)
+    ids = tuple(tok(text).input_ids)
+    if fact_token == "last":
+        return Lookup(ids, len(ids) - 1)
+    at = prompt.find(subject)
+    if at < 0:
+        raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
+    start = template.index("{}") + at
+    return Lookup(ids, subject_last_index(tok, text, start, start + len(subject)))
+
+
+# --------------------------------------------------------------------------- reading activations
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+@torch.no_grad()
+def read_at(
+    model: nn.Module, tok: Any, lookups: Sequence[Lookup], modules: Sequence[str], *, inputs: bool
+) -> dict[str, torch.Tensor]:
+    """The input (``inputs=True``) or output of each module at each lookup position, shape (n, d).
+
+    One right-padded forward pass for all lookups (right padding keeps the
+    positions of every sequence unchanged).
+    """
+    device = next(model.parameters()).device
+    ids, mask = _right_pad([lk.ids for lk in lookups], pad_id_of(tok), device)
+    rows = torch.arange(len(lookups), device=device)
+    cols = torch.tensor([lk.index for lk in lookups], device=device)
+    found: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            value = args[0] if inputs else _first_tensor(output)
+            found[name] = value[rows, cols].detach().float()
+
+        return hook
+
+    handles = [get_module(model, name).register_forward_hook(hook_for(name)) for name in modules]
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def average_keys(
+    model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest], layers: Sequence[int],
+    templates: Sequence[str], fact_token: str,
+) -> dict[int, torch.Tensor]:
+    """Keys (down-projection inputs at the fact token) averaged over the templates: layer -> (d_in, n)."""
+    lookups = [lookup(tok, t, r.prompt, r.subject or "", fact_token) for r in requests for t in templates]
+    names = [spec.mlp_out(layer) for layer in layers]
+    read = read_at(model, tok, lookups, names, inputs=True)
+    n, m = len(requests), len(templates)
+    return {layer: read[name].reshape(n, m, -1).mean(1).T.contiguous() for layer, name in zip(layers, names)}
+
+
+# --------------------------------------------------------------------------- target values
+
+
+@dataclass
+class TargetResult:
+    """The optimised value at the edited site and what the optimisation did."""
+
+    target: torch.Tensor
+    init: torch.Tensor
+    nll: list[float]
+    delta_norm: float
+
+
+def optimize_target(
+    model: nn.Module,
+    tok: Any,
+    request: EditRequest,
+    *,
+    site: str,
+    templates: Sequence[str],
+    hparams: LocateHyperParams,
+    kl_prompts: Sequence[str] = ("{} is a",),
+) -> TargetResult:
+    """Find the value at ``site`` (a module's output, at the fact token) that makes the model say the target.
+
+    A vector delta is added to the output of ``site`` at the fact token of
+    every rewriting prompt (each context template followed by the prompt and
+    the target, teacher-forced) and of the KL prompts. The loss is the mean
+    NLL of the target tokens, plus ``kl_factor`` times KL(current || initial)
+    of the next-token distribution at the subject in the KL prompts, plus
+    ``v_weight_decay * |delta| / |init|^2``; delta is projected into the ball
+    of radius ``clamp_norm_factor * |init|`` after every step. ``init`` is
+    the unedited value for the bare prompt.
+    """
+    subject = request.subject or ""
+    target_ids = tokenize_pair(tok, request.prompt, request.target_new).target_ids
+    rewrites = [lookup(tok, t, request.prompt, subject, hparams.fact_token) for t in templates]
+    kls = [lookup(tok, p, subject, subject, "subject_last") for p in kl_prompts]
+    rows = [lk.ids + target_ids[:-1] for lk in rewrites] + [lk.ids for lk in kls]
+    device = next(model.parameters()).device
+    ids, mask = _right_pad(rows, pad_id_of(tok), device)
+    edit_rows = torch.arange(len(rows), device=device)
+    edit_cols = torch.tensor([lk.index for lk in rewrites + kls], device=device)
+    # teacher-forced target positions: token j of the target is predicted at len(prompt) + j - 1
+    loss_rows = torch.tensor([i for i, lk in enumerate(rewrites) for _ in target_ids], device=device)
+    loss_cols = torch.tensor([len(lk.ids) + j - 1 for lk in rewrites for j in range(len(target_ids))], device=device)
+    loss_targets = torch.tensor(list(target_ids) * len(rewrites), device=device)
+    kl_rows = torch.arange(len(rewrites), len(rows), device=device)
+    kl_cols = torch.tensor([lk.index for lk in kls], device=device)
+    width = ids.shape[1]
+    read = torch.cat([loss_rows * width + loss_cols, kl_rows * width + kl_cols])
+
+    init = read_at(model, tok, rewrites[:1], [site], inputs=False)[site][0].to(device)
+    hidden = init.shape[0]
+    delta = torch.zeros(hidden, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * init.norm()
+
+    def add_delta(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+        value = _first_tensor(output)
+        patched = value.clone()
+        patched[edit_rows, edit_cols] = patched[edit_rows, edit_cols] + delta.to(value.dtype)
+        if isinstance(output, tuple):
+            return (patched, *output[1:])
+        return patched
+
+    kl_init: torch.Tensor | None = None
+    losses: list[float] = []
+    handle = get_module(model, site).register_forward_hook(add_delta)
+    try:
+        with torch.enable_grad():
+            for step in range(hparams.v_num_grad_steps):
+                optimizer.zero_grad()
+                # the LM head runs only at the positions read by the loss (a large share of the cost)
+                logits, _ = forward_reading(model, read, input_ids=ids, attention_mask=mask, use_cache=False)
+                log_probs = logits[: len(loss_rows)].log_softmax(-1)
+                nll = -log_probs.gather(1, loss_targets[:, None]).sum() / (len(target_ids) * len(rewrites))
+                kl_log_probs = logits[len(loss_rows) :].log_softmax(-1)
+                if kl_init is None:
+                    kl_init = kl_log_probs.detach().clone()
+                kl = torch.nn.functional.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
+                decay = hparams.v_weight_decay * (delta.norm() / init.norm() ** 2)
+                loss = nll + hparams.kl_factor * kl + decay
+                losses.append(float(nll.detach()))
+                if float(loss.detach()) < hparams.v_stop_loss or step == hparams.v_num_grad_steps - 1:
+                    break
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    final = delta.detach()
+    return TargetResult(target=(init + final).detach(), init=init, nll=losses, delta_norm=float(final.norm()))
+
+
+# --------------------------------------------------------------------------- closed-form updates
+
+
+def rank_one_update(
+    left: torch.Tensor, key: torch.Tensor, target: torch.Tensor, current: torch.Tensor
+) -> torch.Tensor:
+    """ROME: ``(target - current) leftᵀ / (left · key)``, so the edited layer maps ``key`` to ``target``."""
+    right = (target.double() - current.double()) / torch.dot(key.double(), left.double())
+    return torch.outer(right, left.double())
+
+
+def memit_update(
+    keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor | None, cov_weight: float
+) -> torch.Tensor:
+    """MEMIT: ``R Kᵀ (λ C + K Kᵀ)⁻¹``; keys (d_in, n), residuals (d_out, n) -> (d_out, d_in)."""
+    K = keys.double()
+    A = K @ K.T
+    if cov is not None:
+        A = A + cov_weight * cov.double()
+    adjusted = torch.linalg.solve(A, K)
+    return residuals.double() @ adjusted.T
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P: projection onto the eigenvectors of C whose eigenvalue is below ``threshold``."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
+    basis = eigenvectors[:, eigenvalues < threshold]
+    return basis @ basis.T
+
+
+def alphaedit_update(
+    keys: torch.Tensor, residuals: torch.Tensor, projector: torch.Tensor, previous: torch.Tensor | None, l2: float
+) -> torch.Tensor:
+    """AlphaEdit: ``Δ = R Kᵀ P (K Kᵀ P + K_p K_pᵀ P + α I)⁻¹`` (the paper's Eq. 14), as (d_out, d_in).
+
+    Solved as its transpose, ``(P (K Kᵀ + C_p) + α I) X = P K Rᵀ`` with
+    ``Δ = Xᵀ``, which is how the authors' code computes it.
+    """
+    K, P = keys.double(), projector.double()
+    A = K @ K.T
+    if previous is not None:
+        A = A + previous.double()
+    system = P @ A + l2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    solution = torch.linalg.solve(system, P @ K @ residuals.double().T)
+    return solution.T
+
+
+def add_to_weight(model: nn.Module, module_name: str, delta_out_in: torch.Tensor, conv1d: bool) -> None:
+    """Add a (d_out, d_in) change to a Linear (or, transposed, a Conv1D) weight in place."""
+    weight = get_module(model, module_name).weight
+    change = delta_out_in.T if conv1d else delta_out_in
+    if tuple(change.shape) != tuple(weight.shape):
+        raise ValueError(f"update of shape {tuple(change.shape)} does not fit {module_name}.weight {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.add_(change.to(weight.dtype))
+
+
+def weight_apply(model: nn.Module, module_name: str, x: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """``W x`` for the module's weight (no bias): the part of the output an update can change."""
+    weight = get_module(model, module_name).weight.detach().double()
+    return (x.double() @ weight) if conv1d else (weight @ x.double())
+
+
+def iter_layers(spec: ModelSpec, layers: Sequence[int]) -> Iterator[tuple[int, int, str]]:
+    """(position in the list, layer index, down-projection name) for each edited layer."""
+    for position, layer in enumerate(layers):
+        yield position, layer, spec.mlp_out(layer)

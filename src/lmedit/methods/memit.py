@@ -1,0 +1,99 @@
+"""MEMIT (Meng et al., 2023): many edits at once, spread over a range of layers.
+
+For every request a target hidden state z* is optimised at the output of
+the last edited block. Then, layer by layer (lowest first), the keys of all
+requests are read at that layer, the remaining residual z* − z (read at the
+last block on the model as edited so far) is divided by the number of
+layers still to edit, and the layer absorbs its share with
+``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``, where C is the key second moment and
+λ = ``mom2_update_weight``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from lmedit.handles import WeightSnapshotHandle
+from lmedit.locate.core import (
+    LocateHyperParams,
+    add_to_weight,
+    average_keys,
+    context_templates,
+    iter_layers,
+    lookup,
+    memit_update,
+    optimize_target,
+    read_at,
+)
+from lmedit.registry import register
+from lmedit.requests import EditRequest
+from lmedit.spec import ModelSpec
+
+
+@dataclass
+class MEMITHyperParams(LocateHyperParams):
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    clamp_norm_factor: float = 0.75
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    mom2_update_weight: float = 15000.0
+
+
+@dataclass
+class PlannedEdit:
+    """What the closed-form step of MEMIT-like methods needs, computed before any weight changes."""
+
+    spec: ModelSpec
+    templates: list[str]
+    targets: torch.Tensor  # (d_hidden, n): z* at the last edited block
+    covariances: dict[int, torch.Tensor]
+    target_nll: list[list[float]]
+
+
+def plan_edit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: LocateHyperParams,
+              covariances: bool) -> PlannedEdit:
+    """Statistics (of the unedited model) and the target hidden state of every request."""
+    spec = ModelSpec.from_model(model)
+    stats: dict[int, torch.Tensor] = {}
+    if covariances:
+        from lmedit.locate.stats import second_moments
+
+        stats = second_moments(model, tok, hparams.layers, hparams.stats_config(), progress=False)
+    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_template_seed)
+    site = spec.block(hparams.layers[-1])
+    values = [optimize_target(model, tok, r, site=site, templates=templates, hparams=hparams) for r in requests]
+    return PlannedEdit(spec, templates, torch.stack([v.target for v in values], dim=1), stats, [v.nll for v in values])
+
+
+def current_outputs(model: Any, tok: Any, plan: PlannedEdit, requests: Sequence[EditRequest], layer: int,
+                    fact_token: str) -> torch.Tensor:
+    """Hidden state at the last edited block for each bare prompt, (d_hidden, n)."""
+    site = plan.spec.block(layer)
+    lookups = [lookup(tok, "{}", r.prompt, r.subject or "", fact_token) for r in requests]
+    return read_at(model, tok, lookups, [site], inputs=False)[site].T
+
+
+@register("MEMIT", hparams=MEMITHyperParams, batch=True, needs_subject=True)
+def apply_memit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: MEMITHyperParams) -> WeightSnapshotHandle:
+    """Mass-editing memory in a transformer (MEMIT): batch edits over a range of MLP layers."""
+    started = time.perf_counter()
+    plan = plan_edit(model, tok, requests, hparams, covariances=hparams.mom2_adjustment)
+    spec = plan.spec
+    handle = WeightSnapshotHandle("MEMIT", model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers])
+    norms = {}
+    for position, layer, module in iter_layers(spec, hparams.layers):
+        keys = average_keys(model, tok, spec, requests, [layer], plan.templates, hparams.fact_token)[layer]
+        current = current_outputs(model, tok, plan, requests, hparams.layers[-1], hparams.fact_token)
+        residual = (plan.targets - current) / (len(hparams.layers) - position)
+        cov = plan.covariances.get(layer)
+        if cov is None:
+            cov = torch.eye(keys.shape[0], dtype=torch.float64)
+        update = memit_update(keys, residual, cov, hparams.mom2_update_weight)
+        add_to_weight(model, module, update, spec.conv1d_weights)
+        norms[layer] = float(update.norm())
+    handle.info = {"layers": list(hparams.layers), "update_norms": norms, "target_nll": plan.target_nll,
+                   "seconds": time.perf_counter() - started}
+    return handle

@@ -1,0 +1,127 @@
+"""ROME, MEMIT and AlphaEdit invariants on tiny random models (statistics from a tiny corpus)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import WORDS, build_tiny_llama, snapshot, state_equal
+from lmedit.evaluation.scoring import score_teacher_forced
+from lmedit.handles import load_edit, restore_all
+from lmedit.locate.core import reset_session_state
+from lmedit.locate.stats import clear_memory_cache
+from lmedit.methods.alphaedit import AlphaEditHyperParams, alphaedit_state, apply_alphaedit
+from lmedit.methods.memit import MEMITHyperParams, apply_memit
+from lmedit.methods.rome import ROMEHyperParams, apply_rome
+from lmedit.requests import EditRequest
+
+# The subject ends each prompt: in a tiny random model, attention carries almost nothing from
+# one position to the next, so only an edit at the last position can change the prediction.
+FACTS = [
+    ("the capital of france", "france", "rome"),
+    ("the mother tongue of tolstoy", "tolstoy", "italian"),
+    ("who wrote hamlet", "hamlet", "madrid"),
+]
+
+
+@pytest.fixture
+def corpus_env(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(30))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
+    clear_memory_cache()
+    yield str(path)
+    clear_memory_cache()
+
+
+def _requests(n: int = 3) -> list[EditRequest]:
+    return [EditRequest(prompt=p, target_new=t, subject=s) for p, s, t in FACTS[:n]]
+
+
+def _common(corpus: str) -> dict:
+    return dict(
+        v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-6, context_template_length_params=[[3, 5]],
+        mom2_dataset=corpus, mom2_n_samples=30, mom2_sample_length=40,
+    )
+
+
+def _rewrite_acc(model, tok, requests) -> list[float]:
+    return [s.token_accuracy for s in score_teacher_forced(model, tok, [(r.prompt, r.target_new) for r in requests])]
+
+
+@pytest.mark.parametrize("key_mode", ["original", "prefix", "prompt"])
+def test_rome_edit_takes_effect_and_restores_exactly(tiny_model, word_tok, corpus_env, key_mode):
+    before = snapshot(tiny_model)
+    request = _requests(1)
+    assert _rewrite_acc(tiny_model, word_tok, request) == [0.0]
+    hp = ROMEHyperParams(layers=[1], key_mode=key_mode, clamp_norm_factor=1000.0, **_common(corpus_env))
+    handle = apply_rome(tiny_model, word_tok, request, hp)
+    assert _rewrite_acc(tiny_model, word_tok, request) == [1.0]
+    assert handle.param_names == ["model.layers.1.mlp.down_proj.weight"] or "c_proj" in handle.param_names[0]
+    handle.restore()
+    assert state_equal(tiny_model, before)
+
+
+def test_rome_without_covariance_is_easyedit_default_and_differs(tiny_llama, word_tok, corpus_env):
+    request = _requests(1)
+    deltas = {}
+    for adjust in (True, False):
+        hp = ROMEHyperParams(layers=[1], mom2_adjustment=adjust, clamp_norm_factor=1000.0, **_common(corpus_env))
+        handle = apply_rome(tiny_llama, word_tok, request, hp)
+        assert _rewrite_acc(tiny_llama, word_tok, request) == [1.0]
+        deltas[adjust] = handle.delta_norms()
+        handle.restore()
+    assert deltas[True] != deltas[False]
+
+
+def test_rome_save_and_load_round_trip(tiny_llama, word_tok, corpus_env, tmp_path):
+    before = snapshot(tiny_llama)
+    hp = ROMEHyperParams(layers=[1], clamp_norm_factor=1000.0, **_common(corpus_env))
+    handle = apply_rome(tiny_llama, word_tok, _requests(1), hp)
+    edited = snapshot(tiny_llama)
+    handle.save(tmp_path / "edit")
+    handle.restore()
+    loaded = load_edit(tiny_llama, tmp_path / "edit")
+    assert state_equal(tiny_llama, edited)
+    loaded.restore()
+    assert state_equal(tiny_llama, before)
+
+
+def test_memit_batch_holds_every_edit_and_restores(tiny_model, word_tok, corpus_env):
+    before = snapshot(tiny_model)
+    requests = _requests(3)
+    hp = MEMITHyperParams(layers=[0, 1], clamp_norm_factor=1000.0, mom2_update_weight=1.0, **_common(corpus_env))
+    handle = apply_memit(tiny_model, word_tok, requests, hp)
+    assert _rewrite_acc(tiny_model, word_tok, requests) == [1.0, 1.0, 1.0]
+    assert len(handle.param_names) == 2
+    handle.restore()
+    assert state_equal(tiny_model, before)
+
+
+def test_alphaedit_accumulates_keys_in_the_session_and_restore_removes_them(word_tok, corpus_env):
+    model = build_tiny_llama(len(word_tok), seed=1)
+    other = build_tiny_llama(len(word_tok), seed=2)
+    before = snapshot(model)
+    hp = AlphaEditHyperParams(layers=[0, 1], clamp_norm_factor=1000.0, nullspace_threshold=1e-2, L2=1e-3,
+                              **_common(corpus_env))
+    handles = [apply_alphaedit(model, word_tok, [r], hp) for r in _requests(2)]
+    assert _rewrite_acc(model, word_tok, _requests(2)) == [1.0, 1.0]  # the second edit kept the first
+    state = alphaedit_state(model)
+    assert len(state.keys) == 2 and all(set(k) == {0, 1} for k in state.keys.values())
+    assert not alphaedit_state(other).keys  # never shared across models
+    restore_all(handles)
+    assert state_equal(model, before)
+    assert not alphaedit_state(model).keys
+    reset_session_state(model)
+    assert not alphaedit_state(model).projectors
+
+
+def test_requests_without_subject_are_rejected_before_any_work():
+    from lmedit.registry import get_method
+
+    with pytest.raises(ValueError, match="subject"):
+        get_method("ROME").check_requests([EditRequest(prompt="the sky is", target_new="red")])

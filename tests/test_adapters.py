@@ -1,0 +1,87 @@
+"""The stateful adapter base: module paths, insertion and removal, the training shortcut, edit formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmedit.adapters import (
+    AdapterError,
+    SequenceLogits,
+    ensure_adapter,
+    find_adapter,
+    frozen_model,
+    module_path,
+    remove_adapter,
+    single_module_path,
+)
+from lmedit.handles import EditHandleError, load_edit
+from lmedit.methods.defer import DeferAdapter
+from lmedit.methods.grace import GraceAdapter
+from lmedit.spec import get_module
+
+LLAMA_DOWN = "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["model.layers[1].mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.down_proj",
+     " model.layers[1].mlp.down_proj.bias"],
+)
+def test_module_path_accepts_easyedit_and_dotted_spellings(given):
+    assert module_path(given) == LLAMA_DOWN
+
+
+def test_exactly_one_inner_param_is_required():
+    with pytest.raises(AdapterError, match="exactly one module"):
+        single_module_path(["a.weight", "b.weight"])
+
+
+def test_insert_find_and_remove_keep_the_original_object(tiny_llama):
+    original = get_module(tiny_llama, LLAMA_DOWN)
+    adapter = ensure_adapter(tiny_llama, LLAMA_DOWN, GraceAdapter, lambda m: GraceAdapter(m, LLAMA_DOWN))
+    assert get_module(tiny_llama, LLAMA_DOWN) is adapter and adapter.original is original
+    again = ensure_adapter(tiny_llama, LLAMA_DOWN, GraceAdapter, lambda m: pytest.fail("must not build twice"))
+    assert again is adapter and find_adapter(tiny_llama, LLAMA_DOWN) is adapter
+    with pytest.raises(AdapterError, match="already holds a GRACE adapter"):
+        ensure_adapter(tiny_llama, LLAMA_DOWN, DeferAdapter, lambda m: DeferAdapter(m, LLAMA_DOWN))
+    remove_adapter(tiny_llama, adapter)
+    assert get_module(tiny_llama, LLAMA_DOWN) is original and find_adapter(tiny_llama, LLAMA_DOWN) is None
+
+
+def test_wrapping_a_non_linear_module_is_refused(tiny_llama):
+    with pytest.raises(AdapterError, match="wraps a linear layer"):
+        ensure_adapter(tiny_llama, "model.layers.1.mlp", GraceAdapter, lambda m: GraceAdapter(m, "model.layers.1.mlp"))
+    with pytest.raises(AdapterError, match="which this model lacks"):
+        ensure_adapter(tiny_llama, "model.layers.9.mlp.down_proj", GraceAdapter, lambda m: GraceAdapter(m, "x"))
+
+
+def test_frozen_model_restores_flags_and_gradients(tiny_llama):
+    weight = get_module(tiny_llama, LLAMA_DOWN).weight
+    weight.requires_grad_(True)
+    weight.grad = torch.ones_like(weight)
+    with frozen_model(tiny_llama):
+        assert not any(p.requires_grad for p in tiny_llama.parameters())
+    assert weight.requires_grad and torch.equal(weight.grad, torch.ones_like(weight))
+
+
+@pytest.mark.parametrize("arch,path", [("llama", LLAMA_DOWN), ("gpt2", "transformer.h.1.mlp.c_proj")])
+def test_training_shortcut_equals_the_full_forward(arch, path, word_tok):
+    from conftest import build_tiny_gpt2, build_tiny_llama
+
+    model = (build_tiny_llama if arch == "llama" else build_tiny_gpt2)(len(word_tok))
+    ids = word_tok("the capital of france is rome").input_ids
+    adapter = ensure_adapter(model, path, GraceAdapter, lambda m: GraceAdapter(m, path))
+    adapter.edit_log.append("dummy")  # an adapter in place must not break the architecture map
+    runner = SequenceLogits(model, path, ids, [3, 4])
+    assert runner.uses_shortcut
+    full = model(torch.tensor([ids])).logits[0, [3, 4]]
+    assert torch.allclose(runner(), full, atol=1e-5)
+
+
+def test_load_edit_reports_an_unknown_format(tmp_path, tiny_llama):
+    (tmp_path / "edit.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(EditHandleError, match="known formats: lmedit-weight-edit, lmedit-adapter"):
+        load_edit(tiny_llama, tmp_path)
