@@ -75,10 +75,16 @@ def test_training_shortcut_equals_the_full_forward(arch, path, word_tok):
     ids = word_tok("the capital of france is rome").input_ids
     adapter = ensure_adapter(model, path, GraceAdapter, lambda m: GraceAdapter(m, path))
     adapter.edit_log.append("dummy")  # an adapter in place must not break the architecture map
-    runner = SequenceLogits(model, path, ids, [3, 4])
+    runner = SequenceLogits(model, path, [ids], [[3, 4]])
     assert runner.uses_shortcut
     full = model(torch.tensor([ids])).logits[0, [3, 4]]
     assert torch.allclose(runner(), full, atol=1e-5)
+    # a left-padded batch reads each sequence at its own (unpadded) columns
+    short = word_tok("who wrote hamlet").input_ids
+    batch = SequenceLogits(model, path, [ids, short], [[3, 4], [1]])
+    alone = model(torch.tensor([short])).logits[0, [1]]
+    assert batch.uses_shortcut and batch.valid.sum().item() == len(ids) + len(short)
+    assert torch.allclose(batch(), torch.cat([full, alone]), atol=1e-5)
 
 
 def test_load_edit_reports_an_unknown_format(tmp_path, tiny_llama):

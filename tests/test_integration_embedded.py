@@ -50,3 +50,21 @@ def test_batched_evaluation_matches_one_prompt_at_a_time(embedded, zsre):
     for b, a in zip(batched, alone):
         assert b.predicted_ids == a.predicted_ids
         assert torch.allclose(torch.tensor(b.target_logprobs), torch.tensor(a.target_logprobs), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["ROME", "MEMIT", "AlphaEdit"])
+def test_locate_then_edit_methods_take_effect_and_restore_exactly(embedded, zsre, method):
+    """One edit each with small statistics (64 articles, so CI computes them in seconds)."""
+    model, tok = embedded
+    original = snapshot(model)
+    overrides = {"mom2_n_samples": 64, "mom2_sample_length": 128, "v_num_grad_steps": 15,
+                 "context_template_length_params": [[5, 5]]}
+    editor = Editor(model, tok, method, preset="smollm2-135m", overrides=overrides)
+    request = zsre[2]
+    pre = editor.capture([request])
+    handle = editor.apply(request)
+    post = editor.evaluate([request], pre)[0]
+    handle.restore()
+    assert state_equal(model, original)
+    assert post["rewrite_acc"] >= pre.metrics[0]["rewrite_acc"] + 0.5
+    assert post["locality"] >= 0.8

@@ -140,6 +140,12 @@ class AdapterLayer(nn.Module):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def on_insert(self, model: nn.Module) -> None:
+        """Called once the adapter sits in ``model`` (e.g. to watch the model's inputs); default: nothing."""
+
+    def on_remove(self, model: nn.Module) -> None:
+        """Called when the adapter leaves ``model``; undo whatever ``on_insert`` did."""
+
     def extra_repr(self) -> str:
         return f"path={self.path!r}, edits={len(self.edit_log)}"
 
@@ -179,6 +185,7 @@ def ensure_adapter(model: nn.Module, path: str, kind: type[A], build: Callable[[
         )
     adapter = build(module)
     _set_module(model, path, adapter)
+    adapter.on_insert(model)
     return adapter
 
 
@@ -187,6 +194,7 @@ def remove_adapter(model: nn.Module, adapter: AdapterLayer) -> None:
     if find_adapter(model, adapter.path) is not adapter:
         raise EditHandleError(f"the {adapter.kind} adapter is no longer at {adapter.path!r}; nothing to remove")
     _set_module(model, adapter.path, adapter.original)
+    adapter.on_remove(model)
 
 
 # --------------------------------------------------------------------------- handles
@@ -287,6 +295,7 @@ def load_adapter_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> Loa
     adapter.edit_log = list(meta["edit_log"])
     adapter.edits_made = int(meta["edits_made"])
     _set_module(model, target, adapter)
+    adapter.on_insert(model)
     handle = LoadedAdapterHandle(meta["method"], model, adapter)
     handle.info = dict(meta.get("info", {}))
     return handle
@@ -342,28 +351,45 @@ class _Captured:
 
 
 class SequenceLogits:
-    """Logits of one unpadded token sequence at chosen columns, for an adapter's training loop.
+    """Logits of a few token sequences at chosen columns, for an adapter's training loop.
 
-    The blocks below the adapter do not depend on what the adapter learns,
-    so after one full pass only the blocks from the adapter's block upward
-    are rerun (a tenth of the model for layer 27 of 30). That shortcut is
-    checked against the full forward once and dropped if the two differ
-    (a model that does something the shortcut misses).
+    The sequences are left-padded into one batch (position ids restart
+    after the padding, as in evaluation). The blocks below the adapter do not
+    depend on what the adapter learns, so after one full pass only the
+    blocks from the adapter's block upward are rerun (a tenth of the model
+    for layer 27 of 30), and the LM head runs only at the columns read. That
+    shortcut is checked against the full forward once and dropped if the two
+    differ (a model that does something the shortcut misses).
     """
 
-    def __init__(self, model: nn.Module, adapter_path: str, ids: Sequence[int], columns: Sequence[int]) -> None:
+    def __init__(
+        self, model: nn.Module, adapter_path: str, sequences: Sequence[Sequence[int]],
+        columns: Sequence[Sequence[int]], pad_id: int = 0,
+    ) -> None:
+        from lmedit.evaluation.scoring import build_inputs
+
         self.model = model
         device = next(model.parameters()).device
-        self.input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-        self.columns = torch.tensor(list(columns), dtype=torch.long, device=device)
+        inputs = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id, torch.float32)
+        self.input_ids = inputs.input_ids.to(device)
+        self.attention_mask = inputs.attention_mask.to(device)
+        self.position_ids = inputs.position_ids.to(device)
+        width = self.input_ids.shape[1]
+        flat = [row * width + inputs.starts[row][1] + c for row, cols in enumerate(columns) for c in cols]
+        self.flat = torch.tensor(flat, dtype=torch.long, device=device)
         self._tail: Callable[[], torch.Tensor] | None = None
         try:
             self._tail = self._prepare_tail(adapter_path)
         except (ModelSpecError, AttributeError, TypeError, IndexError, RuntimeError, ValueError):
             self._tail = None
 
+    @property
+    def valid(self) -> torch.Tensor:
+        """(rows, width) bool: which columns hold real tokens (not left padding)."""
+        return self.attention_mask.bool()
+
     def __call__(self) -> torch.Tensor:
-        """Float logits, shape (len(columns), vocab)."""
+        """Float logits, shape (number of columns read, vocab), rows in order."""
         if self._tail is not None:
             return self._tail()
         return self._full()
@@ -373,8 +399,9 @@ class SequenceLogits:
         return self._tail is not None
 
     def _full(self) -> torch.Tensor:
-        logits = self.model(input_ids=self.input_ids, use_cache=False).logits
-        return logits[0].index_select(0, self.columns).float()
+        logits = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                            position_ids=self.position_ids, use_cache=False).logits
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, self.flat).float()
 
     def _prepare_tail(self, adapter_path: str) -> Callable[[], torch.Tensor] | None:
         spec = spec_of(self.model)
@@ -406,7 +433,7 @@ class SequenceLogits:
             for layer in upper:
                 out = layer(hidden, *captured.args, **captured.kwargs)
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
-            picked = hidden[0].index_select(0, self.columns)
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.flat)
             return head(norm(picked)).float()
 
         with torch.no_grad():

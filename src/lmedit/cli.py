@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -236,6 +237,31 @@ from lmedit.commands.stats import stats_command  # noqa: E402  (cheap: imports t
 app.command("stats")(stats_command)
 
 
+@app.command()
+def report(
+    folders: list[Path] = typer.Argument(..., help="Run folders written by `lmedit run`."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table here (.md) and the rows as JSON (.json)."),
+) -> None:
+    """Compare finished runs side by side (pre → post per metric, edit time)."""
+    from lmedit.report import ReportError, load_run, markdown_table, run_row
+
+    try:
+        rows = [run_row(load_run(folder)) for folder in folders]
+    except ReportError as exc:
+        _fail(str(exc))
+    text = markdown_table(rows)
+    console.print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+
+
+from lmedit.commands.reproduce import reproduce_app  # noqa: E402  (cheap: the library loads only when run)
+
+app.add_typer(reproduce_app, name="reproduce")
+
+
 def main() -> None:
     app()
 
@@ -248,3 +274,4 @@ if __name__ == "__main__":
 from lmedit.commands.trace import trace_command  # noqa: E402
 
 app.command("trace")(trace_command)
+

@@ -115,10 +115,13 @@ def run_chunk(
     pre: Snapshot,
     *,
     on_step: Callable[[], None] | None = None,
+    after_step: Callable[[Chunk, int], None] | None = None,
 ) -> ChunkResult:
     """Apply the chunk's edits in order, evaluate its requests, restore the original model.
 
     ``pre`` is the pre-edit capture of exactly ``chunk.requests`` (in that order).
+    ``after_step(chunk, steps_done)`` is called on the edited model after each step, outside the
+    edit timing (e.g. for retention curves, :mod:`lmedit.lifelong`); it must not change the model.
     """
     torch.manual_seed(session.seed + chunk.index)
     chunk_requests = [requests[i] for i in chunk.requests]
@@ -128,7 +131,7 @@ def run_chunk(
     step_info: dict[int, dict[str, Any]] = {}
     handles: list[EditHandle] = []
     try:
-        for step in chunk.steps:
+        for done, step in enumerate(chunk.steps, start=1):
             started = time.perf_counter()
             handle = session.method.apply(session.model, session.tok, [requests[i] for i in step], session.hparams)
             handles.append(handle)
@@ -143,6 +146,8 @@ def run_chunk(
                 result.eval_seconds += time.perf_counter() - started
             if on_step:
                 on_step()
+            if after_step:
+                after_step(chunk, done)
         started = time.perf_counter()
         post = session.evaluator.score(session.model, chunk_requests, pre)
         result.eval_seconds += time.perf_counter() - started

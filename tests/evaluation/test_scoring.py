@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator, aggregate, locality_agreement
 from lmedit.evaluation.scoring import (
+    build_inputs,
     generate_greedy,
+    plan_packed,
     left_pad,
     score_teacher_forced,
     token_match,
@@ -85,14 +87,40 @@ def test_teacher_forced_accuracy_hand_computed_with_mixed_lengths(word_tok):
         assert (positions[mask.bool()].min().item()) == 0
 
 
-def test_batched_scores_equal_one_at_a_time_on_a_real_model(tiny_model, word_tok):
+@pytest.mark.parametrize("packing", [True, False])
+def test_batched_scores_equal_one_at_a_time_on_a_real_model(tiny_model, word_tok, packing):
     pairs = [("the capital of france is", "paris"), ("who wrote", "hamlet"),
-             ("the eiffel tower is located in the city of", "rome berlin"), ("sky", "blue green")]
-    batched = score_teacher_forced(tiny_model, word_tok, pairs, batch_size=4)
+             ("the eiffel tower is located in the city of", "rome berlin"), ("sky", "blue green"),
+             ("the", "red"), ("what language is spoken in italy", "italian")]
+    batched = score_teacher_forced(tiny_model, word_tok, pairs, batch_size=6, packing=packing)
     alone = [score_teacher_forced(tiny_model, word_tok, [p], batch_size=1)[0] for p in pairs]
     for b, a in zip(batched, alone):
         assert b.predicted_ids == a.predicted_ids
         assert b.target_logprobs == pytest.approx(a.target_logprobs, abs=1e-4)
+
+
+def test_packed_plan_fills_rows_and_respects_limits():
+    lengths = [5, 9, 3, 7, 2, 8, 4]
+    plan = plan_packed(lengths, max_sequences=4, max_tokens=24, row_capacity=10)
+    seen = sorted(i for batch in plan for row in batch for i in row)
+    assert seen == list(range(len(lengths)))
+    for batch in plan:
+        width = max(sum(lengths[i] for i in row) for row in batch)
+        assert width <= 10 and len(batch) * width <= 24
+        assert sum(len(row) for row in batch) <= 4
+    assert any(len(row) > 1 for batch in plan for row in batch)  # short sequences share rows
+
+
+def test_packed_inputs_isolate_sequences_and_restart_positions():
+    inputs = build_inputs([[0, 1], [2]], [[5, 6], [7, 8, 9], [4]], pad_id=0, mask_dtype=torch.float32)
+    assert inputs.input_ids.tolist() == [[5, 6, 7, 8, 9], [0, 0, 0, 0, 4]]
+    assert inputs.position_ids.tolist() == [[0, 1, 0, 1, 2], [0, 0, 0, 0, 0]]
+    allowed = inputs.attention_mask[0, 0] == 0
+    assert allowed[3].tolist() == [False, False, True, True, False]  # 2nd sequence sees only itself, causally
+    assert allowed[1].tolist() == [True, True, False, False, False]
+    assert inputs.starts == {0: (0, 0), 1: (0, 2), 2: (1, 4)}
+    # padding attends to itself only, so no row of the mask is empty (an empty row gives NaN)
+    assert bool((inputs.attention_mask[1, 0] == 0).any(dim=-1).all())
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_model, word_tok):

@@ -201,7 +201,8 @@ def test_interrupted_run_resumes_and_equals_a_clean_run(tiny_llama, word_tok, co
                           on_batch=lambda b, s: seen.append(b))
     assert seen == [4, 5, 6]  # only the remaining batches ran
     for layer in (0, 2):
-        assert torch.equal(resumed[layer].mom2, clean[layer])
+        # float64 sums of the same batches; BLAS may round the last bit differently after a reload
+        assert torch.allclose(resumed[layer].mom2, clean[layer], rtol=1e-12, atol=0)
         assert resumed[layer].tokens == layer_stats(tiny_llama, word_tok, [layer], config,
                                                     cache_dir=tmp_path / "clean", progress=False)[layer].tokens
     assert [e["state"] for e in stats_cache_entries(cache)] == ["complete", "complete"]  # partial removed

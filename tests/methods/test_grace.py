@@ -182,7 +182,10 @@ def test_evaluation_changes_no_state_and_batches_equal_one_at_a_time(tiny_llama,
         evaluator = Evaluator(word_tok, EvalConfig(mode="both", batch_size=batch_size, packing=False))
         pre = evaluator.capture(tiny_llama, FACTS)
         results[batch_size] = (pre.metrics, evaluator.score(tiny_llama, FACTS, pre))
-    assert results[1] == results[16]
+    # accuracies agree exactly; perplexities to float rounding (the batch shape picks the kernel)
+    for part in (0, 1):
+        for alone, batched in zip(results[1][part], results[16][part]):
+            assert alone == pytest.approx(batched, rel=1e-5)
     assert state_equal(tiny_llama, state)
     assert book == (adapter.entry_ids, adapter.labels, adapter.owners, adapter.edit_log)
     post = results[1][1]
@@ -261,3 +264,11 @@ def test_loaded_edit_onto_a_model_without_that_layer_fails_clearly(tiny_llama, t
         load_edit(tiny_gpt2, tmp_path / "grace")
     with pytest.raises(EditHandleError, match="already holds a GRACE adapter"):
         load_edit(tiny_llama, tmp_path / "grace")
+
+
+def test_presets_load_and_llama_7b_has_easyedit_values():
+    info = get_method("GRACE")
+    hparams = info.load_hparams(preset="llama-7b")
+    assert hparams.inner_params == ["model.layers[27].mlp.down_proj.weight"]
+    assert (hparams.edit_lr, hparams.n_iter, hparams.eps, hparams.replacement) == (1.0, 50, 1.0, "replace_last")
+    assert info.load_hparams(preset="smollm2-135m").inner_params == ["model.layers[22].mlp.down_proj.weight"]

@@ -125,3 +125,16 @@ def test_requests_without_subject_are_rejected_before_any_work():
 
     with pytest.raises(ValueError, match="subject"):
         get_method("ROME").check_requests([EditRequest(prompt="the sky is", target_new="red")])
+
+
+def test_joint_target_optimisation_equals_one_request_at_a_time(tiny_llama, word_tok, corpus_env):
+    from lmedit.locate.core import context_templates, optimize_target, optimize_targets
+
+    hp = MEMITHyperParams(layers=[0, 1], clamp_norm_factor=1000.0, **_common(corpus_env))
+    templates = context_templates(tiny_llama, word_tok, hp.context_template_length_params)
+    requests = _requests(3)
+    joint = optimize_targets(tiny_llama, word_tok, requests, site="model.layers.1", templates=templates, hparams=hp)
+    for request, together in zip(requests, joint):
+        alone = optimize_target(tiny_llama, word_tok, request, site="model.layers.1", templates=templates, hparams=hp)
+        assert len(together.nll) == len(alone.nll)
+        assert torch.allclose(together.target, alone.target, atol=1e-4, rtol=1e-4)

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from lmedit.compat import cache_keyword, output_cache, takes_cache
 from lmedit.spec import ModelSpec, get_module
 
 LOG = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ __all__ = [
     "category_tokens",
     "count_restorations",
     "embedding_std",
+    "greedy_next_tokens",
     "load_facts",
+    "report_from_dict",
     "select_known_facts",
     "subject_token_range",
     "suggest_edit_layers",
@@ -568,8 +571,9 @@ def _cache_tensors(cache: Any, num_layers: int, length: int) -> list[tuple[torch
 def _prefix_cache(run: _FactRun, prefix: int, sample_idx: torch.Tensor) -> Any:
     from transformers import DynamicCache
 
+    if run.corrupted_kv is None:
+        raise RuntimeError("prefix reuse needs the corrupted run's KV cache")
     cache = DynamicCache(config=run.model.config)
-    assert run.corrupted_kv is not None
     for layer, (keys, values) in enumerate(run.corrupted_kv):
         cache.update(keys[sample_idx, :, :prefix], values[sample_idx, :, :prefix], layer)
     return cache
@@ -618,7 +622,7 @@ def _corrupted_pass(
         for layer, block in enumerate(blocks):
             stack.enter_context(_forward_hook(block, recorder(layer)))
         result = model(input_ids=ids[None].expand(noise.shape[0], -1), use_cache=want_cache)
-    return result.logits[:, -1], torch.stack(outputs), is_tuple, getattr(result, "past_key_values", None)  # type: ignore[arg-type]
+    return result.logits[:, -1], torch.stack(outputs), is_tuple, output_cache(result)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -666,7 +670,7 @@ def _restore_batch(run: _FactRun, restorations: Sequence[_Restoration], prefix: 
             stack.enter_context(_forward_hook(run.modules[kind][layer], patcher(row_list, token_list, values)))
         kwargs: dict[str, Any] = {"input_ids": run.input_ids[prefix:][None].expand(rows, -1).to(device), "use_cache": False}
         if prefix:
-            kwargs["past_key_values"] = _prefix_cache(run, prefix, sample_idx)
+            kwargs[cache_keyword(run.model)] = _prefix_cache(run, prefix, sample_idx)
         if run.keep_last_logits:
             kwargs["logits_to_keep"] = 1
         logits = run.model(**kwargs).logits
@@ -735,7 +739,7 @@ def trace_fact(
     embed = get_module(model, spec.embed_path)
     modules = _modules_by_kind(model, spec, kinds)
     blocks = [get_module(model, spec.block(i)) for i in range(num_layers)]
-    reuse_prefix = reuse_prefix and _accepts(model, "past_key_values")
+    reuse_prefix = reuse_prefix and takes_cache(model)
 
     with _eval_mode(model), torch.no_grad():
         clean_logits, clean_states = _clean_pass(model, ids, modules)
@@ -825,12 +829,15 @@ def trace_facts(
     began = time.perf_counter()
     traces = []
     with progress_bar(f"causal tracing {len(facts)} facts", total, enabled=show_progress) as advance:
-        for fact in facts:
+        for index, fact in enumerate(facts, start=1):
+            fact_began = time.perf_counter()
             traces.append(trace_fact(
                 model, tok, fact.prompt, fact.subject, noise_std=noise, kinds=kinds, samples=samples,
                 window=window, seed=seed, max_batch_tokens=max_batch_tokens, spec=spec,
                 case_id=fact.case_id, advance=advance,
             ))
+            LOG.info("fact %d/%d (%d tokens) traced in %.1f s", index, len(facts), len(traces[-1].tokens),
+                     time.perf_counter() - fact_began)
     seconds = time.perf_counter() - began
     settings = {
         "kinds": list(kinds), "samples": samples, "noise_multiplier": noise_multiplier,

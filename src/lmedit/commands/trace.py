@@ -87,6 +87,7 @@ def trace_command(
 
     from lmedit.analysis import tracing
 
+    scanned = None
     try:
         facts = tracing.load_facts(data_path, offset=offset, limit=None if known_only else limit)
         with console.status(f"loading {model}..."):
@@ -95,16 +96,19 @@ def trace_command(
             loaded, tok = load_model(model)
         if known_only:
             with console.status("keeping the facts the model knows..."):
-                candidates = len(facts)
-                facts = tracing.select_known_facts(loaded, tok, facts, limit=limit)
-            console.print(f"{len(facts)} known facts (looked at up to {candidates} records)")
+                candidates = facts
+                facts = tracing.select_known_facts(loaded, tok, candidates, limit=limit)
+            scanned = next((i + 1 for i, f in enumerate(candidates) if facts and f is facts[-1]), len(candidates))
+            scanned = scanned if len(facts) >= limit else len(candidates)
+            console.print(f"{len(facts)} known facts among the first {scanned} of {len(candidates)} records")
         report = tracing.trace_facts(
             loaded, tok, facts, kinds=kind_list, samples=samples, noise_multiplier=noise_multiplier,
             window=window, seed=seed, max_batch_tokens=max_batch_tokens, show_progress=progress,
         )
     except (ValueError, RuntimeError, OSError) as exc:
         _fail(str(exc))
-    report.extra.update({"model": model, "data": str(data_path), "offset": offset, "limit": limit, "known_only": known_only})
+    report.extra.update({"model": model, "data": str(data_path), "offset": offset, "limit": limit, "known_only": known_only,
+                         "records_scanned_for_known": scanned})
     written = _write(report, folder, model_name=model, plots=plots, examples=examples)
     _print(report, model)
     console.print("wrote: " + ", ".join(str(p) for p in written))

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lmedit.compat import cache_keyword, output_cache
+
 ProgressFn = Callable[[int], None]
 
 
@@ -271,13 +273,17 @@ def score_teacher_forced(
     (padding included) per forward pass. With ``packing`` (and a model
     that supports it) several sequences share a row behind a block-diagonal
     mask, so no compute goes to padding; ``batch_size=1`` is the
-    one-prompt-at-a-time reference.
+    one-prompt-at-a-time reference. ``packing=False`` also feeds each
+    sequence whole, for methods whose output is not purely causal.
     """
     tokenized = [tokenize_pair(tok, p, a) for p, a in pairs]
-    # the last answer token is never an input whose prediction is read: leave it out
-    inputs_of = [t.ids[:-1] for t in tokenized]
+    causal = packing and supports_packing(model)
+    # In a causal, position-wise model the last answer token changes no prediction that is read,
+    # so it is left out. Without ``packing`` the model may not be (an adapter that looks at the
+    # last token of its input, like DEFER's gate), and the full sequence is fed, as EasyEdit does.
+    inputs_of = [t.ids[:-1] if causal else t.ids for t in tokenized]
     lengths = [len(ids) for ids in inputs_of]
-    if packing and batch_size > 1 and supports_packing(model):
+    if causal and batch_size > 1:
         plan = plan_packed(lengths, batch_size, max_batch_tokens)
     else:
         plan = plan_padded(lengths, batch_size, max_batch_tokens)
@@ -381,8 +387,8 @@ def _step(
 ) -> tuple[torch.Tensor, Any]:
     """One forward pass with the key/value cache; logits at the ``read`` flat positions only."""
     logits, out = forward_reading(model, read, input_ids=input_ids, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=cache, use_cache=True)
-    return logits, out.past_key_values
+                                   position_ids=position_ids, use_cache=True, **{cache_keyword(model): cache})
+    return logits, output_cache(out)
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> tuple[int, ...]:

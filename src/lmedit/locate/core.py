@@ -272,70 +272,150 @@ def optimize_target(
     NLL of the target tokens, plus ``kl_factor`` times KL(current || initial)
     of the next-token distribution at the subject in the KL prompts, plus
     ``v_weight_decay * |delta| / |init|^2``; delta is projected into the ball
-    of radius ``clamp_norm_factor * |init|`` after every step. ``init`` is
-    the unedited value for the bare prompt.
+    of radius ``clamp_norm_factor * |init|`` after every step, and the loop
+    stops once the loss is below ``v_stop_loss``. ``init`` is the unedited
+    value for the bare prompt.
     """
-    subject = request.subject or ""
-    target_ids = tokenize_pair(tok, request.prompt, request.target_new).target_ids
-    rewrites = [lookup(tok, t, request.prompt, subject, hparams.fact_token) for t in templates]
-    kls = [lookup(tok, p, subject, subject, "subject_last") for p in kl_prompts]
-    rows = [lk.ids + target_ids[:-1] for lk in rewrites] + [lk.ids for lk in kls]
-    device = next(model.parameters()).device
-    ids, mask = _right_pad(rows, pad_id_of(tok), device)
-    edit_rows = torch.arange(len(rows), device=device)
-    edit_cols = torch.tensor([lk.index for lk in rewrites + kls], device=device)
-    # teacher-forced target positions: token j of the target is predicted at len(prompt) + j - 1
-    loss_rows = torch.tensor([i for i, lk in enumerate(rewrites) for _ in target_ids], device=device)
-    loss_cols = torch.tensor([len(lk.ids) + j - 1 for lk in rewrites for j in range(len(target_ids))], device=device)
-    loss_targets = torch.tensor(list(target_ids) * len(rewrites), device=device)
-    kl_rows = torch.arange(len(rewrites), len(rows), device=device)
-    kl_cols = torch.tensor([lk.index for lk in kls], device=device)
-    width = ids.shape[1]
-    read = torch.cat([loss_rows * width + loss_cols, kl_rows * width + kl_cols])
+    return optimize_targets(model, tok, [request], site=site, templates=templates, hparams=hparams,
+                            kl_prompts=kl_prompts)[0]
 
-    init = read_at(model, tok, rewrites[:1], [site], inputs=False)[site][0].to(device)
-    hidden = init.shape[0]
-    delta = torch.zeros(hidden, device=device, requires_grad=True)
+
+@dataclass
+class _TargetBatch:
+    """Rows of one joint optimisation: which request each row, loss position and KL position belongs to."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    edit_rows: torch.Tensor
+    edit_cols: torch.Tensor
+    edit_owner: torch.Tensor
+    read: torch.Tensor
+    loss_targets: torch.Tensor
+    loss_owner: torch.Tensor
+    loss_weight: torch.Tensor
+    kl_owner: torch.Tensor
+    bare: list[Lookup]
+
+
+def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompts: Sequence[str],
+                  fact_token: str, device: torch.device) -> _TargetBatch:
+    rows: list[tuple[int, ...]] = []
+    edit_cols, edit_owner, loss_at, loss_targets, loss_owner, loss_weight, kl_at, kl_owner = ([] for _ in range(8))
+    bare = []
+    for owner, request in enumerate(requests):
+        subject = request.subject or ""
+        target_ids = tokenize_pair(tok, request.prompt, request.target_new).target_ids
+        rewrites = [lookup(tok, t, request.prompt, subject, fact_token) for t in templates]
+        bare.append(rewrites[0])
+        for lk in rewrites:
+            # teacher forcing: token j of the target is predicted at position len(prompt) + j - 1
+            for j, token in enumerate(target_ids):
+                loss_at.append((len(rows), len(lk.ids) + j - 1))
+                loss_targets.append(token)
+                loss_owner.append(owner)
+                loss_weight.append(1.0 / (len(target_ids) * len(rewrites)))
+            edit_cols.append(lk.index)
+            edit_owner.append(owner)
+            rows.append(lk.ids + target_ids[:-1])
+        for prompt in kl_prompts:
+            lk = lookup(tok, prompt, subject, subject, "subject_last")
+            kl_at.append((len(rows), lk.index))
+            kl_owner.append(owner)
+            edit_cols.append(lk.index)
+            edit_owner.append(owner)
+            rows.append(lk.ids)
+    ids, mask = _right_pad(rows, pad_id_of(tok), device)
+    width = ids.shape[1]
+    read = [r * width + c for r, c in loss_at + kl_at]
+
+    def tensor(values: list[Any], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return _TargetBatch(
+        ids=ids, mask=mask, edit_rows=torch.arange(len(rows), device=device), edit_cols=tensor(edit_cols),
+        edit_owner=tensor(edit_owner), read=tensor(read), loss_targets=tensor(loss_targets),
+        loss_owner=tensor(loss_owner), loss_weight=tensor(loss_weight, torch.float32), kl_owner=tensor(kl_owner),
+        bare=bare,
+    )
+
+
+def optimize_targets(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    *,
+    site: str,
+    templates: Sequence[str],
+    hparams: LocateHyperParams,
+    kl_prompts: Sequence[str] = ("{} is a",),
+) -> list[TargetResult]:
+    """:func:`optimize_target` for several requests in one batch, each with its own delta.
+
+    The losses are summed, so every delta gets exactly the gradient it would
+    get alone (Adam is elementwise); a request whose loss falls below
+    ``v_stop_loss`` is frozen while the others go on. Batching only makes
+    the forward passes larger, which a CPU runs far more efficiently.
+    """
+    device = next(model.parameters()).device
+    n = len(requests)
+    batch = _target_batch(tok, requests, templates, kl_prompts, hparams.fact_token, device)
+    init = read_at(model, tok, batch.bare, [site], inputs=False)[site].to(device)  # (n, hidden)
+    delta = torch.zeros_like(init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    max_norm = hparams.clamp_norm_factor * init.norm()
+    max_norm = hparams.clamp_norm_factor * init.norm(dim=1)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    frozen = torch.zeros_like(init)
+    n_loss = len(batch.loss_targets)
 
     def add_delta(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
         value = _first_tensor(output)
         patched = value.clone()
-        patched[edit_rows, edit_cols] = patched[edit_rows, edit_cols] + delta.to(value.dtype)
-        if isinstance(output, tuple):
-            return (patched, *output[1:])
-        return patched
+        patched[batch.edit_rows, batch.edit_cols] += delta[batch.edit_owner].to(value.dtype)
+        return (patched, *output[1:]) if isinstance(output, tuple) else patched
 
     kl_init: torch.Tensor | None = None
-    losses: list[float] = []
+    history: list[list[float]] = [[] for _ in range(n)]
     handle = get_module(model, site).register_forward_hook(add_delta)
     try:
         with torch.enable_grad():
             for step in range(hparams.v_num_grad_steps):
                 optimizer.zero_grad()
                 # the LM head runs only at the positions read by the loss (a large share of the cost)
-                logits, _ = forward_reading(model, read, input_ids=ids, attention_mask=mask, use_cache=False)
-                log_probs = logits[: len(loss_rows)].log_softmax(-1)
-                nll = -log_probs.gather(1, loss_targets[:, None]).sum() / (len(target_ids) * len(rewrites))
-                kl_log_probs = logits[len(loss_rows) :].log_softmax(-1)
+                logits, _ = forward_reading(model, batch.read, input_ids=batch.ids, attention_mask=batch.mask,
+                                            use_cache=False)
+                token_nll = -logits[:n_loss].log_softmax(-1).gather(1, batch.loss_targets[:, None]).squeeze(1)
+                nll = torch.zeros(n, device=device).index_add(0, batch.loss_owner, token_nll * batch.loss_weight)
+                kl_log_probs = logits[n_loss:].log_softmax(-1)
                 if kl_init is None:
                     kl_init = kl_log_probs.detach().clone()
-                kl = torch.nn.functional.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
-                decay = hparams.v_weight_decay * (delta.norm() / init.norm() ** 2)
+                kl_rows = (kl_log_probs.exp() * (kl_log_probs - kl_init)).sum(-1)
+                kl_counts = torch.zeros(n, device=device).index_add(0, batch.kl_owner, torch.ones_like(kl_rows))
+                kl = torch.zeros(n, device=device).index_add(0, batch.kl_owner, kl_rows) / kl_counts
+                decay = hparams.v_weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
                 loss = nll + hparams.kl_factor * kl + decay
-                losses.append(float(nll.detach()))
-                if float(loss.detach()) < hparams.v_stop_loss or step == hparams.v_num_grad_steps - 1:
+                for i in range(n):
+                    if active[i]:
+                        history[i].append(float(nll[i].detach()))
+                with torch.no_grad():
+                    done = active & (loss.detach() < hparams.v_stop_loss)
+                    frozen[done] = delta[done]
+                    active &= ~done
+                if step == hparams.v_num_grad_steps - 1 or not bool(active.any()):
                     break
-                loss.backward()
+                loss[active].sum().backward()
                 optimizer.step()
                 with torch.no_grad():
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
+                    norms = delta.norm(dim=1)
+                    scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                    delta.mul_(scale[:, None])
+                    delta[~active] = frozen[~active]
     finally:
         handle.remove()
     final = delta.detach()
-    return TargetResult(target=(init + final).detach(), init=init, nll=losses, delta_norm=float(final.norm()))
+    return [
+        TargetResult(target=(init[i] + final[i]).detach(), init=init[i], nll=history[i], delta_norm=float(final[i].norm()))
+        for i in range(n)
+    ]
 
 
 # --------------------------------------------------------------------------- closed-form updates

@@ -109,7 +109,8 @@ def apply_alphaedit(model: Any, tok: Any, requests: Sequence[EditRequest], hpara
     # the keys of this edit, read on the edited model, protect it from later edits
     edited_keys = average_keys(model, tok, spec, requests, hparams.layers, plan.templates, hparams.fact_token)
     state.keys[edit_id] = {layer: k.double() for layer, k in edited_keys.items()}
-    handle.info = {"layers": list(hparams.layers), "update_norms": norms, "target_nll": plan.target_nll,
+    handle.info = {"layers": list(hparams.layers), "update_norms": norms, "target_nll_final_mean": sum(n[-1] for n in plan.target_nll) / len(plan.target_nll),
+                   "target_steps_mean": sum(len(n) for n in plan.target_nll) / len(plan.target_nll),
                    "null_space_dims": {layer: int(round(float(p.trace()))) for layer, p in projectors.items()},
                    "seconds": time.perf_counter() - started}
     return handle

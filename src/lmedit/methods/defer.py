@@ -182,7 +182,7 @@ def _train(model: nn.Module, tok: Any, adapter: DeferAdapter, request: EditReque
             p.requires_grad_(True)
         adapter._soft = True
         try:
-            logits_of = SequenceLogits(model, adapter.path, pair.ids, range(pair.prompt_len - 1, len(pair.ids) - 1))
+            logits_of = SequenceLogits(model, adapter.path, [pair.ids], [range(pair.prompt_len - 1, len(pair.ids) - 1)])
             optimizer = torch.optim.Adam(params, lr=hparams.edit_lr)
             for _ in range(hparams.n_iter):
                 loss = target_nll(logits_of(), pair.target_ids)

@@ -390,7 +390,7 @@ def _train_value(
     value = nn.Parameter(adapter.values[row].detach().float().clone())
     losses: list[float] = []
     with frozen_model(model), adapter.train_value(position, row, value):
-        logits_of = SequenceLogits(model, adapter.path, ids, range(position, len(ids) - 1))
+        logits_of = SequenceLogits(model, adapter.path, [ids], [range(position, len(ids) - 1)])
         optimizer = torch.optim.Adam([value], lr=hparams.edit_lr)
         for _ in range(hparams.n_iter):
             loss = target_nll(logits_of(), target_ids)

@@ -26,7 +26,7 @@ from lmedit.locate.core import (
     iter_layers,
     lookup,
     memit_update,
-    optimize_target,
+    optimize_targets,
     read_at,
 )
 from lmedit.registry import register
@@ -40,6 +40,8 @@ class MEMITHyperParams(LocateHyperParams):
     clamp_norm_factor: float = 0.75
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     mom2_update_weight: float = 15000.0
+    target_batch_size: int = 8
+    """Requests whose target values are optimised together (speed only: each keeps its own delta)."""
 
 
 @dataclass
@@ -64,7 +66,13 @@ def plan_edit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: Lo
         stats = second_moments(model, tok, hparams.layers, hparams.stats_config(), progress=False)
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_template_seed)
     site = spec.block(hparams.layers[-1])
-    values = [optimize_target(model, tok, r, site=site, templates=templates, hparams=hparams) for r in requests]
+    group = max(hparams.target_batch_size, 1)
+    values = [
+        value
+        for start in range(0, len(requests), group)
+        for value in optimize_targets(model, tok, requests[start : start + group], site=site, templates=templates,
+                                      hparams=hparams)
+    ]
     return PlannedEdit(spec, templates, torch.stack([v.target for v in values], dim=1), stats, [v.nll for v in values])
 
 
@@ -94,6 +102,7 @@ def apply_memit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: 
         update = memit_update(keys, residual, cov, hparams.mom2_update_weight)
         add_to_weight(model, module, update, spec.conv1d_weights)
         norms[layer] = float(update.norm())
-    handle.info = {"layers": list(hparams.layers), "update_norms": norms, "target_nll": plan.target_nll,
+    handle.info = {"layers": list(hparams.layers), "update_norms": norms, "target_nll_final_mean": sum(n[-1] for n in plan.target_nll) / len(plan.target_nll),
+                   "target_steps_mean": sum(len(n) for n in plan.target_nll) / len(plan.target_nll),
                    "seconds": time.perf_counter() - started}
     return handle

@@ -85,7 +85,7 @@ def apply_rome(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: R
     add_to_weight(model, module, update, spec.conv1d_weights)
     handle.info = {
         "layer": layer, "key_mode": hparams.key_mode, "mom2_adjustment": hparams.mom2_adjustment,
-        "target_nll": value.nll, "delta_norm": value.delta_norm, "update_norm": float(update.norm()),
+        "target_nll_final": value.nll[-1], "target_steps": len(value.nll), "delta_norm": value.delta_norm, "update_norm": float(update.norm()),
         "seconds": time.perf_counter() - started,
     }
     return handle

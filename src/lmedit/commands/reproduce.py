@@ -1,0 +1,110 @@
+"""``lmedit reproduce``: published tables re-run on one model (``wise-table``: the WISE paper's Table 2).
+
+Kept cheap to import: torch and the library load only when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+reproduce_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                            help="Re-run published result tables on a model (resumable).")
+
+
+@reproduce_app.callback()
+def _group() -> None:
+    """Re-run published result tables on a model; each run keeps its own folder, so a stopped reproduction resumes."""
+
+
+def parse_methods(text: Optional[str], default: tuple[str, ...]) -> tuple[str, ...]:
+    """``"GRACE,WISE"`` -> ("GRACE", "WISE"); empty or None -> ``default``."""
+    if not text:
+        return default
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods:
+        raise ValueError(f"no methods in {text!r}: use e.g. --methods GRACE,DEFER,WISE")
+    return methods
+
+
+@reproduce_app.command("wise-table")
+def wise_table(
+    data: Optional[Path] = typer.Option(None, help="zsRE file (default: shared/data/zsre/zsre_mend_eval_portability_gpt4.json if found)."),
+    out: Path = typer.Option(Path("runs/wise-table"), help="Output folder: one run folder per (method, T), the table and plot."),
+    model: str = typer.Option("smollm2-135m", help="Model preset; every method needs a hyperparameter preset of that name."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. GRACE,DEFER,WISE (default: all eight)."),
+    T: list[int] = typer.Option([], "--T", "-T", help="Edits before evaluation (repeatable; default 1, 10, 100)."),
+    all_T: bool = typer.Option(False, "--all-T", help="T = 1, 10, 100 and 1000."),
+    limit: int = typer.Option(100, help="Items edited per run (the first --limit records after --offset)."),
+    offset: int = typer.Option(0, help="Skip this many records first."),
+    eval_mode: str = typer.Option("teacher", help="teacher | generate | both (GRACE, DEFER and WISE always add generation)."),
+    eval_batch_size: int = typer.Option(128, help="Most prompts per evaluation forward pass."),
+    retention_every: int = typer.Option(0, help="Also record retention curves (ERR/TRR), every k edits; 0: off."),
+    retention_items: int = typer.Option(50, help="Held-out probes for test retention (TRR)."),
+    irrelevant_file: Optional[Path] = typer.Option(None, help="WISE's irrelevant prompts (default: shared/data/wise/hallucination/hallucination-train.json if found)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter of one method: METHOD.key=value (repeatable)."),
+    seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run FT-L, FT-M, ROME, MEMIT, AlphaEdit, GRACE, DEFER and WISE sequentially at each T; write the table."""
+    from lmedit.cli import _fail, _setup_logging
+
+    _setup_logging(verbose)
+    try:
+        from lmedit.reproduce import (DEFAULT_TS, WISE_IRRELEVANT_FILE, WISE_TABLE_METHODS, ZSRE_FILE, ReproduceError,
+                                      WiseTableConfig, find_shared_file, run_wise_table)
+
+        data = data or find_shared_file(ZSRE_FILE)
+        if data is None:
+            _fail(f"no zsRE file found at shared/data/{ZSRE_FILE}; pass it with --data")
+        Ts = tuple(T) or DEFAULT_TS
+        if all_T:
+            Ts = tuple(sorted(set(Ts) | {1, 10, 100, 1000}))
+        config = WiseTableConfig(
+            data=data, out=out, model=model, methods=parse_methods(methods, WISE_TABLE_METHODS), Ts=Ts, limit=limit,
+            offset=offset, eval_mode=eval_mode, eval_batch_size=eval_batch_size, seed=seed,
+            retention_every=retention_every, retention_items=retention_items,
+            irrelevant_file=irrelevant_file or find_shared_file(WISE_IRRELEVANT_FILE),
+            overrides=parse_method_overrides(set_),
+        )
+        console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} at T = {', '.join(map(str, config.Ts))}; "
+                      f"{limit} items from {data}", soft_wrap=True)
+        payload = run_wise_table(config, show_progress=progress, on_run=_report_run)
+    except ReproduceError as exc:
+        _fail(str(exc))
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    console.print((out / "wise-table.md").read_text(), soft_wrap=True)
+    failed = [o for o in payload["outcomes"] if o["status"] == "failed"]
+    for outcome in failed:
+        console.print(f"[bold red]failed[/] {outcome['method']} T={outcome['T']}: {outcome['error']}", soft_wrap=True)
+    console.print(f"table: [bold]{out / 'wise-table.md'}[/] (and .json, .png)")
+
+
+def parse_method_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set WISE.n_iter=50`` -> {"WISE": {"n_iter": 50}}; values are read as YAML."""
+    import yaml
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or not method or not name:
+            raise ValueError(f"--set expects METHOD.key=value (e.g. WISE.n_iter=50), got {item!r}")
+        overrides.setdefault(method, {})[name] = yaml.safe_load(value)
+    return overrides
+
+
+def _report_run(outcome: Any) -> None:
+    if outcome.status == "done":
+        console.print(f"{outcome.method} T={outcome.T}: already finished ({outcome.folder})", soft_wrap=True)
+    elif outcome.status == "ran":
+        console.print(f"{outcome.method} T={outcome.T}: done in {outcome.seconds:.0f} s ({outcome.folder})", soft_wrap=True)
+    else:
+        console.print(f"[bold red]{outcome.method} T={outcome.T} failed:[/] {outcome.error}", soft_wrap=True)

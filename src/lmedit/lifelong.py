@@ -1,0 +1,391 @@
+"""Lifelong-editing metrics: how earlier edits and held-out knowledge survive as edits accumulate.
+
+The sequential protocol already reports, after the last edit of a chunk,
+rewrite / rephrase / locality over every edit of the chunk (the WISE paper's
+Rel. / Gen. / Loc.). This module adds the curves against the number of edits:
+
+* **edit retention** (GRACE's ERR): after edit t, the mean teacher-forced
+  rewrite accuracy of edits 1..t, plus their mean perplexity (``edit_ppl``,
+  the WISE hallucination metric when the edits are hallucination passages);
+* **test retention** (GRACE's TRR): the accuracy on held-out probes that the
+  unedited model answered correctly (teacher-forced accuracy 1), plus their
+  agreement with the unedited model's tokens and their perplexity.
+
+A :class:`RetentionTracker` is passed to :func:`lmedit.runner.run_benchmark` as
+``after_step``. It scores every ``every`` edits (and after the chunk's last)
+through the run's :class:`~lmedit.evaluation.Evaluator` in batches, reads the
+model only, and appends one row per checkpoint to ``retention.jsonl`` in the run
+folder; :func:`write_curves` turns the rows into ``lifelong.json`` and
+``lifelong.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from lmedit.evaluation.evaluator import Evaluator, ProbeOutcome, ProbeRef, locality_agreement
+from lmedit.protocols import Chunk
+from lmedit.requests import EditRequest
+
+LOG = logging.getLogger(__name__)
+
+RETENTION_FILE = "retention.jsonl"
+CURVES_JSON = "lifelong.json"
+CURVES_PNG = "lifelong.png"
+HELD_OUT_FILE = "held_out.json"
+
+# metric -> (label, is a perplexity)
+CURVE_METRICS: dict[str, tuple[str, bool]] = {
+    "edit_retention": ("edit retention (ERR): rewrite acc. of edits 1..t", False),
+    "test_retention": ("test retention (TRR): held-out acc.", False),
+    "held_out_agreement": ("held-out agreement with the unedited model", False),
+    "edit_ppl": ("perplexity of edits 1..t", True),
+    "held_out_ppl": ("held-out perplexity", True),
+}
+
+
+class LifelongError(ValueError):
+    """Retention tracking was set up with something it cannot use; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- held-out probes
+
+
+@dataclass(frozen=True)
+class HeldOutProbe:
+    """A (prompt, answer) pair outside the edited range; ``source`` says where it came from."""
+
+    prompt: str
+    answer: str
+    source: str
+
+
+@dataclass
+class HeldOutSet:
+    """Held-out probes with the unedited model's teacher-forced outcomes (the reference for TRR)."""
+
+    probes: list[HeldOutProbe]
+    pre: list[ProbeOutcome]
+    require_correct: bool = True
+    scanned: int = 0
+    answers: str = "gold"  # "gold": the data's answers; "model": the unedited model's own greedy answers
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "require_correct": self.require_correct,
+            "scanned": self.scanned,
+            "answers": self.answers,
+            "probes": [
+                {**dataclasses.asdict(p), "pre_predicted": list(o.teacher_predicted), "pre_target": list(o.teacher_target),
+                 "pre_accuracy": o.teacher_accuracy, "pre_nll": o.teacher_nll}
+                for p, o in zip(self.probes, self.pre)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeldOutSet":
+        probes, pre = [], []
+        for item in data["probes"]:
+            probes.append(HeldOutProbe(item["prompt"], item["answer"], item["source"]))
+            pre.append(ProbeOutcome(teacher_predicted=tuple(item["pre_predicted"]), teacher_target=tuple(item["pre_target"]),
+                                    teacher_accuracy=item["pre_accuracy"], teacher_nll=item["pre_nll"]))
+        return cls(probes, pre, bool(data.get("require_correct", True)), int(data.get("scanned", 0)),
+                   str(data.get("answers", "gold")))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HeldOutSet":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def held_out_candidates(requests: Iterable[EditRequest]) -> list[HeldOutProbe]:
+    """Candidate held-out probes from requests that are *not* edited: each one's locality probes
+    (zsRE: the NQ question, as GRACE's TRR uses NQ) and its own prompt with the true answer."""
+    candidates = []
+    for request in requests:
+        for group, probes in request.locality.items():
+            candidates.extend(HeldOutProbe(p.prompt, p.answer, f"locality:{group}") for p in probes if p.answer.strip())
+        if request.ground_truth and request.ground_truth.strip():
+            candidates.append(HeldOutProbe(request.prompt, request.ground_truth, "ground_truth"))
+    return candidates
+
+
+def select_held_out(
+    model: torch.nn.Module,
+    evaluator: Evaluator,
+    candidates: Sequence[HeldOutProbe],
+    items: int,
+    *,
+    require_correct: bool = True,
+    batch: int = 256,
+) -> HeldOutSet:
+    """The first ``items`` candidates (in order) the unedited model answers correctly under teacher forcing
+    (every answer token is the argmax), or simply the first ``items`` when ``require_correct`` is off
+    (perplexity-only data such as WISE's hallucination passages). Scored in batches; the model is only read."""
+    if items < 1:
+        raise LifelongError("the held-out set needs at least one item (--retention-items >= 1)")
+    teacher = _teacher_evaluator(evaluator)
+    chosen: list[HeldOutProbe] = []
+    outcomes: list[ProbeOutcome] = []
+    for start in range(0, len(candidates), batch):
+        block = list(candidates[start : start + batch])
+        results = teacher.run_probes(model, _refs(block))
+        for offset, (probe, outcome) in enumerate(zip(block, results)):
+            if not require_correct or outcome.teacher_accuracy == 1.0:
+                chosen.append(probe)
+                outcomes.append(outcome)
+            if len(chosen) == items:
+                return HeldOutSet(chosen, outcomes, require_correct, scanned=start + offset + 1)
+    LOG.warning("only %d of the %d held-out items asked for were found in %d candidates",
+                len(chosen), items, len(candidates))
+    return HeldOutSet(chosen, outcomes, require_correct, scanned=len(candidates))
+
+
+def own_answers(
+    model: torch.nn.Module, tok: Any, candidates: Sequence[HeldOutProbe], *, batch: int = 128,
+) -> list[HeldOutProbe]:
+    """The candidates with the unedited model's own greedy answer (as many tokens as the data's answer) in place
+    of the data's answer.
+
+    GRACE holds out questions the model answers correctly; a 135M model answers almost none of zsRE's or NQ's
+    exactly (1 of 800 candidates on SmolLM2), so TRR is measured on what the model itself answered instead:
+    whether it still gives the same answer after the edits. Empty answers are dropped.
+    """
+    from lmedit.evaluation.scoring import generate_greedy, tokenize_pair
+
+    lengths = [max(1, len(tokenize_pair(tok, c.prompt, c.answer).target_ids)) for c in candidates]
+    generated = generate_greedy(model, tok, [c.prompt for c in candidates], lengths, batch_size=batch)
+    answered = []
+    for candidate, tokens in zip(candidates, generated):
+        text = tok.decode(list(tokens), skip_special_tokens=True).strip()
+        if text:
+            answered.append(HeldOutProbe(candidate.prompt, text, f"{candidate.source}:model"))
+    return answered
+
+
+def _teacher_evaluator(evaluator: Evaluator) -> Evaluator:
+    """The run's evaluator settings (batching, packing) with teacher forcing: retention curves are teacher-forced."""
+    return Evaluator(evaluator.tok, dataclasses.replace(evaluator.config, mode="teacher"))
+
+
+def _refs(probes: Sequence[HeldOutProbe]) -> list[ProbeRef]:
+    # held-out prompts are never wrapped in a chat template, like locality prompts
+    return [ProbeRef(i, "locality", p.source, p.prompt, p.answer) for i, p in enumerate(probes)]
+
+
+# --------------------------------------------------------------------------- scoring one checkpoint
+
+
+def retention_row(
+    model: torch.nn.Module,
+    evaluator: Evaluator,
+    edited: Sequence[EditRequest],
+    held_out: HeldOutSet | None,
+) -> dict[str, Any]:
+    """ERR over ``edited`` and TRR over ``held_out`` on the model as it is now (one batched pass)."""
+    teacher = _teacher_evaluator(evaluator)
+    stripped = [EditRequest(r.prompt, r.target_new, case_id=r.case_id) for r in edited]
+    edit_refs = teacher.probes(stripped)  # the rewrite prompt of each edit, wrapped as the run wraps it
+    held_refs = _refs(held_out.probes) if held_out else []
+    outcomes = teacher.run_probes(model, edit_refs + held_refs)
+    edit_outcomes, held_outcomes = outcomes[: len(edit_refs)], outcomes[len(edit_refs) :]
+    row: dict[str, Any] = {"n_edits_scored": len(edit_refs)}
+    if edit_outcomes:
+        row["edit_retention"] = _mean(o.teacher_accuracy for o in edit_outcomes)
+        row["edit_ppl"] = _mean(_ppl(o.teacher_nll) for o in edit_outcomes)
+    if held_out is not None and held_outcomes:
+        row.update(held_out_metrics(held_out, held_outcomes))
+    return row
+
+
+def held_out_metrics(held_out: HeldOutSet, outcomes: Sequence[ProbeOutcome]) -> dict[str, Any]:
+    """TRR (accuracy of the held-out probes), agreement with the unedited model's tokens, perplexity."""
+    return {
+        "test_retention": _mean(o.teacher_accuracy for o in outcomes),
+        "held_out_agreement": _mean(
+            locality_agreement(p.teacher_predicted, o.teacher_predicted) for p, o in zip(held_out.pre, outcomes)
+        ),
+        "held_out_ppl": _mean(_ppl(o.teacher_nll) for o in outcomes),
+        "n_held_out": len(outcomes),
+    }
+
+
+def _ppl(nll: float | None) -> float | None:
+    return None if nll is None else math.exp(min(nll, 700.0))
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+# --------------------------------------------------------------------------- the tracker (a runner hook)
+
+
+@dataclass
+class RetentionTracker:
+    """``after_step`` hook for :func:`lmedit.runner.run_benchmark`: a retention row every ``every`` edit steps.
+
+    Rows are appended to ``out_dir/retention.jsonl`` as they come; a chunk that is
+    run again after an interruption writes its rows again and the newest win.
+    """
+
+    model: torch.nn.Module
+    evaluator: Evaluator
+    requests: Sequence[EditRequest]
+    out_dir: Path
+    held_out: HeldOutSet | None = None
+    every: int = 1
+    seconds: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise LifelongError(f"retention is scored every k >= 1 edit steps, got every={self.every}")
+        self.out_dir = Path(self.out_dir)
+
+    def due(self, chunk: Chunk, steps_done: int) -> bool:
+        return steps_done % self.every == 0 or steps_done == len(chunk.steps)
+
+    def __call__(self, chunk: Chunk, steps_done: int) -> None:
+        if not self.due(chunk, steps_done):
+            return
+        started = time.perf_counter()
+        edited = [self.requests[i] for step in chunk.steps[:steps_done] for i in step]
+        row = {"chunk": chunk.index, "steps": steps_done, "edits": len(edited),
+               **retention_row(self.model, self.evaluator, edited, self.held_out)}
+        row["seconds"] = time.perf_counter() - started
+        self.seconds += row["seconds"]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / RETENTION_FILE).open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def read_retention(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``retention.jsonl``; a torn last line is skipped and the newest row per (chunk, edits) kept."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            LOG.warning("skipping an incomplete line in %s", path)
+            continue
+        rows[(row["chunk"], row["edits"])] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def retention_curves(rows: Sequence[dict[str, Any]], held_out: HeldOutSet | None = None) -> dict[str, Any]:
+    """Mean over chunks of each metric at each number of edits; edits = 0 is the unedited model's held-out state."""
+    by_edits: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_edits[row["edits"]].append(row)
+    points = sorted(by_edits)
+    curves: dict[str, Any] = {"edits": points, "chunks": [len(by_edits[t]) for t in points]}
+    for metric in CURVE_METRICS:
+        curves[metric] = [_mean(r.get(metric) for r in by_edits[t]) for t in points]
+    if held_out is not None and len(held_out):
+        start = held_out_metrics(held_out, held_out.pre)
+        curves["edits"] = [0] + curves["edits"]
+        curves["chunks"] = [0] + curves["chunks"]
+        for metric in CURVE_METRICS:
+            curves[metric] = [start.get(metric)] + curves[metric]
+    return curves
+
+
+def write_curves(
+    out_dir: str | Path, held_out: HeldOutSet | None = None, *, title: str = "", meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``lifelong.json`` (curves, rows, held-out description) and ``lifelong.png`` into the run folder."""
+    out = Path(out_dir)
+    rows = read_retention(out / RETENTION_FILE)
+    curves = retention_curves(rows, held_out)
+    payload = {
+        "title": title,
+        "curves": curves,
+        "rows": rows,
+        "held_out": None if held_out is None else {
+            "n": len(held_out), "scanned": held_out.scanned, "require_correct": held_out.require_correct,
+            "answers": held_out.answers,
+            "sources": dict(sorted(_count(p.source for p in held_out.probes).items())),
+        },
+        "scoring": "teacher forcing",
+        **(meta or {}),
+    }
+    (out / CURVES_JSON).write_text(json.dumps(payload, indent=2))
+    if rows:
+        plot_curves(curves, out / CURVES_PNG, title)
+    return payload
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for item in items:
+        counts[item] += 1
+    return counts
+
+
+def plot_curves(curves: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
+    """Accuracies (left) and perplexities (right, log scale) against the number of edits; None without matplotlib."""
+    figure = new_figure(10, 4)
+    if figure is None:
+        return None
+    accuracy, perplexity = figure.subplots(1, 2)
+    edits = curves["edits"]
+    for metric, (label, is_ppl) in CURVE_METRICS.items():
+        values = curves.get(metric, [])
+        points = [(t, v) for t, v in zip(edits, values) if v is not None]
+        if not points:
+            continue
+        axis = perplexity if is_ppl else accuracy
+        axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_ylabel("accuracy")
+    perplexity.set_yscale("log")
+    perplexity.set_ylabel("perplexity")
+    for axis in (accuracy, perplexity):
+        axis.set_xlabel("number of edits")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(str(path))
+    return Path(path)
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot state), or None with a warning when matplotlib is missing."""
+    from lmedit.analysis.plots import PlotDependencyError, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except PlotDependencyError as exc:
+        LOG.warning("%s; skipping the plot", exc)
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(figure)
+    return figure
