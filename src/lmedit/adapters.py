@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
@@ -31,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError, register_edit_format
+from lmedit.partial_forward import UpperForward, block_of
 from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like
 
 ADAPTER_FORMAT = "lmedit-adapter"
@@ -343,13 +343,6 @@ def spec_of(model: nn.Module) -> ModelSpec:
             _set_module(model, adapter.path, adapter)
 
 
-@dataclass
-class _Captured:
-    hidden: torch.Tensor | None = None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] | None = None
-
-
 class SequenceLogits:
     """Logits of a few token sequences at chosen columns, for an adapter's training loop.
 
@@ -405,42 +398,11 @@ class SequenceLogits:
 
     def _prepare_tail(self, adapter_path: str) -> Callable[[], torch.Tensor] | None:
         spec = spec_of(self.model)
-        block = next((i for i in range(spec.num_layers) if adapter_path.startswith(spec.block(i) + ".")), None)
+        block = block_of(spec, adapter_path)
         if block is None:
             return None
-        blocks = get_module(self.model, spec.layers_path)
-        norm = get_module(self.model, spec.final_norm_path)
-        head = get_module(self.model, spec.lm_head_path)
-        captured = _Captured()
-
-        def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured.hidden = args[0].detach()
-            captured.args = args[1:]
-            captured.kwargs = dict(kwargs)
-
-        hook = blocks[block].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                reference = self._full()
-        finally:
-            hook.remove()
-        if captured.hidden is None or captured.kwargs is None:
-            return None
-        upper = list(blocks)[block:]
-
-        def tail() -> torch.Tensor:
-            hidden = captured.hidden
-            for layer in upper:
-                out = layer(hidden, *captured.args, **captured.kwargs)
-                hidden = out[0] if isinstance(out, (tuple, list)) else out
-            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.flat)
-            return head(norm(picked)).float()
-
-        with torch.no_grad():
-            shortcut = tail()
-        if shortcut.shape != reference.shape or not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
-            return None
-        return tail
+        return UpperForward.prepare(self.model, spec, block, self.flat, input_ids=self.input_ids,
+                                    attention_mask=self.attention_mask, position_ids=self.position_ids)
 
 
 def target_nll(logits: torch.Tensor, target_ids: Sequence[int]) -> torch.Tensor:

@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lmedit.adapters import frozen_model
 from lmedit.evaluation.scoring import forward_reading, pad_id_of, tokenize_pair
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.requests import EditRequest
+from lmedit.partial_forward import UpperForward, block_of
 from lmedit.spec import ModelSpec, get_module
 
 log = logging.getLogger(__name__)
@@ -375,14 +377,13 @@ def optimize_targets(
 
     kl_init: torch.Tensor | None = None
     history: list[list[float]] = [[] for _ in range(n)]
+    logits_of = _logits_reader(model, site, batch)
     handle = get_module(model, site).register_forward_hook(add_delta)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_model(model):
             for step in range(hparams.v_num_grad_steps):
                 optimizer.zero_grad()
-                # the LM head runs only at the positions read by the loss (a large share of the cost)
-                logits, _ = forward_reading(model, batch.read, input_ids=batch.ids, attention_mask=batch.mask,
-                                            use_cache=False)
+                logits = logits_of()
                 token_nll = -logits[:n_loss].log_softmax(-1).gather(1, batch.loss_targets[:, None]).squeeze(1)
                 nll = torch.zeros(n, device=device).index_add(0, batch.loss_owner, token_nll * batch.loss_weight)
                 kl_log_probs = logits[n_loss:].log_softmax(-1)
@@ -416,6 +417,27 @@ def optimize_targets(
         TargetResult(target=(init[i] + final[i]).detach(), init=init[i], nll=history[i], delta_norm=float(final[i].norm()))
         for i in range(n)
     ]
+
+
+def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> Callable[[], torch.Tensor]:
+    """Logits at the positions the v* loss reads, rerunning only the blocks from the edited one upward.
+
+    The blocks below ``site`` do not see delta, so their output is computed
+    once (:class:`~lmedit.partial_forward.UpperForward`); the LM head runs
+    only at the read positions. Falls back to full forward passes when the
+    shortcut does not reproduce the model.
+    """
+    spec = ModelSpec.from_model(model)
+    block = block_of(spec, site)
+    inputs = {"input_ids": batch.ids, "attention_mask": batch.mask}
+    upper = UpperForward.prepare(model, spec, block, batch.read, **inputs) if block is not None else None
+    if upper is not None:
+        return upper
+
+    def full() -> torch.Tensor:
+        return forward_reading(model, batch.read, use_cache=False, **inputs)[0]
+
+    return full
 
 
 # --------------------------------------------------------------------------- closed-form updates

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from lmedit.evaluation.scoring import TokenizedPair, forward_tail, pad_id_of, tokenize_pair
+from lmedit.adapters import frozen_model
+from lmedit.evaluation.scoring import TokenizedPair, pad_id_of, tokenize_pair
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.partial_forward import last_columns_logits
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec
@@ -92,42 +94,61 @@ def trainable_parameter_names(spec: ModelSpec, hparams: FTHyperParams) -> list[s
 def _fine_tune(
     method: str, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: FTHyperParams
 ) -> WeightSnapshotHandle:
-    names = trainable_parameter_names(ModelSpec.from_model(model), hparams)
+    spec = ModelSpec.from_model(model)
+    names = trainable_parameter_names(spec, hparams)
     handle = WeightSnapshotHandle(method, model, names)
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
     originals = [p.detach().clone() for p in params] if hparams.norm_constraint is not None else []
     examples = [tokenize_pair(tok, r.prompt, r.target_new) for r in requests]
-    loss_fn = _prompt_last_loss if hparams.objective == "prompt_last" else _masked_target_loss
     pad_id = pad_id_of(tok)
 
     started = time.perf_counter()
-    previous = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    batches = [examples[start : start + hparams.batch_size] for start in range(0, len(examples), hparams.batch_size)]
+    first_block = min(hparams.layers)
     optimizer = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
     losses: list[float] = []
-    try:
-        for _ in range(hparams.num_steps):
-            epoch = []
-            for start in range(0, len(examples), hparams.batch_size):
-                loss = loss_fn(model, examples[start : start + hparams.batch_size], pad_id)
-                epoch.append(loss.item())
-                if epoch[-1] >= hparams.early_stop_loss:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                if originals:
-                    _clamp_to_ball(params, originals, hparams.norm_constraint)
-            losses.append(sum(epoch) / len(epoch))
-            if losses[-1] < hparams.early_stop_loss:
-                break
-    finally:
-        for p, flag in zip(params, previous):
-            p.requires_grad_(flag)
-            p.grad = None
+    with frozen_model(model):
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            batch_losses = [_batch_loss(model, spec, first_block, batch, pad_id, hparams.objective) for batch in batches]
+            for _ in range(hparams.num_steps):
+                epoch = []
+                for loss_of in batch_losses:
+                    loss = loss_of()
+                    epoch.append(loss.item())
+                    if epoch[-1] >= hparams.early_stop_loss:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                    if originals:
+                        _clamp_to_ball(params, originals, hparams.norm_constraint)
+                losses.append(sum(epoch) / len(epoch))
+                if losses[-1] < hparams.early_stop_loss:
+                    break
+        finally:
+            for p in params:
+                p.grad = None
     handle.info = {"losses": losses, "steps": len(losses), "seconds": time.perf_counter() - started}
     return handle
+
+
+def _batch_loss(
+    model: torch.nn.Module, spec: ModelSpec, first_block: int, batch: list[TokenizedPair], pad_id: int, objective: str
+) -> Callable[[], torch.Tensor]:
+    """The loss of one batch as a function of the trained weights.
+
+    Every trained weight sits in block ``first_block`` or above, so the
+    blocks below it are computed once for the whole loop
+    (:func:`lmedit.partial_forward.last_columns_logits`).
+    """
+    if objective == "prompt_last":
+        logits_of = last_columns_logits(model, spec, first_block, [e.ids[: e.prompt_len] for e in batch], pad_id, 1)
+        return lambda: _prompt_last_loss(logits_of(), batch)
+    longest = max(len(e.target_ids) for e in batch)
+    logits_of = last_columns_logits(model, spec, first_block, [e.ids for e in batch], pad_id, longest + 1)
+    return lambda: _masked_target_loss(logits_of(), batch)
 
 
 def _clamp_to_ball(params: list[torch.nn.Parameter], originals: list[torch.Tensor], eps: float | None) -> None:
@@ -136,10 +157,12 @@ def _clamp_to_ball(params: list[torch.nn.Parameter], originals: list[torch.Tenso
             p.copy_(torch.clamp(p, min=o - eps, max=o + eps))
 
 
-def _masked_target_loss(model: torch.nn.Module, batch: list[TokenizedPair], pad_id: int) -> torch.Tensor:
-    """Per example, mean NLL of its target tokens given everything before them; then the batch mean."""
-    longest = max(len(e.target_ids) for e in batch)
-    logits = forward_tail(model, [e.ids for e in batch], pad_id, longest + 1)
+def _masked_target_loss(logits: torch.Tensor, batch: list[TokenizedPair]) -> torch.Tensor:
+    """Per example, mean NLL of its target tokens given everything before them; then the batch mean.
+
+    ``logits`` are the last ``longest + 1`` columns of the left-padded batch.
+    """
+    longest = logits.shape[1] - 1
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # column j predicts the token in column j+1
     losses = []
     for row, example in enumerate(batch):
@@ -150,9 +173,8 @@ def _masked_target_loss(model: torch.nn.Module, batch: list[TokenizedPair], pad_
     return torch.stack(losses).mean()
 
 
-def _prompt_last_loss(model: torch.nn.Module, batch: list[TokenizedPair], pad_id: int) -> torch.Tensor:
+def _prompt_last_loss(logits: torch.Tensor, batch: list[TokenizedPair]) -> torch.Tensor:
     """ROME's FT-L: every target token scored at the last prompt position (exact for one-token targets)."""
-    logits = forward_tail(model, [e.ids[: e.prompt_len] for e in batch], pad_id, 1)
     logprobs = torch.log_softmax(logits[:, -1], dim=-1)
     losses = [-logprobs[row, list(e.target_ids)].mean() for row, e in enumerate(batch)]
     return torch.stack(losses).mean()

@@ -1,0 +1,110 @@
+"""Rerun a causal LM from one block upward, for optimisation loops that only change what lies above it.
+
+An edit that trains something at block L (a value vector at ROME's MLP
+output, an adapter's memory, GRACE's codebook value) leaves every block below
+L untouched, so their output is the same at every step of its loop. One full
+pass records the input of block L (and the extra arguments the model hands
+its blocks: position embeddings, attention mask); each later step then runs
+only blocks L.. and the final norm and LM head at the positions read. The
+shortcut is checked against the full forward once and refused (``None``) if
+the two differ, for a model that does something between its blocks that this
+misses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from lmedit.spec import ModelSpec, get_module
+
+
+@dataclass
+class _BlockInput:
+    hidden: torch.Tensor | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+
+
+class UpperForward:
+    """Float logits at flat positions ``read`` (row * width + column), computed from block ``first`` upward."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, first: int, captured: _BlockInput, read: torch.Tensor) -> None:
+        self.blocks = list(get_module(model, spec.layers_path))[first:]
+        self.norm = get_module(model, spec.final_norm_path)
+        self.head = get_module(model, spec.lm_head_path)
+        self.captured = captured
+        self.read = read
+
+    @classmethod
+    def prepare(
+        cls, model: nn.Module, spec: ModelSpec, first: int, read: torch.Tensor, **model_inputs: Any
+    ) -> "UpperForward | None":
+        """Record block ``first``'s input in one full pass; ``None`` if the shortcut does not reproduce it."""
+        from lmedit.evaluation.scoring import forward_reading
+
+        blocks = get_module(model, spec.layers_path)
+        captured = _BlockInput()
+
+        def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.hidden = args[0].detach()
+            captured.args = args[1:]
+            captured.kwargs = dict(kwargs)
+
+        hook = blocks[first].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                reference, _ = forward_reading(model, read, use_cache=False, **model_inputs)
+        finally:
+            hook.remove()
+        if captured.hidden is None or captured.kwargs is None:
+            return None
+        upper = cls(model, spec, first, captured, read)
+        with torch.no_grad():
+            shortcut = upper()
+        if shortcut.shape != reference.shape or not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
+            return None
+        return upper
+
+    def __call__(self) -> torch.Tensor:
+        hidden = self.captured.hidden
+        for block in self.blocks:
+            out = block(hidden, *self.captured.args, **(self.captured.kwargs or {}))
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.read)
+        return self.head(self.norm(picked)).float()
+
+
+def block_of(spec: ModelSpec, module_path: str) -> int | None:
+    """The index of the block that contains ``module_path`` (or is it), if any."""
+    for index in range(spec.num_layers):
+        block = spec.block(index)
+        if module_path == block or module_path.startswith(block + "."):
+            return index
+    return None
+
+
+def last_columns_logits(
+    model: nn.Module, spec: ModelSpec, first: int, sequences: Sequence[Sequence[int]], pad_id: int, keep: int
+) -> Callable[[], torch.Tensor]:
+    """A function giving the float logits of the last ``keep`` columns of a left-padded batch, (rows, keep, vocab).
+
+    Reruns only blocks ``first``.. on each call when the shortcut reproduces
+    the model (:class:`UpperForward`); full forward passes otherwise.
+    """
+    from lmedit.evaluation.scoring import build_inputs, logits_at
+
+    inputs = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id, torch.float32)
+    device = next(model.parameters()).device
+    rows, width = inputs.input_ids.shape
+    columns = torch.arange(width - keep, width)
+    flat = (torch.arange(rows)[:, None] * width + columns[None]).reshape(-1).to(device)
+    model_inputs = {"input_ids": inputs.input_ids.to(device), "attention_mask": inputs.attention_mask.to(device),
+                    "position_ids": inputs.position_ids.to(device)}
+    upper = UpperForward.prepare(model, spec, first, flat, **model_inputs)
+    if upper is not None:
+        return lambda: upper().reshape(rows, keep, -1)
+    return lambda: logits_at(model, inputs, flat).reshape(rows, keep, -1)
