@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cache_keyword", "output_cache", "takes_cache"]
+__all__ = ["build_cache", "cache_keyword", "cache_tensors", "output_cache", "takes_cache"]
 
 
 def _forward_parameters(model: torch.nn.Module) -> set[str]:
@@ -41,3 +41,28 @@ def output_cache(output: Any) -> Any:
     if "past_key_values" in keys:
         return output["past_key_values"]
     return None
+
+
+def cache_tensors(cache: Any, num_layers: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) of a transformers cache, or None when its layout is not the expected one."""
+    layers = getattr(cache, "layers", None)
+    try:
+        if layers is not None:
+            kv = [(layer.keys, layer.values) for layer in layers]
+        else:
+            kv = list(zip(cache.key_cache, cache.value_cache))
+    except (AttributeError, TypeError):
+        return None
+    if len(kv) != num_layers or any(k is None or k.dim() != 4 or k.shape[-2] != length for k, _ in kv):
+        return None
+    return kv
+
+
+def build_cache(model: torch.nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A fresh dynamic cache holding ``kv`` (per layer: keys, values), to be extended by one forward pass."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (keys, values) in enumerate(kv):
+        cache.update(keys, values, layer)
+    return cache

@@ -108,3 +108,62 @@ def last_columns_logits(
     if upper is not None:
         return lambda: upper().reshape(rows, keep, -1)
     return lambda: logits_at(model, inputs, flat).reshape(rows, keep, -1)
+
+
+class SuffixForward:
+    """Float logits at flat positions ``read``, recomputing only the columns from ``split`` on.
+
+    When a loop changes the model only at column ``split`` or later (v*'s delta
+    sits at the subject's last token), the columns before it are the same at
+    every step: their keys and values are computed once, and each step feeds
+    the model just the remaining columns with those as its cache. In a zsRE
+    prompt the subject ends close to the question mark, so this is a small
+    share of each row.
+    """
+
+    def __init__(self, model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]], inputs: dict[str, torch.Tensor],
+                 read: torch.Tensor) -> None:
+        self.model = model
+        self.kv = kv
+        self.inputs = inputs
+        self.read = read
+
+    @classmethod
+    def prepare(
+        cls, model: nn.Module, spec: ModelSpec, read: torch.Tensor, split: int, input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> "SuffixForward | None":
+        """Cache columns ``..split``; ``None`` if the model cannot take a cache or the result differs."""
+        from lmedit.compat import cache_tensors, output_cache, takes_cache
+        from lmedit.evaluation.scoring import forward_reading
+
+        rows, width = input_ids.shape
+        if split <= 0 or split >= width or not takes_cache(model) or bool((read % width < split).any()):
+            return None
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # restart after left padding
+        with torch.no_grad():
+            reference, _ = forward_reading(model, read, input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=positions, use_cache=False)
+            prefix = model(input_ids=input_ids[:, :split], attention_mask=attention_mask[:, :split],
+                           position_ids=positions[:, :split], use_cache=True)
+        kv = cache_tensors(output_cache(prefix), spec.num_layers, split)
+        if kv is None:
+            return None
+        inputs = {"input_ids": input_ids[:, split:], "attention_mask": attention_mask,
+                  "position_ids": positions[:, split:]}
+        suffix_read = (read // width) * (width - split) + (read % width - split)
+        upper = cls(model, [(k.detach(), v.detach()) for k, v in kv], inputs, suffix_read)
+        with torch.no_grad():
+            shortcut = upper()
+        if shortcut.shape != reference.shape or not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
+            return None
+        return upper
+
+    def __call__(self) -> torch.Tensor:
+        from lmedit.compat import build_cache, cache_keyword
+        from lmedit.evaluation.scoring import forward_reading
+
+        cache = build_cache(self.model, self.kv)
+        logits, _ = forward_reading(self.model, self.read, use_cache=True, **self.inputs,
+                                    **{cache_keyword(self.model): cache})
+        return logits

@@ -138,3 +138,43 @@ def test_joint_target_optimisation_equals_one_request_at_a_time(tiny_llama, word
         alone = optimize_target(tiny_llama, word_tok, request, site="model.layers.1", templates=templates, hparams=hp)
         assert len(together.nll) == len(alone.nll)
         assert torch.allclose(together.target, alone.target, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shortcut", ["suffix", "upper"])
+def test_target_optimisation_shortcuts_equal_full_forward_passes(tiny_model, word_tok, corpus_env, monkeypatch, shortcut):
+    """v* computed with the cached-prefix or upper-blocks shortcut equals v* from full forward passes."""
+    from lmedit.locate import core
+    from lmedit.partial_forward import SuffixForward, UpperForward
+
+    hp = MEMITHyperParams(layers=[0, 1], clamp_norm_factor=1000.0, **_common(corpus_env))
+    templates = core.context_templates(tiny_model, word_tok, hp.context_template_length_params)
+    requests = [EditRequest("the capital of france is", "rome", subject="france"),
+                EditRequest("who wrote hamlet", "madrid berlin", subject="hamlet")]
+    used = []
+    for cls in (SuffixForward, UpperForward):
+        original = cls.prepare.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            result = _original(klass, *args, **kwargs)
+            used.append((klass.__name__, result is not None))
+            return result
+
+        monkeypatch.setattr(cls, "prepare", classmethod(spy))
+    fast = core.optimize_targets(tiny_model, word_tok, requests, site=_block(tiny_model, 1), templates=templates, hparams=hp)
+    assert ("SuffixForward", True) in used or shortcut == "upper"
+    if shortcut == "upper":  # force the second shortcut
+        monkeypatch.setattr(SuffixForward, "prepare", classmethod(lambda klass, *a, **k: None))
+        fast = core.optimize_targets(tiny_model, word_tok, requests, site=_block(tiny_model, 1), templates=templates, hparams=hp)
+        assert ("UpperForward", True) in used
+    monkeypatch.setattr(SuffixForward, "prepare", classmethod(lambda klass, *a, **k: None))
+    monkeypatch.setattr(UpperForward, "prepare", classmethod(lambda klass, *a, **k: None))
+    slow = core.optimize_targets(tiny_model, word_tok, requests, site=_block(tiny_model, 1), templates=templates, hparams=hp)
+    for a, b in zip(fast, slow):
+        assert len(a.nll) == len(b.nll)
+        assert torch.allclose(a.target, b.target, atol=1e-4, rtol=1e-4)
+
+
+def _block(model, index: int) -> str:
+    from lmedit.spec import ModelSpec
+
+    return ModelSpec.from_model(model).block(index)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lmedit.compat import cache_keyword, output_cache, takes_cache
+from lmedit.compat import build_cache, cache_keyword, cache_tensors, output_cache, takes_cache
 from lmedit.spec import ModelSpec, get_module
 
 LOG = logging.getLogger(__name__)
@@ -553,30 +553,10 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _cache_tensors(cache: Any, num_layers: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) of a transformers cache, or None when its layout is not the expected one."""
-    layers = getattr(cache, "layers", None)
-    try:
-        if layers is not None:
-            kv = [(layer.keys, layer.values) for layer in layers]
-        else:
-            kv = list(zip(cache.key_cache, cache.value_cache))
-    except (AttributeError, TypeError):
-        return None
-    if len(kv) != num_layers or any(k is None or k.dim() != 4 or k.shape[-2] != length for k, _ in kv):
-        return None
-    return kv
-
-
 def _prefix_cache(run: _FactRun, prefix: int, sample_idx: torch.Tensor) -> Any:
-    from transformers import DynamicCache
-
     if run.corrupted_kv is None:
         raise RuntimeError("prefix reuse needs the corrupted run's KV cache")
-    cache = DynamicCache(config=run.model.config)
-    for layer, (keys, values) in enumerate(run.corrupted_kv):
-        cache.update(keys[sample_idx, :, :prefix], values[sample_idx, :, :prefix], layer)
-    return cache
+    return build_cache(run.model, [(k[sample_idx, :, :prefix], v[sample_idx, :, :prefix]) for k, v in run.corrupted_kv])
 
 
 def _answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
@@ -758,7 +738,7 @@ def trace_fact(
         noise = noise.to(device)
         corrupt_logits, corrupt_blocks, is_tuple, cache = _corrupted_pass(model, ids, noise, embed, blocks, reuse_prefix)
         p_corrupted = float(_answer_probs(corrupt_logits[:, None], answer_id).mean())
-        corrupted_kv = _cache_tensors(cache, num_layers, num_tokens) if reuse_prefix else None
+        corrupted_kv = cache_tensors(cache, num_layers, num_tokens) if reuse_prefix else None
         if reuse_prefix and corrupted_kv is None:
             LOG.info("the model's KV cache has an unexpected layout; recomputing full prompts instead")
         run = _FactRun(

@@ -28,7 +28,7 @@ from lmedit.adapters import frozen_model
 from lmedit.evaluation.scoring import forward_reading, pad_id_of, tokenize_pair
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.requests import EditRequest
-from lmedit.partial_forward import UpperForward, block_of
+from lmedit.partial_forward import SuffixForward, UpperForward, block_of
 from lmedit.spec import ModelSpec, get_module
 
 log = logging.getLogger(__name__)
@@ -215,20 +215,30 @@ def read_at(
     cols = torch.tensor([lk.index for lk in lookups], device=device)
     found: dict[str, torch.Tensor] = {}
 
+    wanted = set(modules)
+
     def hook_for(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             value = args[0] if inputs else _first_tensor(output)
             found[name] = value[rows, cols].detach().float()
+            if wanted <= found.keys():
+                raise _ReadDone  # the blocks above the last module read cannot change what was read
 
         return hook
 
     handles = [get_module(model, name).register_forward_hook(hook_for(name)) for name in modules]
     try:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _ReadDone:
+        pass
     finally:
         for handle in handles:
             handle.remove()
     return found
+
+
+class _ReadDone(Exception):
+    """Raised inside a forward pass once every requested activation has been read."""
 
 
 def average_keys(
@@ -369,15 +379,16 @@ def optimize_targets(
     frozen = torch.zeros_like(init)
     n_loss = len(batch.loss_targets)
 
+    logits_of, edit_cols = _logits_reader(model, site, batch)
+
     def add_delta(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
         value = _first_tensor(output)
         patched = value.clone()
-        patched[batch.edit_rows, batch.edit_cols] += delta[batch.edit_owner].to(value.dtype)
+        patched[batch.edit_rows, edit_cols] += delta[batch.edit_owner].to(value.dtype)
         return (patched, *output[1:]) if isinstance(output, tuple) else patched
 
     kl_init: torch.Tensor | None = None
     history: list[list[float]] = [[] for _ in range(n)]
-    logits_of = _logits_reader(model, site, batch)
     handle = get_module(model, site).register_forward_hook(add_delta)
     try:
         with torch.enable_grad(), frozen_model(model):
@@ -419,25 +430,61 @@ def optimize_targets(
     ]
 
 
-def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> Callable[[], torch.Tensor]:
-    """Logits at the positions the v* loss reads, rerunning only the blocks from the edited one upward.
+def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+    """Logits at the positions the v* loss reads, recomputing as little as delta can change.
 
-    The blocks below ``site`` do not see delta, so their output is computed
-    once (:class:`~lmedit.partial_forward.UpperForward`); the LM head runs
-    only at the read positions. Falls back to full forward passes when the
-    shortcut does not reproduce the model.
+    Delta sits at the fact token of each row, so the columns before it never
+    see delta. (1) The rows are re-laid left-padded so that every fact token
+    falls in one column; everything before that column is computed once and
+    cached, and each step feeds only the rest
+    (:class:`~lmedit.partial_forward.SuffixForward`). Failing that, (2) the
+    blocks below ``site`` are computed once
+    (:class:`~lmedit.partial_forward.UpperForward`). Each shortcut is checked
+    against the full forward pass before use. Returns the reader and, per
+    row, the column of its fact token in the reader's inputs.
     """
     spec = ModelSpec.from_model(model)
-    block = block_of(spec, site)
+    aligned = _align_fact_tokens(batch)
+    if aligned is not None:
+        ids, mask, read, split = aligned
+        suffix = SuffixForward.prepare(model, spec, read, split, ids, mask)
+        if suffix is not None:
+            return suffix, torch.zeros_like(batch.edit_cols)
     inputs = {"input_ids": batch.ids, "attention_mask": batch.mask}
+    block = block_of(spec, site)
     upper = UpperForward.prepare(model, spec, block, batch.read, **inputs) if block is not None else None
     if upper is not None:
-        return upper
+        return upper, batch.edit_cols
 
     def full() -> torch.Tensor:
         return forward_reading(model, batch.read, use_cache=False, **inputs)[0]
 
-    return full
+    return full, batch.edit_cols
+
+
+def _align_fact_tokens(batch: _TargetBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """The batch left-padded so that every row's fact token sits in the same column ``split``.
+
+    Returns ids, mask, the read positions in the new layout, and ``split``;
+    ``None`` when some read position lies before its row's fact token (then
+    caching the columns before it would be wrong).
+    """
+    rows, width = batch.ids.shape
+    lengths = batch.mask.sum(1)
+    split = int(batch.edit_cols.max())
+    shift = split - batch.edit_cols  # per row
+    read_rows, read_cols = batch.read // width, batch.read % width
+    if bool((read_cols < batch.edit_cols[read_rows]).any()):
+        return None
+    new_width = int((shift + lengths).max())
+    ids = torch.zeros((rows, new_width), dtype=batch.ids.dtype, device=batch.ids.device)  # padding: any id, masked
+    mask = torch.zeros((rows, new_width), dtype=batch.mask.dtype, device=batch.mask.device)
+    for r in range(rows):
+        start, length = int(shift[r]), int(lengths[r])
+        ids[r, start : start + length] = batch.ids[r, :length]
+        mask[r, start : start + length] = 1
+    read = read_rows * new_width + read_cols + shift[read_rows]
+    return ids, mask, read, split
 
 
 # --------------------------------------------------------------------------- closed-form updates
