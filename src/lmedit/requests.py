@@ -8,6 +8,7 @@ record fails before any model time is spent on it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -103,6 +104,9 @@ class EditRequest:
     locality: ProbeGroups = field(default_factory=dict)
     portability: ProbeGroups = field(default_factory=dict)
     case_id: str | None = None
+    # Extra per-request data for metric suites (lmedit.evaluation.suites), e.g. ConvSent's answer
+    # sets or CounterFact's generation prompts; JSON-native, written by to_dict only when non-empty.
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "target_new"):
@@ -122,6 +126,18 @@ class EditRequest:
         object.__setattr__(self, "rephrase", _as_str_tuple(self.rephrase, "rephrase"))
         object.__setattr__(self, "locality", _as_probe_groups(self.locality, "locality"))
         object.__setattr__(self, "portability", _as_probe_groups(self.portability, "portability"))
+        object.__setattr__(self, "extra", self._json_extra())
+
+    def _json_extra(self) -> dict[str, Any]:
+        """``extra`` as plain JSON data (tuples become lists), so a request round-trips through a file."""
+        if self.extra is None:
+            return {}
+        if not isinstance(self.extra, Mapping):
+            raise RequestError(f"{self._where()}: extra must be a mapping, got {type(self.extra).__name__}")
+        try:
+            return json.loads(json.dumps(dict(self.extra)))
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"{self._where()}: extra must hold JSON data only (str, numbers, lists, dicts): {exc}") from None
 
     def _where(self) -> str:
         return f"request {self.case_id}" if self.case_id is not None else "request"
@@ -151,11 +167,12 @@ class EditRequest:
             "rephrase": list(self.rephrase),
             "locality": {k: [[p.prompt, p.answer] for p in v] for k, v in self.locality.items()},
             "portability": {k: [[p.prompt, p.answer] for p in v] for k, v in self.portability.items()},
+            **({"extra": dict(self.extra)} if self.extra else {}),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EditRequest":
-        known = {"case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase", "locality", "portability"}
+        known = {"case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase", "locality", "portability", "extra"}
         unknown = set(data) - known
         if unknown:
             raise RequestError(f"unknown request field(s) {sorted(unknown)}; known fields are {sorted(known)}")

@@ -93,6 +93,8 @@ def run_benchmark(
     out = Path(out_dir)
     chunks = plan_chunks(len(requests), spec.protocol, T=spec.T, batch_size=spec.batch_size)
     session.check(requests, chunks)
+    # suites hook: record each metric suite's resolved settings (those the data switches on included)
+    spec.extra.setdefault("suites", session.evaluator.suite_settings(requests))
     done = _prepare_folder(out, spec)
     todo = [c for c in chunks if c.index not in done]
     if done:
@@ -125,7 +127,8 @@ def _prepare_folder(out: Path, spec: RunSpec) -> set[int]:
     payload = {**spec.identity(), "extra": spec.extra, "environment": _environment()}
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
-        mismatched = [k for k, v in spec.identity().items() if previous.get(k) != v]
+        # compared as JSON, the form config.json stores (a tuple setting reads back as a list)
+        mismatched = [k for k, v in spec.identity().items() if previous.get(k) != json.loads(json.dumps(v))]
         if mismatched:
             raise RunError(
                 f"{out} holds a different run (differs in {', '.join(mismatched)}); "

@@ -300,8 +300,9 @@ def test_detect_format_real_files(shared: Path, relative: str, expected: str) ->
 
 def test_detect_format_demo_and_unknown() -> None:
     assert detect_format(_raw(demo_path())) == "lmedit"
+    assert detect_format([{"ent": "x", "pos": [], "neg": []}]) == "convsent"  # ConvSent loads now
     with pytest.raises(DataError):
-        detect_format([{"ent": "x", "pos": [], "neg": []}])
+        detect_format([{"topic": "x", "good": [], "bad": []}])
     with pytest.raises(DataError):
         detect_format([])
     assert {"zsre", "counterfact", "counterfact-rome", "knowedit", "wise", "demo", "lmedit"} <= set(DATA_FORMATS)
@@ -347,11 +348,11 @@ def test_malformed_record_type_error_names_its_index(tmp_path: Path) -> None:
 
 
 def test_unknown_file_names_file_and_formats(tmp_path: Path) -> None:
-    path = _write(tmp_path, [{"ent": "x", "pos": ["a"], "neg": ["b"]}], name="convsent.json")
+    path = _write(tmp_path, [{"topic": "x", "good": ["a"], "bad": ["b"]}], name="unknown.json")
     with pytest.raises(DataError) as info:
         load_requests(path)
     message = str(info.value)
-    assert "convsent.json" in message and "zsre" in message and "counterfact-rome" in message
+    assert "unknown.json" in message and "zsre" in message and "counterfact-rome" in message
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -30,6 +31,8 @@ DATA_FORMATS: tuple[str, ...] = (
     "counterfact-rome",
     "knowedit",
     "wise",
+    "convsent",
+    "sanitation",
 )
 """Every name accepted by ``load_requests(format=...)``; "demo" is an alias of "lmedit"."""
 
@@ -40,7 +43,7 @@ KNOWEDIT_PORTABILITY_GROUPS: tuple[str, ...] = ("Reasoning", "Subject_Aliasing",
 KNOWEDIT_LOCALITY_GROUPS: tuple[str, ...] = ("Relation_Specificity", "Forgetfulness")
 
 _LMEDIT_FIELDS = frozenset(
-    {"case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase", "locality", "portability"}
+    {"case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase", "locality", "portability", "extra"}
 )
 _IRRELEVANT_FORMATS = ("zsre", "counterfact", "wise")
 
@@ -74,6 +77,8 @@ def _read_records(path: Path) -> list[Record]:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = _parse_json_lines(path, text)
+    if isinstance(data, Mapping) and _sanitation_lists(data) is not None:
+        return _sanitation_records(data)
     if not isinstance(data, list):
         raise DataError(
             f"data file {path} holds a JSON {type(data).__name__}, expected a list of records; {_accepted()}"
@@ -121,6 +126,10 @@ def detect_format(records: Sequence[Record]) -> str:
     if not isinstance(first, Mapping):
         raise DataError(f"record 0 is a {type(first).__name__}, expected a JSON object; {_accepted()}")
     keys = set(first)
+    if SANITATION_ROLE in keys:
+        return "sanitation"
+    if {"ent", "pos", "neg"} <= keys:
+        return "convsent"
     if "requested_rewrite" in keys:
         return "counterfact-rome"
     if {"src", "alt"} <= keys:
@@ -256,7 +265,23 @@ def _from_counterfact_rome(record: Record, index: int) -> EditRequest:
             subject_replace=[(_fill(template, alternative) if alternative else None, target_new)],
         ),
         case_id=str(record.get("case_id", index)),
+        # what ROME's CounterFact scores need (lmedit.evaluation.suites.counterfact)
+        extra={"counterfact": {
+            "target_true": target_true,
+            **{key: _string_list(record.get(key), key) for key in _ROME_PROMPT_LISTS},
+        }},
     )
+
+
+_ROME_PROMPT_LISTS = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts", "attribute_prompts")
+
+
+def _string_list(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"{key} must be a list of strings, got {value!r}")
+    return [v for v in value if v.strip()]
 
 
 def _fill(template: Any, subject: str) -> str:
@@ -340,6 +365,160 @@ _MAPPERS: dict[str, Callable[[Record, int], EditRequest | None]] = {
 }
 
 
+# --------------------------------------------------------------------------- whole-file formats
+
+FileMapper = Callable[[Sequence[Record], list[tuple[int, Record]]], list[EditRequest]]
+
+# ConvSent (SERAC's blender_{train,val,test}.json, KnowEdit's ConvSent): as EasyEdit's
+# examples/run_convsent_llama2.py builds it. Its 13 question templates, and its edit prompts verbatim
+# (the "postively" typo included, so the edits are the same ones).
+CONVSENT_TEMPLATES: tuple[str, ...] = (
+    "What do you think of {}?",
+    "What do you feel about {}?",
+    "How do you view {}?",
+) + tuple(
+    f"What is your {position} {{}}?"
+    for position in ("opinion of", "stance on", "position on", "attitude about", "view on", "take on",
+                     "impression of", "assessment of", "judgment of", "sentiment of")
+)
+CONVSENT_EDIT_PROMPTS = {
+    "pos": "From the sentiment dataset, answer {} postively.",
+    "neg": "From the sentiment dataset, answer {} negatively.",
+}
+
+
+def _convsent_answers(record: Record, key: str) -> list[str]:
+    value = _required(record, key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"{key} must be a list of answer strings, got {type(value).__name__}")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _from_convsent(records: Sequence[Record], window: list[tuple[int, Record]]) -> list[EditRequest]:
+    """One edit per topic: answer about ``ent`` with one sentiment; the next record's topic is the outer one.
+
+    EasyEdit draws the sentiment and the question templates from one global
+    ``random`` stream; here each record has its own generator seeded by its
+    file index, so a request does not depend on --offset/--limit. The outer
+    topic is the next record of the whole file (wrapping around), as
+    EasyEdit takes the next record of its list.
+    """
+    requests = []
+    for index, record in window:
+        try:
+            requests.append(_convsent_request(record, records[(index + 1) % len(records)], index))
+        except (RequestError, KeyError, TypeError, AttributeError) as exc:
+            raise RequestError(f"record {index}: {exc}") from exc
+    return requests
+
+
+def _convsent_request(record: Record, outer: Record, index: int) -> EditRequest:
+    rng = random.Random(f"convsent:{index}")
+    topic, outer_topic = _required(record, "ent"), _required(outer, "ent")
+    answers = {s: _convsent_answers(record, s) for s in ("pos", "neg")}
+    outer_answers = [a for s in ("pos", "neg") for a in _convsent_answers(outer, s)]
+    if not answers["pos"] or not answers["neg"] or not outer_answers:
+        raise RequestError("a ConvSent record needs non-empty 'pos' and 'neg' answer lists")
+    sentiment = rng.choice(("pos", "neg"))
+    prompt = CONVSENT_EDIT_PROMPTS[sentiment].format(rng.choice(CONVSENT_TEMPLATES).format(topic))
+    question = rng.choice(CONVSENT_TEMPLATES).format(topic)
+    inner = [[rng.choice(CONVSENT_TEMPLATES).format(topic), a, s == sentiment] for s in ("pos", "neg") for a in answers[s]]
+    outer_pairs = [[rng.choice(CONVSENT_TEMPLATES).format(outer_topic), a] for a in outer_answers]
+    return EditRequest(
+        prompt=prompt,
+        target_new=answers[sentiment][0],
+        subject=topic,
+        case_id=str(index),
+        extra={
+            "convsent": {"topic": topic, "sentiment": sentiment, "inner": inner,
+                         "outer_topic": outer_topic, "outer": outer_pairs},
+            "fluency_prompts": [question],
+        },
+    )
+
+
+# Sanitation (KnowEdit's TriviaQA "I don't know" set): trivia_qa_{train,test}.json are objects of two
+# lists, the questions to forget and the ones to keep. The prompt template is EasyEdit's
+# examples/run_santinization_llama2.py one.
+SANITATION_TEMPLATE = "Question:{}\nAnswer:"
+SANITATION_ROLE = "sanitation_role"
+_SANITATION_KEYS = (("K_F", "K_R"), ("success", "locality"))
+
+
+def _sanitation_lists(data: Mapping[str, Any]) -> tuple[list[Any], list[Any]] | None:
+    for forget, keep in _SANITATION_KEYS:
+        if set(data) == {forget, keep} and all(isinstance(data[k], list) for k in (forget, keep)):
+            return data[forget], data[keep]
+    return None
+
+
+def _sanitation_records(data: Mapping[str, Any]) -> list[Record]:
+    """The two lists as one list of records tagged with their role (forget / retain)."""
+    forget, keep = _sanitation_lists(data) or ([], [])
+    records: list[Record] = []
+    for role, items in (("forget", forget), ("retain", keep)):
+        for item in items:
+            if not isinstance(item, Mapping):
+                raise DataError(f"a Sanitation {role} item is a {type(item).__name__}, expected an object")
+            records.append({**item, SANITATION_ROLE: role})
+    return records
+
+
+def _from_sanitation(records: Sequence[Record], window: list[tuple[int, Record]]) -> list[EditRequest]:
+    """Each selected question to forget is an edit to its ``target_new`` ("I don't know.").
+
+    The questions to keep become locality probes (with their true answers),
+    shared out round-robin over all questions to forget of the file, so a
+    request does not depend on --offset/--limit and a run over the whole
+    file covers each kept question once: with ``--protocol sequential --T 80``
+    that is KnowEdit's protocol (edit all, then test all kept questions).
+    """
+    position = {i: k for k, i in enumerate(i for i, r in enumerate(records) if r[SANITATION_ROLE] == "forget")}
+    keep = [r for r in records if r[SANITATION_ROLE] == "retain"]
+    shares: list[list[tuple[Any, Any]]] = [[] for _ in position]
+    for j, item in enumerate(keep):
+        if shares:
+            probe = (SANITATION_TEMPLATE.format(_required(item, "question")), _required(item, "ground_truth"))
+            shares[j % len(shares)].append(probe)
+    requests = []
+    for index, item in window:
+        share = shares[position[index]]
+        prompt = SANITATION_TEMPLATE.format(_required(item, "question"))
+        subject = item.get("subject")
+        requests.append(EditRequest(
+            prompt=prompt,
+            target_new=_required(item, "target_new"),
+            subject=subject if isinstance(subject, str) and subject in prompt else None,
+            ground_truth=item.get("ground_truth"),
+            locality=_groups(retain=share),
+            case_id=str(index),
+        ))
+    return requests
+
+
+def _sanitation_window(records: Sequence[Record], limit: int | None, offset: int) -> list[tuple[int, Record]]:
+    """--offset/--limit count the questions to forget only (they are the edits)."""
+    forget = [(i, r) for i, r in enumerate(records) if r[SANITATION_ROLE] == "forget"]
+    return [pair for _, pair in _window(forget, limit, offset)]
+
+
+_FILE_MAPPERS: dict[str, FileMapper] = {
+    "convsent": _from_convsent,
+    "sanitation": _from_sanitation,
+}
+
+
+def _map_file(mapper: FileMapper, records: Sequence[Record], limit: int | None, offset: int, path: Path,
+              name: str) -> list[EditRequest]:
+    window = _sanitation_window(records, limit, offset) if name == "sanitation" else _window(records, limit, offset)
+    try:
+        requests = mapper(records, window)
+    except (RequestError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"data file {path}: not a valid {name} file: {exc}") from exc
+    logger.debug("loaded %d %s request(s) from %s", len(requests), name, path)
+    return requests
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -350,7 +529,7 @@ def _resolve_format(format: str | None, records: Sequence[Record], path: Path) -
         except DataError as exc:
             raise DataError(f"data file {path}: {exc}") from exc
     name = _ALIASES.get(format.lower(), format.lower())
-    if name not in _MAPPERS:
+    if name not in _MAPPERS and name not in _FILE_MAPPERS:
         raise DataError(f"unknown data format {format!r} for {path}; {_accepted()}")
     return name
 
@@ -371,6 +550,8 @@ def load_requests(
     file = demo_path() if path is None else Path(path)
     records = _read_records(file)
     name = _resolve_format(format, records, file)
+    if name in _FILE_MAPPERS:  # formats whose requests depend on other records of the file
+        return _map_file(_FILE_MAPPERS[name], records, limit, offset, file, name)
     mapper = _MAPPERS[name]
     requests: list[EditRequest] = []
     skipped = 0

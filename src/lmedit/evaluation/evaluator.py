@@ -14,6 +14,7 @@ passed to :meth:`Evaluator.score`; the evaluator never changes the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from lmedit.evaluation.scoring import ProgressFn, generate_greedy, score_teacher_forced, token_match
 from lmedit.requests import EditRequest
+from lmedit.routing import route_prompts
 
 EvalMode = Literal["teacher", "generate", "both"]
 EVAL_MODES: tuple[str, ...] = ("teacher", "generate", "both")
@@ -43,10 +45,16 @@ class EvalConfig:
     use_chat_template: bool = False
     max_batch_tokens: int = 2048
     packing: bool = True
+    # metric suites (lmedit.evaluation.suites), "name" or "name:key=value,..."; see docs/benchmarks.md
+    suites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
             raise ValueError(f"eval mode {self.mode!r} is not one of {', '.join(EVAL_MODES)}")
+        from lmedit.evaluation.suites import build_suites  # suites hook: validate the specs early
+
+        object.__setattr__(self, "suites", tuple(self.suites))
+        build_suites(self.suites)
         if self.batch_size < 1:
             raise ValueError("eval batch size must be at least 1")
         if self.max_batch_tokens < 1:
@@ -91,6 +99,7 @@ class Snapshot:
     probes: list[ProbeRef]
     outcomes: list[ProbeOutcome]
     metrics: list[dict[str, float]] = field(default_factory=list)
+    suites: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # name -> (suite, its SuiteCapture)
 
     def subset(self, indices: Sequence[int]) -> "Snapshot":
         """The capture of some requests only, renumbered in the order of ``indices``."""
@@ -104,7 +113,8 @@ class Snapshot:
             for p in (self.probes[i] for i in chosen)
         ]
         metrics = [self.metrics[i] for i in indices] if self.metrics else []
-        return Snapshot(probes, [self.outcomes[i] for i in chosen], metrics)
+        suites = {name: (suite, capture.subset(indices)) for name, (suite, capture) in self.suites.items()}
+        return Snapshot(probes, [self.outcomes[i] for i in chosen], metrics, suites)
 
 
 class Evaluator:
@@ -136,6 +146,21 @@ class Evaluator:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def run_probes(
+        self, model: torch.nn.Module, probes: Sequence[ProbeRef], progress: ProgressFn | None = None
+    ) -> list[ProbeOutcome]:
+        """Outcomes of ``probes`` in order; a model with a probe router (IKE, SERAC) is scored on its routes."""
+        # routing hook (lmedit.routing): one route call, then each route model's probes scored in batches
+        groups = route_prompts(model, self.tok, [p.prompt for p in probes])
+        if groups is None:
+            return self._score_probes(model, probes, progress)
+        outcomes = [ProbeOutcome() for _ in probes]
+        for group in groups:
+            routed = [dataclasses.replace(probes[i], prompt=prompt) for i, prompt in zip(group.indices, group.prompts)]
+            for index, outcome in zip(group.indices, self._score_probes(group.model, routed, progress)):
+                outcomes[index] = outcome
+        return outcomes
+
+    def _score_probes(
         self, model: torch.nn.Module, probes: Sequence[ProbeRef], progress: ProgressFn | None = None
     ) -> list[ProbeOutcome]:
         outcomes = [ProbeOutcome() for _ in probes]
@@ -178,6 +203,13 @@ class Evaluator:
         outcomes = self.run_probes(model, probes, progress)
         snapshot = Snapshot(probes, outcomes)
         snapshot.metrics = aggregate(probes, outcomes, reference=None, n_requests=len(requests))
+        # suites hook: each selected (or data-required) suite captures its pre-edit state now
+        from lmedit.evaluation.suites import merge_metrics
+
+        for suite in self.active_suites(requests):
+            capture = suite.capture(model, self.tok, requests, self._suite_context())
+            merge_metrics(snapshot.metrics, capture.metrics)
+            snapshot.suites[suite.name] = (suite, capture)
         return snapshot
 
     def score(
@@ -192,7 +224,33 @@ class Evaluator:
         if [self._key(p) for p in probes] != [self._key(p) for p in pre.probes]:
             raise ValueError("the pre-edit capture was made for other requests; capture them again")
         outcomes = self.run_probes(model, probes, progress)
-        return aggregate(probes, outcomes, reference=pre.outcomes, n_requests=len(requests))
+        rows = aggregate(probes, outcomes, reference=pre.outcomes, n_requests=len(requests))
+        # suites hook: the suites captured with ``pre`` score against it
+        from lmedit.evaluation.suites import merge_metrics
+
+        for suite, capture in pre.suites.values():
+            merge_metrics(rows, suite.score(model, self.tok, requests, capture, self._suite_context()))
+        return rows
+
+    def active_suites(self, requests: Sequence[EditRequest]) -> list[Any]:
+        """The configured suites plus those the requests' data needs (ConvSent), checked against the requests."""
+        from lmedit.evaluation.suites import build_suites, required_specs
+
+        suites = build_suites(required_specs(requests, self.config.suites))
+        for suite in suites:
+            suite.check_requests(requests)
+        return suites
+
+    def suite_settings(self, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
+        """The resolved settings of the suites that will run on ``requests`` (for a run's config)."""
+        from lmedit.evaluation.suites import describe
+
+        return describe(self.active_suites(requests), self.tok)
+
+    def _suite_context(self) -> Any:
+        from lmedit.evaluation.suites import SuiteContext
+
+        return SuiteContext(self.config.batch_size, self.config.max_batch_tokens, self.config.packing, self._edit_prompt)
 
     @staticmethod
     def _key(probe: ProbeRef) -> tuple[Any, ...]:

@@ -1,0 +1,159 @@
+"""Benchmark tables in the layouts the papers print: KnowEdit's and ROME's CounterFact table.
+
+Both read finished run folders (``lmedit report --layout knowedit|counterfact RUN...``)
+and print numbers as the papers do: percentages (× 100), fluency and
+generation entropy × 100 as well.
+
+KnowEdit (EasyEdit's ``examples/run_knowedit_llama2.py::eval``): per dataset,
+rows *Edit Succ.*, *Portability*, *Locality*, *Fluency* and one column per
+method, all post-edit:
+
+* Edit Succ. = mean ``rewrite_acc``;
+* Portability = mean over requests that have portability probes of the
+  request's mean over its groups (Reasoning, Subject_Aliasing,
+  Logical_Generalization) of each group's mean; Locality the same over
+  Relation_Specificity and Forgetfulness. These are the core evaluator's
+  per-request ``portability`` and ``locality``, averaged over the requests
+  that have them;
+* Fluency = mean n-gram entropy (``--suite fluency``).
+
+For ConvSent, Edit Succ. is the edit score ``es`` and Locality is the mean
+KL divergence of the ``convsent`` suite (nats, lower is better; it is shown
+as is, not × 100).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import harmonic_mean
+from typing import Any, Sequence
+
+KNOWEDIT_DATASETS = {
+    "zsre-test-all": "ZsRE",
+    "wikibio-test-all": "WikiBio",
+    "wikibio-train-all": "WikiBio (train)",
+    "blender_test": "ConvSent",
+    "blender_val": "ConvSent (val)",
+    "recent_test": "WikiData_recent",
+    "test_cf": "WikiData_counterfact",
+    "trivia_qa_test": "Sanitation",
+    "trivia_qa_train": "Sanitation (train)",
+}
+KNOWEDIT_METRICS = ("Edit Succ.", "Portability", "Locality", "Fluency")
+
+
+def dataset_label(config: dict[str, Any]) -> str:
+    data = config.get("data") or "demo"
+    stem = Path(str(data)).stem
+    return KNOWEDIT_DATASETS.get(stem.lower(), KNOWEDIT_DATASETS.get(stem, stem))
+
+
+def _scaled(value: Any, factor: float = 100.0) -> float | None:
+    return None if value is None else float(value) * factor
+
+
+def knowedit_values(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The four KnowEdit numbers of one run (post-edit means), scaled as KnowEdit prints them."""
+    post = summary.get("post", {})
+    if "convsent_es" in post:
+        return {
+            "Edit Succ.": _scaled(post.get("convsent_es")),
+            "Portability": None,
+            "Locality": _scaled(post.get("convsent_kl"), 1.0),
+            "Fluency": _scaled(post.get("fluency")),
+        }
+    return {
+        "Edit Succ.": _scaled(post.get("rewrite_acc")),
+        "Portability": _scaled(post.get("portability")),
+        "Locality": _scaled(post.get("locality")),
+        "Fluency": _scaled(post.get("fluency")),
+    }
+
+
+def knowedit_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per run: dataset, method, n and the four values (the JSON written next to the table)."""
+    rows = []
+    for run in runs:
+        config, summary = run["config"], run["summary"]
+        rows.append({
+            "dataset": dataset_label(config), "method": config["method"], "protocol": config.get("protocol"),
+            "n": summary.get("n"), "complete": summary.get("complete", True), "folder": run.get("folder"),
+            **knowedit_values(summary),
+        })
+    return rows
+
+
+def knowedit_table(rows: Sequence[dict[str, Any]]) -> str:
+    """KnowEdit's Table 4 layout: dataset × metric rows, one column per method."""
+    methods: list[str] = []
+    for row in rows:
+        label = _method_label(row, rows)
+        if label not in methods:
+            methods.append(label)
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    lines = ["| Dataset | Metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for dataset in datasets:
+        mine = {(_method_label(r, rows)): r for r in rows if r["dataset"] == dataset}
+        n = sorted({r["n"] for r in mine.values()})
+        for k, metric in enumerate(KNOWEDIT_METRICS):
+            cells = [_cell(mine.get(m, {}).get(metric)) for m in methods]
+            if all(c == "—" for c in cells):
+                continue
+            name = f"{dataset} (n={'/'.join(map(str, n))})" if k == 0 else ""
+            label = "Locality (KL ↓)" if metric == "Locality" and dataset.startswith("ConvSent") else metric
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _method_label(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    twins = [r for r in rows if r["dataset"] == row["dataset"] and r["method"] == row["method"]]
+    label = row["method"] if len(twins) == 1 else f"{row['method']} ({Path(str(row['folder'])).name})"
+    return label + ("" if row.get("complete", True) else " (incomplete)")
+
+
+def _cell(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- ROME's CounterFact table
+
+COUNTERFACT_COLUMNS = (
+    ("ES", "cf_efficacy"), ("PS", "cf_paraphrase"), ("NS", "cf_neighborhood"),
+    ("EM", "cf_efficacy_magnitude"), ("PM", "cf_paraphrase_magnitude"), ("NM", "cf_neighborhood_magnitude"),
+    ("GE", "cf_generation_entropy"),
+)
+
+
+def counterfact_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pre and post CounterFact numbers (× 100) per run, and ROME's score S = hmean(ES, PS, NS)."""
+    rows = []
+    for run in runs:
+        config, summary = run["config"], run["summary"]
+        row: dict[str, Any] = {"method": config["method"], "n": summary.get("n"), "folder": run.get("folder"),
+                               "complete": summary.get("complete", True)}
+        for phase in ("pre", "post"):
+            values = summary.get(phase, {})
+            for column, key in COUNTERFACT_COLUMNS:
+                row[f"{column}_{phase}"] = _scaled(values.get(key))
+            parts = [row[f"{c}_{phase}"] for c in ("ES", "PS", "NS")]
+            row[f"S_{phase}"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
+        rows.append(row)
+    return rows
+
+
+def counterfact_table(rows: Sequence[dict[str, Any]]) -> str:
+    """ROME's Table (S, ES, PS, NS, magnitudes, GE), one row per run and phase (pre, post)."""
+    columns = ["S"] + [c for c, _ in COUNTERFACT_COLUMNS]
+    lines = ["| method | n | phase | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for row in rows:
+        flag = "" if row["complete"] else " (incomplete)"
+        for phase in ("pre", "post"):
+            cells = [_cell(row.get(f"{c}_{phase}"), 1) for c in columns]
+            lines.append(f"| {row['method']}{flag} | {row['n']} | {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+LAYOUTS = {
+    "knowedit": (knowedit_rows, knowedit_table),
+    "counterfact": (counterfact_rows, counterfact_table),
+}

@@ -1,0 +1,518 @@
+"""MEND (Mitchell et al., ICLR 2022): a hypernetwork that turns one fine-tuning gradient into an edit.
+
+For a linear layer ``y = W u`` the gradient of a loss over a sequence is a
+sum of rank-1 terms ``Σ_t δ_t u_tᵀ``: ``u_t`` the layer's input and ``δ_t``
+the loss gradient at its output, per token. MEND edits those factors, not
+the full gradient matrix:
+
+1. each ``(u_t, δ_t)`` is normalised with running per-coordinate statistics
+   collected during training (here one set per edited layer);
+2. the concatenation ``[u_t; δ_t]`` goes through a small editor network,
+   shared by every edited layer of the same shape: ``n_hidden + 1`` layers
+   ``z + relu(s_l ⊙ (U V z + b) + o_l)`` with a low-rank ``U V`` started at
+   ``U = 0`` (so the network starts as the identity) and a per-layer scale
+   ``s_l`` and shift ``o_l``;
+3. the outputs ``ũ_t, δ̃_t`` give the pseudo-gradient ``∇̃W = Σ_t δ̃_t ũ_tᵀ``,
+   applied with a learned per-layer step: ``W ← W − α_l ∇̃W``.
+
+Training (``lmedit train mend``) edits the model functionally with that
+update and minimises ``cedit · NLL(edit and rephrase targets | edited model)
++ cloc · KL(base ‖ edited)`` on a locality input, through the editor network
+and the steps ``α``. Only the blocks from the lowest edited layer upward are
+rerun, because the blocks below do not depend on the edit.
+
+Editing with a trained network is an ordinary in-place weight edit
+(:class:`~lmedit.handles.WeightSnapshotHandle`, bit-exact restore); a batch
+of requests makes one pseudo-gradient from all their tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from lmedit.adapters import SequenceLogits, frozen_model
+from lmedit.evaluation.scoring import pad_id_of
+from lmedit.handles import WeightSnapshotHandle
+from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.registry import register
+from lmedit.requests import EditRequest
+from lmedit.spec import ModelSpec, get_module
+from lmedit.training import CheckpointError, EditExample, TrainerConfig
+from lmedit.training.paths import resolve_archive
+from lmedit.training.shared import (
+    CheckpointCache,
+    ScoredSequence,
+    check_signature,
+    model_signature,
+    scored_sequence,
+    split_rows,
+    target_tensor,
+)
+
+LOG = logging.getLogger(__name__)
+
+METHOD = "MEND"
+TRAIN_COMMAND = "lmedit train mend"
+NORM_EPS = 1e-7
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+@dataclass
+class MENDHyperParams(HyperParams):
+    """Editing with a trained MEND network; the network's own settings come from its checkpoint."""
+
+    archive: str = "{lmedit_home}/checkpoints/MEND/smollm2-135m"
+    lr_scale: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr_scale <= 0:
+            raise HyperParamsError("lr_scale must be positive")
+
+
+@dataclass
+class MENDTrainingParams(TrainerConfig):
+    """What ``lmedit train mend`` trains: which weights, the editor network, the losses, and the loop."""
+
+    layers: list[int] = field(default_factory=lambda: [-3, -2, -1])
+    modules: list[Literal["mlp_out", "mlp_in"]] = field(default_factory=lambda: ["mlp_out"])
+    rank: int = 512
+    n_hidden: int = 1
+    edit_lr: float = 1e-4
+    lr: float = 3e-4
+    lr_lr: float = 1e-4
+    cedit: float = 1.0
+    cloc: float = 1.0
+    train_examples: int = 4000
+    max_steps: int = 200
+    val_every: int = 25
+    val_examples: int = 32
+    patience: int = 3
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.layers:
+            raise HyperParamsError("layers must name at least one layer")
+        if self.rank < 1 or self.n_hidden < 0:
+            raise HyperParamsError("rank must be at least 1 and n_hidden at least 0")
+        for name in ("lr", "lr_lr", "edit_lr", "cedit"):
+            if getattr(self, name) <= 0:
+                raise HyperParamsError(f"{name} must be positive")
+        if self.cloc < 0:
+            raise HyperParamsError("cloc must be zero or positive")
+
+    def network_settings(self) -> dict[str, Any]:
+        return {"rank": self.rank, "n_hidden": self.n_hidden, "edit_lr": self.edit_lr}
+
+
+# --------------------------------------------------------------------------- the editor network
+
+
+class EditorLayer(nn.Module):
+    """``z + relu(s_mode ⊙ (U V z + b) + o_mode)``; ``U = 0`` at the start, so the layer is the identity."""
+
+    def __init__(self, dim: int, rank: int, n_modes: int) -> None:
+        super().__init__()
+        rank = min(rank, dim)
+        self.U = nn.Parameter(torch.zeros(dim, rank))
+        self.V = nn.Parameter(torch.randn(rank, dim) / dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.ones(n_modes, dim))
+        self.shift = nn.Parameter(torch.zeros(n_modes, dim))
+
+    def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
+        pre = (z @ self.V.T) @ self.U.T + self.bias
+        return z + torch.relu(pre * self.scale[mode] + self.shift[mode])
+
+
+class GradientEditor(nn.Module):
+    """Normalises ``[u; δ]`` per edited layer (``mode``) and maps it through the shared editor layers."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, n_hidden: int, n_modes: int) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        dim = in_dim + out_dim
+        self.layers = nn.ModuleList(EditorLayer(dim, rank, n_modes) for _ in range(n_hidden + 1))
+        self.register_buffer("count", torch.zeros(n_modes, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(n_modes, dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(n_modes, dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe(self, mode: int, rows: torch.Tensor) -> None:
+        """Merge a batch of ``[u; δ]`` rows into the running mean and variance (Chan et al.'s update)."""
+        rows = rows.double()
+        n_b = rows.shape[0]
+        if n_b == 0:
+            return
+        mean_b = rows.mean(0)
+        m2_b = ((rows - mean_b) ** 2).sum(0)
+        n_a = self.count[mode].clone()
+        total = n_a + n_b
+        delta = mean_b - self.mean[mode]
+        self.mean[mode] += delta * (n_b / total)
+        self.m2[mode] += m2_b + delta**2 * (n_a * n_b / total)
+        self.count[mode] = total
+
+    def normalise(self, mode: int, rows: torch.Tensor) -> torch.Tensor:
+        if float(self.count[mode]) < 2:
+            raise CheckpointError("the MEND editor has no gradient statistics yet; train it first")
+        std = (self.m2[mode] / (self.count[mode] - 1)).sqrt()
+        return ((rows.double() - self.mean[mode]) / (std + NORM_EPS)).float()
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.normalise(mode, torch.cat([u, delta], dim=-1))
+        for layer in self.layers:
+            z = layer(z, mode)
+        return z[:, : self.in_dim], z[:, self.in_dim :]
+
+
+@dataclass(frozen=True)
+class EditedWeight:
+    """One weight matrix MEND edits: its parameter name, module path and (in, out) sizes."""
+
+    name: str
+    module: str
+    in_dim: int
+    out_dim: int
+    conv1d: bool
+
+    @property
+    def shape_key(self) -> str:
+        return f"{self.in_dim}x{self.out_dim}"
+
+
+class MENDNetwork(nn.Module):
+    """Editor networks (one per weight shape) plus one learned step size per edited weight."""
+
+    def __init__(self, weights: Sequence[EditedWeight], rank: int, n_hidden: int, edit_lr: float) -> None:
+        super().__init__()
+        self.weights = list(weights)
+        shapes: dict[str, list[int]] = {}
+        for index, weight in enumerate(self.weights):
+            shapes.setdefault(weight.shape_key, []).append(index)
+        self.modes = {index: (key, members.index(index)) for key, members in shapes.items() for index in members}
+        self.editors = nn.ModuleDict({
+            key: GradientEditor(self.weights[members[0]].in_dim, self.weights[members[0]].out_dim, rank, n_hidden, len(members))
+            for key, members in shapes.items()
+        })
+        self.edit_lrs = nn.Parameter(torch.full((len(self.weights),), float(edit_lr)))
+
+    def transform(self, index: int, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key, mode = self.modes[index]
+        return self.editors[key](u, delta, mode)
+
+    def observe(self, index: int, u: torch.Tensor, delta: torch.Tensor) -> None:
+        key, mode = self.modes[index]
+        self.editors[key].observe(mode, torch.cat([u, delta], dim=-1))
+
+    def editor_parameters(self) -> list[nn.Parameter]:
+        return list(self.editors.parameters())
+
+
+def edited_weights(model: nn.Module, layers: Sequence[int], modules: Sequence[str]) -> list[EditedWeight]:
+    spec = ModelSpec.from_model(model)
+    found = []
+    for layer in layers:
+        if not -spec.num_layers <= layer < spec.num_layers:
+            raise HyperParamsError(f"layer {layer} does not exist; the model has layers 0..{spec.num_layers - 1}")
+        for role in modules:
+            paths = (spec.mlp_out(layer),) if role == "mlp_out" else spec.mlp_in(layer)
+            for path in paths:
+                module = get_module(model, path)
+                weight = module.weight
+                conv1d = not isinstance(module, nn.Linear)
+                in_dim, out_dim = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
+                found.append(EditedWeight(f"{path}.weight", path, int(in_dim), int(out_dim), conv1d))
+    names = [w.name for w in found]
+    if len(set(names)) != len(names):
+        raise HyperParamsError(f"layers {list(layers)} name the same layer twice")
+    return sorted(found, key=lambda w: _layer_order(spec, w.module))
+
+
+def _layer_order(spec: ModelSpec, path: str) -> int:
+    return next((i for i in range(spec.num_layers) if path.startswith(spec.block(i) + ".")), spec.num_layers)
+
+
+# --------------------------------------------------------------------------- gradient factors
+
+
+@dataclass
+class Factors:
+    """Per edited weight: the rows (token positions) of ``u`` and ``δ`` of each edit group."""
+
+    u: list[list[torch.Tensor]]  # [weight][group] -> (tokens, in_dim)
+    delta: list[list[torch.Tensor]]  # [weight][group] -> (tokens, out_dim)
+
+
+@contextmanager
+def _capture_io(model: nn.Module, weights: Sequence[EditedWeight]) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Record each edited module's input and (grad-tracking) output on the next forward pass."""
+    records: list[dict[str, torch.Tensor]] = [{} for _ in weights]
+    hooks = []
+    for record, weight in zip(records, weights):
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, record=record) -> torch.Tensor:
+            if not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            record["u"] = args[0].detach()
+            record["out"] = output
+            return output
+
+        hooks.append(get_module(model, weight.module).register_forward_hook(hook))
+    try:
+        yield records
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def gradient_factors(
+    model: nn.Module, weights: Sequence[EditedWeight], logits_fn: SequenceLogits, sequences: Sequence[ScoredSequence],
+    edit_rows: Sequence[int], groups: Sequence[Sequence[int]],
+) -> Factors:
+    """``u`` and ``δ`` of the edit loss (each edit row's mean target NLL, summed) at every edited weight.
+
+    ``groups`` lists, per independent edit, the rows whose tokens form its
+    gradient; rows of different groups never interact (one sequence per row).
+    """
+    with torch.enable_grad(), _capture_io(model, weights) as records:
+        logits = logits_fn()
+        blocks = split_rows(logits, sequences)
+        loss = sum(
+            nn.functional.cross_entropy(blocks[row], target_tensor(sequences[row], logits.device)) for row in edit_rows
+        )
+        outputs = [r["out"] for r in records]
+        grads = torch.autograd.grad(loss, outputs)
+    valid = logits_fn.valid
+    factors = Factors([], [])
+    for record, grad in zip(records, grads):
+        u_groups, d_groups = [], []
+        for group in groups:
+            rows = torch.tensor(list(group), dtype=torch.long)
+            u = record["u"][rows][valid[rows]]
+            d = grad[rows][valid[rows]]
+            keep = (d != 0).any(-1) & (u != 0).any(-1)  # tokens the loss does not reach carry no gradient
+            u_groups.append(u[keep].float())
+            d_groups.append(d[keep].float())
+        factors.u.append(u_groups)
+        factors.delta.append(d_groups)
+    return factors
+
+
+def pseudo_factors(network: MENDNetwork, factors: Factors) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(ũ, δ̃)`` per edited weight and edit group; in training mode the batch first joins the statistics."""
+    if network.training:
+        for index in range(len(network.weights)):
+            network.observe(index, torch.cat(factors.u[index]), torch.cat(factors.delta[index]))
+    out = []
+    for index in range(len(network.weights)):
+        per_group = []
+        for u, d in zip(factors.u[index], factors.delta[index]):
+            per_group.append(network.transform(index, u, d))
+        out.append(per_group)
+    return out
+
+
+@contextmanager
+def functional_edit(
+    model: nn.Module, network: MENDNetwork, transformed: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    rows_of_group: Sequence[Sequence[int]], n_rows: int,
+) -> Iterator[None]:
+    """Make the edited modules compute ``(W − α ∇̃W) x`` for the rows of each group, keeping the graph.
+
+    ``∇̃W x = Σ_t δ̃_t (ũ_t · x)`` is applied in factored form, so no
+    ``out × in`` matrix is built while training.
+    """
+    group_of_row = [None] * n_rows
+    for group, rows in enumerate(rows_of_group):
+        for row in rows:
+            group_of_row[row] = group
+    hooks = []
+    for index, weight in enumerate(network.weights):
+        lr = network.edit_lrs[index]
+
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, index=index, lr=lr) -> torch.Tensor:
+            x = args[0]
+            parts = []
+            for row in range(x.shape[0]):
+                group = group_of_row[row]
+                if group is None:
+                    parts.append(torch.zeros_like(output[row]))
+                    continue
+                u_t, d_t = transformed[index][group]
+                parts.append((x[row] @ u_t.T) @ d_t)
+            return output - lr * torch.stack(parts)
+
+        hooks.append(get_module(model, weight.module).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- editing
+
+
+_NETWORKS = CheckpointCache()
+
+
+def load_network(model: nn.Module, archive: str | Path) -> MENDNetwork:
+    """The trained network in ``archive``, checked against ``model`` (architecture and weight shapes)."""
+    folder = resolve_archive(str(archive))
+
+    def build(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[MENDNetwork, dict[str, Any]]:
+        weights = [EditedWeight(**w) for w in config["weights"]]
+        net = MENDNetwork(weights, **config["network"])
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{folder}: the weights do not fit the network its config describes ({exc})") from None
+        net.eval().requires_grad_(False)
+        return net, config
+
+    network, config = _NETWORKS.get(folder, METHOD, TRAIN_COMMAND, build)
+    check_signature(model, config.get("model", {}), folder, TRAIN_COMMAND)
+    params = dict(model.named_parameters())
+    for weight in network.weights:
+        shape = (weight.in_dim, weight.out_dim) if weight.conv1d else (weight.out_dim, weight.in_dim)
+        if weight.name not in params or tuple(params[weight.name].shape) != shape:
+            raise CheckpointError(
+                f"the MEND checkpoint at {folder} edits {weight.name} of shape {shape}, which this model does not have; "
+                f"train one for this model with `{TRAIN_COMMAND}`"
+            )
+    return network
+
+
+@register(METHOD, hparams=MENDHyperParams, batch=True)
+def apply_mend(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: MENDHyperParams) -> WeightSnapshotHandle:
+    """Edit with a trained MEND hypernetwork: one gradient, transformed, applied in place (needs `lmedit train mend`)."""
+    network = load_network(model, hparams.archive)
+    started = time.perf_counter()
+    handle = WeightSnapshotHandle(METHOD, model, [w.name for w in network.weights])
+    sequences = [scored_sequence(tok, r.prompt, r.target_new) for r in requests]
+    rows = list(range(len(sequences)))
+    with frozen_model(model):
+        logits_fn = SequenceLogits(model, network.weights[0].module, [s.ids for s in sequences],
+                                   [s.columns for s in sequences], pad_id_of(tok))
+        factors = gradient_factors(model, network.weights, logits_fn, sequences, rows, [rows])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        transformed = pseudo_factors(network, factors)
+        for index, weight in enumerate(network.weights):
+            u_t, d_t = transformed[index][0]
+            grad = d_t.T @ u_t  # (out, in)
+            if weight.conv1d:
+                grad = grad.T
+            step = network.edit_lrs[index] * hparams.lr_scale
+            param = params[weight.name]
+            param.sub_((step * grad).to(param.dtype))
+    handle.info = {"seconds": time.perf_counter() - started, "tokens": int(factors.u[0][0].shape[0]),
+                   "edit_lrs": [float(x) for x in network.edit_lrs]}
+    return handle
+
+
+# --------------------------------------------------------------------------- training
+
+
+class MENDTask:
+    """The training task for :class:`lmedit.training.Trainer`: independent single edits, batched."""
+
+    method = METHOD
+
+    def __init__(self, model: nn.Module, tok: Any, params: MENDTrainingParams) -> None:
+        self.model, self.tok, self.params = model, tok, params
+        self.weights = edited_weights(model, params.layers, params.modules)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            self.network = MENDNetwork(self.weights, **params.network_settings())
+        self.pad_id = pad_id_of(tok)
+
+    def module(self) -> nn.Module:
+        return self.network
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": self.network.editor_parameters(), "lr": self.params.lr},
+                {"params": [self.network.edit_lrs], "lr": self.params.lr_lr}]
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"weights": [w.__dict__ for w in self.weights], "network": self.params.network_settings(),
+                "model": model_signature(self.model)}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.network.state_dict())
+
+    def train_step(self, batch: Sequence[EditExample], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = self._edit_batch(batch, training=True)
+        return loss, metrics
+
+    def validate(self, examples: Sequence[EditExample]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        count = 0
+        size = self.params.batch_size
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            with torch.no_grad():
+                _, metrics = self._edit_batch(chunk, training=False)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * len(chunk)
+            count += len(chunk)
+        means = {key: value / count for key, value in totals.items()}
+        means["score"] = (means["rewrite_acc"] + means["rephrase_acc"] + means["locality"]) / 3
+        return means
+
+    def _edit_batch(self, batch: Sequence[EditExample], *, training: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        """Edit each example independently (one row group each), then score edit, rephrase and locality rows."""
+        b = len(batch)
+        sequences = ([scored_sequence(self.tok, e.prompt, e.target) for e in batch]
+                     + [scored_sequence(self.tok, e.rephrase, e.target) for e in batch]
+                     + [scored_sequence(self.tok, e.loc_prompt, e.loc_answer) for e in batch])
+        groups = [[i, b + i, 2 * b + i] for i in range(b)]
+        with frozen_model(self.model):
+            logits_fn = SequenceLogits(self.model, self.weights[0].module, [s.ids for s in sequences],
+                                       [s.columns for s in sequences], self.pad_id)
+            with torch.no_grad():
+                base = split_rows(logits_fn(), sequences)
+            factors = gradient_factors(self.model, self.weights, logits_fn, sequences, list(range(b)), [[i] for i in range(b)])
+            transformed = pseudo_factors(self.network, factors)
+            with functional_edit(self.model, self.network, transformed, groups, len(sequences)):
+                post = split_rows(logits_fn(), sequences)
+        device = post[0].device
+        edit_nll = torch.stack([nn.functional.cross_entropy(post[r], target_tensor(sequences[r], device)) for r in range(2 * b)])
+        kl = torch.stack([
+            nn.functional.kl_div(post[r].log_softmax(-1), base[r].log_softmax(-1), log_target=True, reduction="batchmean")
+            for r in range(2 * b, 3 * b)
+        ])
+        loss = self.params.cedit * edit_nll.mean() + self.params.cloc * kl.mean()
+        accuracy = [float((post[r].argmax(-1) == target_tensor(sequences[r], device)).float().mean()) for r in range(2 * b)]
+        agreement = [float((post[r].argmax(-1) == base[r].argmax(-1)).float().mean()) for r in range(2 * b, 3 * b)]
+        pre_accuracy = [float((base[r].argmax(-1) == target_tensor(sequences[r], device)).float().mean()) for r in range(b)]
+        metrics = {
+            "loss_edit": float(edit_nll[:b].mean().detach()), "loss_rephrase": float(edit_nll[b:].mean().detach()),
+            "loss_loc": float(kl.mean().detach()), "rewrite_acc": sum(accuracy[:b]) / b,
+            "rephrase_acc": sum(accuracy[b:]) / b, "locality": sum(agreement) / b, "pre_rewrite_acc": sum(pre_accuracy) / b,
+        }
+        return loss, metrics
+
+
+def train_mend(
+    model: nn.Module, tok: Any, params: MENDTrainingParams, train: Sequence[EditExample], val: Sequence[EditExample],
+    out_dir: str | Path, *, identity: dict[str, Any] | None = None, show_progress: bool = True,
+) -> Any:
+    """Train a MEND network on ``train`` (validated on ``val``) into ``out_dir``; resumes a run found there."""
+    from lmedit.training import Trainer
+
+    task = MENDTask(model, tok, params)
+    trainer_fields = {k: getattr(params, k) for k in TrainerConfig.field_names()}
+    trainer = Trainer(TrainerConfig(**trainer_fields), show_progress=show_progress)
+    settings = {k: v for k, v in params.to_dict().items() if k not in trainer_fields}
+    return trainer.fit(task, list(train)[: params.train_examples], val, out_dir,
+                       identity={"settings": settings, **(identity or {})})

@@ -1,0 +1,23 @@
+"""Training meta-learned editors (MEND, SERAC): one loop, resumable, keeping the best checkpoint."""
+
+from lmedit.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lmedit.training.data import EditExample, TrainingDataError, batch_indices, examples_from_requests, load_examples
+from lmedit.training.loop import Trainer, TrainerConfig, TrainingTask, TrainResult
+from lmedit.training.paths import default_checkpoint_dir, resolve_archive
+
+__all__ = [
+    "CheckpointError",
+    "EditExample",
+    "TrainResult",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingDataError",
+    "TrainingTask",
+    "batch_indices",
+    "default_checkpoint_dir",
+    "examples_from_requests",
+    "load_checkpoint",
+    "load_examples",
+    "resolve_archive",
+    "save_checkpoint",
+]
