@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from lmedit.evaluation.evaluator import Snapshot
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
 from lmedit.requests import EditRequest

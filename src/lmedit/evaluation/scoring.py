@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -277,6 +277,35 @@ def score_teacher_forced(
     sequence whole, for methods whose output is not purely causal.
     """
     tokenized = [tokenize_pair(tok, p, a) for p, a in pairs]
+    results: list[TeacherForcedScore | None] = [None] * len(tokenized)
+    for batch in answer_batches(model, tok, tokenized, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                packing=packing):
+        logits = logits_at(model, batch.inputs, batch.read)
+        for index, (offset, count) in zip(batch.members, batch.spans):
+            results[index] = _read_answer(logits[offset : offset + count], tokenized[index])
+        if progress:
+            progress(len(batch.members))
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class AnswerBatch:
+    """One planned forward pass: its inputs, the pairs it holds, and where their answer predictions are read."""
+
+    inputs: BatchInputs
+    members: list[int]  # indices into the tokenized pairs
+    spans: list[tuple[int, int]]  # per member: offset and count of its rows in the read positions
+    read: torch.Tensor  # flat (row * width + column) positions of the columns predicting answer tokens
+
+
+def answer_batches(
+    model: torch.nn.Module, tok: Any, tokenized: Sequence[TokenizedPair], *, batch_size: int = 128,
+    max_batch_tokens: int = 2048, packing: bool = True,
+) -> Iterator[AnswerBatch]:
+    """Plan ``tokenized`` into packed (or left-padded) batches and yield each one's inputs and read positions.
+
+    Shared by every teacher-forced pass (core scoring, suites), so all of them batch, pack and slice alike.
+    """
     causal = packing and supports_packing(model)
     # In a causal, position-wise model the last answer token changes no prediction that is read,
     # so it is left out. Without ``packing`` the model may not be (an adapter that looks at the
@@ -288,7 +317,6 @@ def score_teacher_forced(
     else:
         plan = plan_padded(lengths, batch_size, max_batch_tokens)
     pad = pad_id_of(tok)
-    results: list[TeacherForcedScore | None] = [None] * len(tokenized)
     for rows in plan:
         inputs = build_inputs(rows, inputs_of, pad, _model_dtype(model))
         width = inputs.input_ids.shape[1]
@@ -301,12 +329,7 @@ def score_teacher_forced(
             columns = range(start + item.prompt_len - 1, start + len(item.ids) - 1)
             spans.append((len(flat), len(columns)))
             flat.extend(row * width + c for c in columns)
-        logits = logits_at(model, inputs, torch.tensor(flat, dtype=torch.long))
-        for index, (offset, count) in zip(members, spans):
-            results[index] = _read_answer(logits[offset : offset + count], tokenized[index])
-        if progress:
-            progress(len(members))
-    return [r for r in results if r is not None]
+        yield AnswerBatch(inputs, members, spans, torch.tensor(flat, dtype=torch.long))
 
 
 def _read_answer(rows: torch.Tensor, item: TokenizedPair) -> TeacherForcedScore:

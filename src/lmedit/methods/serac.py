@@ -495,11 +495,7 @@ def train_serac(
     out_dir: str | Path, *, identity: dict[str, Any] | None = None, show_progress: bool = True,
 ) -> Any:
     """Train SERAC's classifier head and counterfactual blocks into ``out_dir``; resumes a run found there."""
-    from lmedit.training import Trainer
+    from lmedit.training import fit_method_task
 
-    task = SERACTask(model, tok, params)
-    trainer_fields = {k: getattr(params, k) for k in TrainerConfig.field_names()}
-    trainer = Trainer(TrainerConfig(**trainer_fields), show_progress=show_progress)
-    settings = {k: v for k, v in params.to_dict().items() if k not in trainer_fields}
-    return trainer.fit(task, list(train)[: params.train_examples], val, out_dir,
-                       identity={"settings": settings, **(identity or {})})
+    return fit_method_task(SERACTask(model, tok, params), params, train, val, out_dir, identity=identity,
+                           show_progress=show_progress)

@@ -279,6 +279,23 @@ class Trainer:
         })
 
 
+def fit_method_task(
+    task: TrainingTask, params: TrainerConfig, train: Sequence[Any], val: Sequence[Any], out_dir: str | Path, *,
+    identity: dict[str, Any] | None = None, show_progress: bool = True,
+) -> TrainResult:
+    """Train ``task`` with the loop settings inside a method's training params (MEND's, SERAC's).
+
+    The params' own (non-loop) settings become part of the run identity, so a folder trained with
+    other settings is never resumed; ``params.train_examples``, when present, caps the training set.
+    """
+    loop_fields = {k: getattr(params, k) for k in TrainerConfig.field_names()}
+    trainer = Trainer(TrainerConfig(**loop_fields), show_progress=show_progress)
+    settings = {k: v for k, v in params.to_dict().items() if k not in loop_fields}
+    cap = getattr(params, "train_examples", None)
+    examples = list(train)[:cap] if cap is not None else list(train)
+    return trainer.fit(task, examples, val, out_dir, identity={"settings": settings, **(identity or {})})
+
+
 def _identity_config(cfg: TrainerConfig) -> dict[str, Any]:
     """The settings that define a run; the step and time budgets do not (a resumed call may extend them)."""
     return {k: v for k, v in cfg.to_dict().items() if k not in ("max_minutes", "max_steps")}

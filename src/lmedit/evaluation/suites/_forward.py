@@ -25,16 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.func import functional_call
 
-from lmedit.evaluation.scoring import (
-    TokenizedPair,
-    build_inputs,
-    forward_reading,
-    pad_id_of,
-    plan_packed,
-    plan_padded,
-    supports_packing,
-    tokenize_pair,
-)
+from lmedit.evaluation.scoring import TokenizedPair, answer_batches, forward_reading, tokenize_pair
 
 LOG = logging.getLogger(__name__)
 
@@ -66,28 +57,10 @@ def answer_passes(
 ) -> Iterator[list[AnswerPass]]:
     """Yield, batch by batch, the answer-position logits of ``pairs`` (order within a batch is arbitrary)."""
     tokenized = [tokenize_pair(tok, p, a) for p, a in pairs]
-    causal = packing and supports_packing(model)
-    inputs_of = [t.ids[:-1] if causal else t.ids for t in tokenized]
-    lengths = [len(ids) for ids in inputs_of]
-    if causal and batch_size > 1:
-        plan = plan_packed(lengths, batch_size, max_batch_tokens)
-    else:
-        plan = plan_padded(lengths, batch_size, max_batch_tokens)
-    pad = pad_id_of(tok)
-    dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
-    for rows in plan:
-        inputs = build_inputs(rows, inputs_of, pad, dtype)
-        width = inputs.input_ids.shape[1]
-        members = [index for row in rows for index in row]
-        spans, flat = [], []
-        for index in members:
-            row, start = inputs.starts[index]
-            item = tokenized[index]
-            columns = range(start + item.prompt_len - 1, start + len(item.ids) - 1)
-            spans.append((len(flat), len(columns)))
-            flat.extend(row * width + c for c in columns)
-        read = torch.tensor(flat, dtype=torch.long)
+    for batch in answer_batches(model, tok, tokenized, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                packing=packing):
+        inputs, members, spans, read = batch.inputs, batch.members, batch.spans, batch.read
         captured: list[torch.Tensor] = []
         hook = _hidden_hook(model, read.to(device), captured) if keep_hidden else None
         try:
