@@ -147,3 +147,19 @@ def test_hallucination_data_gets_the_perplexity_layout(tmp_path, tiny_llama, wor
     assert payload["rows"]["FT-M"]["1"]["Rel. (PPL)"] == summary["post"]["rewrite_ppl"]
     assert "Avg." not in payload["rows"]["FT-M"]["1"]
     assert "| Method | T=1 Rel. (PPL) | T=1 Loc. |" in (config.out / "wise-table.md").read_text()
+
+
+def test_table_only_writes_the_table_from_finished_folders_and_runs_nothing(zsre_file, tmp_path, tiny_llama, word_tok):
+    config = _config(zsre_file, tmp_path, methods=("FT-M",), Ts=(1,))
+    run_wise_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
+    (config.out / "wise-table.md").unlink()
+    result = CliRunner().invoke(app, ["reproduce", "wise-table", "--data", str(zsre_file), "--out", str(config.out),
+                                      "--limit", "2", "--methods", "FT-M,GRACE", "--T", "1", "--T", "2", "--table-only"])
+    assert result.exit_code == 0, result.output
+    table = (config.out / "wise-table.md").read_text()
+    assert "| FT-M |" in table
+    assert "| GRACE | — | — |" in table  # GRACE was never run, and is not run now: shown as missing
+    assert sorted(p.name for p in config.out.iterdir() if p.is_dir()) == ["FT-M-T1"]
+    missing = CliRunner().invoke(app, ["reproduce", "wise-table", "--data", str(zsre_file),
+                                       "--out", str(tmp_path / "nothing-here"), "--limit", "2", "--T", "1", "--table-only"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output

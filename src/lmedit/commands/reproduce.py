@@ -50,6 +50,7 @@ def wise_table(
     set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter of one method: METHOD.key=value (repeatable)."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    table_only: bool = typer.Option(False, "--table-only", help="Run nothing: write the table from the run folders already in --out."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run FT-L, FT-M, ROME, MEMIT, AlphaEdit, GRACE, DEFER and WISE sequentially at each T; write the table."""
@@ -58,7 +59,7 @@ def wise_table(
     _setup_logging(verbose)
     try:
         from lmedit.reproduce import (DEFAULT_TS, WISE_IRRELEVANT_FILE, WISE_TABLE_METHODS, ZSRE_FILE, ReproduceError,
-                                      WiseTableConfig, find_shared_file, run_wise_table)
+                                      WiseTableConfig, find_shared_file, run_wise_table, write_table)
 
         data = data or find_shared_file(ZSRE_FILE)
         if data is None:
@@ -73,15 +74,20 @@ def wise_table(
             irrelevant_file=irrelevant_file or find_shared_file(WISE_IRRELEVANT_FILE),
             overrides=parse_method_overrides(set_),
         )
-        console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} at T = {', '.join(map(str, config.Ts))}; "
-                      f"{limit} items from {data}", soft_wrap=True)
-        payload = run_wise_table(config, show_progress=progress, on_run=_report_run)
+        if table_only:
+            if not out.is_dir():
+                _fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
+            payload = write_table(config)
+        else:
+            console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} at T = {', '.join(map(str, config.Ts))}; "
+                          f"{limit} items from {data}", soft_wrap=True)
+            payload = run_wise_table(config, show_progress=progress, on_run=_report_run)
     except ReproduceError as exc:
         _fail(str(exc))
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     console.print((out / "wise-table.md").read_text(), soft_wrap=True)
-    failed = [o for o in payload["outcomes"] if o["status"] == "failed"]
+    failed = [o for o in payload.get("outcomes", []) if o["status"] == "failed"]
     for outcome in failed:
         console.print(f"[bold red]failed[/] {outcome['method']} T={outcome['T']}: {outcome['error']}", soft_wrap=True)
     console.print(f"table: [bold]{out / 'wise-table.md'}[/] (and .json, .png)")
