@@ -99,7 +99,7 @@ def test_knowedit_table_as_knowedit_prints_it():
     assert table.splitlines()[0] == "| Dataset | Metric | FT-M | ROME |"
     assert "| ZsRE (n=10) | Edit Succ. | 90.00 | 80.00 |" in table
     assert "|  | Portability | 50.00 | — |" in table
-    assert "|  | Locality (KL ↓) | 0.12 | — |" in table
+    assert "|  | Locality (KL ↓) | 0.1230 | — |" in table
     assert "Portability" not in table.split("ConvSent")[1]
 
 

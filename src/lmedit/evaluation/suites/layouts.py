@@ -19,7 +19,7 @@ method, all post-edit:
 
 For ConvSent, Edit Succ. is the edit score ``es`` and Locality is the mean
 KL divergence of the ``convsent`` suite (nats, lower is better; it is shown
-as is, not × 100).
+as is, not × 100, with four decimals).
 """
 
 from __future__ import annotations
@@ -96,11 +96,13 @@ def knowedit_table(rows: Sequence[dict[str, Any]]) -> str:
         mine = {(_method_label(r, rows)): r for r in rows if r["dataset"] == dataset}
         n = sorted({r["n"] for r in mine.values()})
         for k, metric in enumerate(KNOWEDIT_METRICS):
-            cells = [_cell(mine.get(m, {}).get(metric)) for m in methods]
+            kl = metric == "Locality" and dataset.startswith("ConvSent")
+            # KL is in nats and small: four decimals, so a small nonzero KL never prints as EasyEdit's 0.00
+            cells = [_cell(mine.get(m, {}).get(metric), digits=4 if kl else 2) for m in methods]
             if all(c == "—" for c in cells):
                 continue
             name = f"{dataset} (n={'/'.join(map(str, n))})" if k == 0 else ""
-            label = "Locality (KL ↓)" if metric == "Locality" and dataset.startswith("ConvSent") else metric
+            label = "Locality (KL ↓)" if kl else metric
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
