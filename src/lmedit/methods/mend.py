@@ -45,7 +45,7 @@ from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
-from lmedit.training import CheckpointError, EditExample, TrainerConfig
+from lmedit.training import CheckpointError, EditExample, EditorTrainingParams
 from lmedit.training.paths import resolve_archive
 from lmedit.training.shared import (
     CheckpointCache,
@@ -80,7 +80,7 @@ class MENDHyperParams(HyperParams):
 
 
 @dataclass
-class MENDTrainingParams(TrainerConfig):
+class MENDTrainingParams(EditorTrainingParams):
     """What ``lmedit train mend`` trains: which weights, the editor network, the losses, and the loop."""
 
     layers: list[int] = field(default_factory=lambda: [-3, -2, -1])
@@ -92,11 +92,6 @@ class MENDTrainingParams(TrainerConfig):
     lr_lr: float = 1e-4
     cedit: float = 1.0
     cloc: float = 1.0
-    train_examples: int = 4000
-    max_steps: int = 200
-    val_every: int = 25
-    val_examples: int = 32
-    patience: int = 3
 
     def validate(self) -> None:
         super().validate()

@@ -51,7 +51,7 @@ from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.routing import Route, RoutingError, attach_router, detach_router, router_kind, router_of
 from lmedit.spec import ModelSpec, get_module
-from lmedit.training import CheckpointError, EditExample, TrainerConfig
+from lmedit.training import CheckpointError, EditExample, EditorTrainingParams
 from lmedit.training.checkpoint import write_json, write_tensors
 from lmedit.training.paths import resolve_archive
 from lmedit.training.shared import (
@@ -86,7 +86,7 @@ class SERACHyperParams(HyperParams):
 
 
 @dataclass
-class SERACTrainingParams(TrainerConfig):
+class SERACTrainingParams(EditorTrainingParams):
     """What ``lmedit train serac`` trains: the classifier head, the counterfactual blocks, and the loop."""
 
     encoder: str = DEFAULT_ENCODER
@@ -97,11 +97,6 @@ class SERACTrainingParams(TrainerConfig):
     lr_counterfactual: float = 2e-5
     ccls: float = 1.0
     ccf: float = 1.0
-    train_examples: int = 4000
-    max_steps: int = 200
-    val_every: int = 25
-    val_examples: int = 32
-    patience: int = 3
 
     def validate(self) -> None:
         super().validate()

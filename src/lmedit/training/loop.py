@@ -77,6 +77,17 @@ class TrainerConfig(HyperParams):
             raise HyperParamsError("max_minutes must be positive (or null for no time budget)")
 
 
+@dataclass
+class EditorTrainingParams(TrainerConfig):
+    """The loop sized for an editor's networks on the embedded model: about 20 minutes here, at most."""
+
+    train_examples: int = 4000
+    max_steps: int = 200
+    val_every: int = 25
+    val_examples: int = 32
+    patience: int = 3
+
+
 class TrainingTask(Protocol):
     """What a method gives the loop: its trainable module, optimizer groups, a step and a validation."""
 
