@@ -57,6 +57,8 @@ def wise_table(
     from lmedit.cli import _fail, _setup_logging
 
     _setup_logging(verbose)
+    if table_only and not out.is_dir():
+        _fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
     try:
         from lmedit.reproduce import (DEFAULT_TS, WISE_IRRELEVANT_FILE, WISE_TABLE_METHODS, ZSRE_FILE, ReproduceError,
                                       WiseTableConfig, find_shared_file, run_wise_table, write_table)
@@ -75,13 +77,13 @@ def wise_table(
             overrides=parse_method_overrides(set_),
         )
         if table_only:
-            if not out.is_dir():
-                _fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
             payload = write_table(config)
         else:
             console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} at T = {', '.join(map(str, config.Ts))}; "
                           f"{limit} items from {data}", soft_wrap=True)
             payload = run_wise_table(config, show_progress=progress, on_run=_report_run)
+    except typer.Exit:
+        raise  # already reported by _fail (click's Exit is a RuntimeError)
     except ReproduceError as exc:
         _fail(str(exc))
     except (ValueError, RuntimeError) as exc:
