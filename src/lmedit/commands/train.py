@@ -117,14 +117,21 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
     return train_fn(model, tok, params, train, val, out, identity=identity, show_progress=show_progress)
 
 
+# trainable methods: module, training-params class and train function, imported only when used
+TRAINABLE = {
+    "MEND": ("lmedit.methods.mend", "MENDTrainingParams", "train_mend"),
+    "SERAC": ("lmedit.methods.serac", "SERACTrainingParams", "train_serac"),
+}
+
+
 def _method_entry(method: str) -> tuple[Any, Any]:
-    if method == "MEND":
-        from lmedit.methods.mend import MENDTrainingParams, train_mend
+    import importlib
 
-        return MENDTrainingParams, train_mend
-    from lmedit.methods.serac import SERACTrainingParams, train_serac
-
-    return SERACTrainingParams, train_serac
+    if method not in TRAINABLE:
+        raise ValueError(f"{method} has no networks to train; trainable: {', '.join(TRAINABLE)}")
+    module_name, params_name, train_name = TRAINABLE[method]
+    module = importlib.import_module(module_name)
+    return getattr(module, params_name), getattr(module, train_name)
 
 
 def _print_result(method: str, result: Any) -> None:
