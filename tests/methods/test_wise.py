@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import snapshot, state_equal
+from conftest import build_tiny_llama, snapshot, state_equal
 from lmedit.adapters import AdapterError
 from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
 from lmedit.handles import restore_all
@@ -64,8 +64,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def test_sequential_edits_accumulate_in_one_adapter_and_restore_exactly(tiny_llama, word_tok):
-    # Retention of earlier edits is measured on the embedded model (docs/lifelong.md): a tiny random model's
-    # logits are nearly uniform, so any later change of the shared side memory can flip an earlier argmax.
+    # Retention of earlier edits: test_after_n_sequential_edits_all_n_still_hold (these facts share most words).
     original_module = get_module(tiny_llama, LLAMA_PATH)
     original_state = snapshot(tiny_llama)
     info, hparams = _hparams()
@@ -81,6 +80,41 @@ def test_sequential_edits_accumulate_in_one_adapter_and_restore_exactly(tiny_lla
     assert get_module(tiny_llama, LLAMA_PATH) is original_module
     assert state_equal(tiny_llama, original_state)
     assert not tiny_llama._forward_pre_hooks and not tiny_llama._forward_hooks
+
+
+# Facts with no word in common, for the retention test below: on a tiny random model the inputs of prompts that share
+# most of their words ("the ... of ... is") are nearly parallel, so any update for one moves the others.
+DISJOINT = [
+    EditRequest("eiffel tower located in", "berlin", case_id="tower", locality={"n": [("grass green", "sky")]}),
+    EditRequest("who wrote hamlet", "tolstoy", case_id="hamlet", locality={"n": [("sun moon", "star")]}),
+    EditRequest("river flows through london", "madrid", case_id="river", locality={"n": [("big small", "red")]}),
+    EditRequest("mother tongue queen", "german", case_id="queen", locality={"n": [("president king", "blue")]}),
+]
+
+
+def _confident_llama(word_tok, seed: int):
+    """A tiny Llama whose LM head can express a confident prediction (weights x30).
+
+    With the default init the logits span about ±0.5, so the best target NLL one layer can reach is ~3.4
+    (close to uniform) and any later change flips an earlier argmax: retention would be a coin toss.
+    """
+    model = build_tiny_llama(len(word_tok), seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+@pytest.mark.parametrize("sharding", ["one shard", "a shard per edit"])
+def test_after_n_sequential_edits_all_n_still_hold(word_tok, seed, sharding):
+    model = _confident_llama(word_tok, seed)
+    shards = {"save_freq": 1, "merge_freq": 1000} if sharding == "a shard per edit" else {}
+    assert not any(_holds(model, word_tok, r) for r in DISJOINT)
+    handles = _edit_all(model, word_tok, DISJOINT, n_iter=30, edit_lr=1.0, **shards)
+    assert [r.case_id for r in DISJOINT if _holds(model, word_tok, r)] == [r.case_id for r in DISJOINT]
+    adapter = get_module(model, LLAMA_PATH)
+    assert len(adapter.memories) == (len(DISJOINT) if shards else 0)  # retrieval picked the right memory each time
+    restore_all(handles)
 
 
 def test_gradient_mask_confines_a_shard_to_its_subspace(tiny_llama, word_tok):
