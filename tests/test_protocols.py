@@ -87,6 +87,10 @@ def test_sequential_evaluates_all_T_after_the_T_th_edit_then_restores(tiny_llama
     assert counter.active == 0
     assert [r["chunk"] for r in records] == [0, 0, 0, 1, 1, 1, 2]
     assert all("post_each" not in r for r in records)
+    for chunk in (0, 1, 2):  # each edit's own step time, which sums to the chunk's edit time
+        in_chunk = [r for r in records if r["chunk"] == chunk]
+        assert all(r["step_seconds"] > 0 for r in in_chunk)
+        assert sum(r["step_seconds"] for r in in_chunk) == pytest.approx(in_chunk[0]["edit_seconds"] * len(in_chunk))
 
 
 def test_eval_each_scores_each_request_right_after_its_own_edit(tiny_llama, word_tok):

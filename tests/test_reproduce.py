@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from lmedit.cli import app
 from lmedit.commands.reproduce import parse_method_overrides, parse_methods
-from lmedit.reproduce import ReproduceError, WiseTableConfig, collect_rows, markdown_table, run_wise_table
+from lmedit.reproduce import (ReproduceError, WiseTableConfig, collect_rows, markdown_table, run_wise_table,
+                              write_table)
 from lmedit.registry import get_method
 from lmedit.runner import read_records
 
@@ -70,21 +71,27 @@ def test_wise_table_runs_every_pair_and_writes_the_paper_layout(zsre_file, tmp_p
     assert json.loads((out / "GRACE-T2" / "config.json").read_text())["eval"]["mode"] == "both"
     assert json.loads((out / "FT-M-T1" / "config.json").read_text())["protocol"] == "sequential"
     rows = payload["rows"]
-    assert set(rows) == {"FT-M", "GRACE", "GRACE (gen)"}  # GRACE is also reported by generation
+    assert set(rows) == {"unedited", "FT-M", "GRACE", "GRACE (gen)"}  # GRACE is also reported by generation
+    assert rows["unedited"]["2"]["Rel."] == grace["pre"]["rewrite_acc"] and rows["unedited"]["2"]["Loc."] is None
     cell = rows["GRACE"]["2"]
     assert cell["Rel."] == grace["post"]["rewrite_acc"] and cell["Loc."] == grace["post"]["locality"]
     assert rows["GRACE (gen)"]["2"]["Rel."] == grace["post"]["rewrite_gen_acc"]
     assert cell["Avg."] == pytest.approx((cell["Rel."] + cell["Gen."] + cell["Loc."]) / 3)
     table = (out / "wise-table.md").read_text()
     assert "| Method | T=1 Rel. | T=1 Gen. | T=1 Loc. | T=1 Avg. | T=2 Rel." in table
-    assert table.index("| FT-M |") < table.index("| GRACE |") < table.index("| GRACE (gen) |")
+    assert table.index("| unedited |") < table.index("| FT-M |") < table.index("| GRACE |") < table.index("| GRACE (gen) |")
     assert json.loads((out / "wise-table.json").read_text())["rows"] == rows
     held = json.loads((out / "held_out.json").read_text())
     assert held["require_correct"] is True and all(p["pre_accuracy"] == 1.0 for p in held["probes"])
     curves = json.loads((out / "GRACE-T2" / "lifelong.json").read_text())["curves"]
     assert curves["edits"][-2:] == [1, 2]  # a retention row after each edit of the chunk
+    retention = payload["retention"]  # every method's curves at its largest T, side by side
+    assert set(retention) == {"FT-M", "GRACE"} and retention["GRACE"]["T"] == 2
+    assert retention["GRACE"]["edit_retention"] == curves["edit_retention"]
+    assert "| GRACE | 2 |" in table[table.index("Retention along the longest chunk"):]
     pytest.importorskip("matplotlib")
     assert (out / "wise-table.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "wise-table-retention.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_an_interrupted_reproduction_resumes_where_it_stopped(zsre_file, tmp_path, tiny_llama, word_tok):
@@ -114,7 +121,7 @@ def test_a_failing_method_is_reported_and_the_others_run(zsre_file, tmp_path, ti
     payload = run_wise_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
     status = {(o["method"], o["T"]): o["status"] for o in payload["outcomes"]}
     assert status == {("FT-M", 1): "ran", ("GRACE", 1): "failed"}
-    assert set(payload["rows"]) == {"FT-M"}
+    assert set(payload["rows"]) == {"unedited", "FT-M"}
     table = markdown_table(config, collect_rows(config))
     assert "| GRACE |" not in table.split("Seconds per edit")[0]
 
@@ -147,6 +154,10 @@ def test_hallucination_data_gets_the_perplexity_layout(tmp_path, tiny_llama, wor
     assert payload["rows"]["FT-M"]["1"]["Rel. (PPL)"] == summary["post"]["rewrite_ppl"]
     assert "Avg." not in payload["rows"]["FT-M"]["1"]
     assert "| Method | T=1 Rel. (PPL) | T=1 Loc. |" in (config.out / "wise-table.md").read_text()
+    # a table rebuilt later from the folders alone (--table-only) finds the layout from the data too
+    (config.out / "wise-table.md").unlink()
+    assert write_table(WiseTableConfig(data=path, out=config.out, methods=("FT-M",), Ts=(1,), limit=2))["layout"] == "hallucination"
+    assert "| Method | T=1 Rel. (PPL) | T=1 Loc. |" in (config.out / "wise-table.md").read_text()
 
 
 def test_table_only_writes_the_table_from_finished_folders_and_runs_nothing(zsre_file, tmp_path, tiny_llama, word_tok):
@@ -163,3 +174,25 @@ def test_table_only_writes_the_table_from_finished_folders_and_runs_nothing(zsre
     missing = CliRunner().invoke(app, ["reproduce", "wise-table", "--data", str(zsre_file),
                                        "--out", str(tmp_path / "nothing-here"), "--limit", "2", "--T", "1", "--table-only"])
     assert missing.exit_code != 0 and "does not exist" in " ".join(missing.output.split())
+
+
+def test_cost_along_the_chunk_is_read_per_position_and_binned(zsre_file, tmp_path):
+    from lmedit.reproduce import cost_along_chunk, cost_table
+
+    config = _config(zsre_file, tmp_path, methods=("FT-M", "GRACE"), Ts=(1, 8), limit=8)
+    folder = config.folder("GRACE", 8)
+    folder.mkdir(parents=True)
+    # one chunk of 8 edits, each slower than the one before: 1, 2, ..., 8 seconds
+    records = [{"index": i, "chunk": 0, "step_seconds": float(i + 1), "edit_seconds": 4.5} for i in range(8)]
+    (folder / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert cost_along_chunk(config) == {}  # an unfinished run is left out
+    (folder / "summary.json").write_text(json.dumps({"complete": True}))
+    short = config.folder("FT-M", 1)  # T=1 chunks have one position: too short for a curve, so no FT-M entry
+    short.mkdir(parents=True)
+    (short / "results.jsonl").write_text(json.dumps({"index": 0, "chunk": 0, "step_seconds": 1.0}) + "\n")
+    (short / "summary.json").write_text(json.dumps({"complete": True}))
+    cost = cost_along_chunk(config)
+    assert list(cost) == ["GRACE"] and cost["GRACE"]["T"] == 8
+    assert [b["seconds"] for b in cost["GRACE"]["bins"]] == [1.5, 3.5, 5.5, 7.5]
+    assert [b["edits"] for b in cost["GRACE"]["bins"]] == ["1-2", "3-4", "5-6", "7-8"]
+    assert "| GRACE | 8 | 1.5 (edits 1-2) |" in cost_table(cost) and "| 5.00 |" in cost_table(cost)

@@ -129,15 +129,18 @@ def run_chunk(
     result = ChunkResult(chunk.index)
     post_each: dict[int, dict[str, float]] = {}
     step_info: dict[int, dict[str, Any]] = {}
+    step_seconds: dict[int, float] = {}  # each request's share of its own step: how cost grows along a chunk
     handles: list[EditHandle] = []
     try:
         for done, step in enumerate(chunk.steps, start=1):
             started = time.perf_counter()
             handle = session.method.apply(session.model, session.tok, [requests[i] for i in step], session.hparams)
             handles.append(handle)
-            result.edit_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            result.edit_seconds += elapsed
             for i in step:
                 step_info[i] = _summarise_info(handle.info)
+                step_seconds[i] = elapsed / len(step)
             if session.eval_each:
                 started = time.perf_counter()
                 local = [position[i] for i in step]
@@ -163,6 +166,7 @@ def run_chunk(
             "post": post[p],
             "edit_info": step_info.get(i, {}),
             "edit_seconds": per_request_edit,
+            "step_seconds": step_seconds.get(i, 0.0),
         }
         if session.eval_each:
             record["post_each"] = post_each[i]

@@ -46,6 +46,7 @@ ZSRE_FILE = Path("zsre") / "zsre_mend_eval_portability_gpt4.json"
 WISE_IRRELEVANT_FILE = Path("wise") / "hallucination" / "hallucination-train.json"
 SHARED_DATA_ENV = "LMEDIT_SHARED_DATA"
 TABLE_NAME = "wise-table"
+UNEDITED = "unedited"  # the first row: the items' pre-edit scores (read from any finished run's summary)
 
 # (column label, teacher-forced metric, generation metric) per table layout: the WISE paper's Table 2 (zsRE)
 # and its hallucination table (Rel. is the perplexity of the edited passages, lower is better).
@@ -96,7 +97,7 @@ class WiseTableConfig:
     retention_scan: int = 400
     irrelevant_file: Path | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    layout: str = "zsre"
+    layout: str | None = None  # "zsre" or "hallucination"; None: detected from the data
 
     def __post_init__(self) -> None:
         from lmedit.evaluation.evaluator import EVAL_MODES
@@ -122,6 +123,10 @@ class WiseTableConfig:
         self.methods = tuple(get_method(m).name for m in self.methods)  # canonical names; unknown ones fail here
         self.overrides = {get_method(m).name: dict(v) for m, v in self.overrides.items()}
         self.Ts = tuple(sorted(set(self.Ts)))
+        if self.layout is None:
+            from lmedit.data import load_requests
+
+            self.layout = detect_layout(load_requests(self.data, limit=self.limit, offset=self.offset))
         if self.layout not in LAYOUTS:
             raise ReproduceError(f"table layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
 
@@ -363,14 +368,19 @@ def collect_rows(config: WiseTableConfig) -> dict[str, Any]:
             label = method if mode == "generate" else f"{method} (gen)"
             rows.setdefault(label, {})[str(T)] = {**cell_base, **_cell(config, post, generation=True)}
         timing.setdefault(method, {})[str(T)] = summary.get("timing", {}).get("edit_seconds_per_request")
+        if mode in ("teacher", "both") and str(T) not in rows.get(UNEDITED, {}):
+            rows.setdefault(UNEDITED, {})[str(T)] = {**cell_base, **_cell(config, summary.get("pre", {}),
+                                                                          generation=False, unedited=True)}
     return {"rows": rows, "seconds_per_edit": timing}
 
 
-def _cell(config: WiseTableConfig, post: dict[str, float], *, generation: bool) -> dict[str, float | None]:
+def _cell(config: WiseTableConfig, post: dict[str, float], *, generation: bool,
+          unedited: bool = False) -> dict[str, float | None]:
+    """One (row, T) cell; ``unedited``: the pre-edit scores, where locality (agreement with itself) is left out."""
     cell: dict[str, float | None] = {}
     for label, teacher, generated in config.columns:
         metric = generated if generation else teacher
-        cell[label] = None if metric is None else post.get(metric)
+        cell[label] = None if metric is None or (unedited and metric.startswith("locality")) else post.get(metric)
     if "Avg." in config.groups:
         present = [v for v in cell.values() if v is not None]
         cell["Avg."] = sum(present) / len(present) if len(present) == len(config.columns) else None
@@ -401,8 +411,160 @@ def markdown_table(config: WiseTableConfig, collected: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COST_BINS = 4  # the longest run's chunk is cut into this many equal stretches of edits
+
+
+def cost_along_chunk(config: WiseTableConfig) -> dict[str, Any]:
+    """Per method, at its largest finished T: mean seconds per edit over each quarter of the chunk's edits.
+
+    Whether an edit gets slower as edits accumulate (a growing codebook, stored memories, merges) shows here;
+    the chunk-wide average in ``seconds_per_edit`` hides it. Each record's own step time is read
+    (``step_seconds``; older runs: the method's own ``edit_info.seconds``).
+    """
+    from lmedit.runner import RESULTS_FILE, SUMMARY_FILE, read_records
+
+    cost: dict[str, Any] = {}
+    for method in config.methods:
+        for T in sorted(config.Ts, reverse=True):
+            if not _finished(config.folder(method, T) / SUMMARY_FILE):
+                continue
+            records = read_records(config.folder(method, T) / RESULTS_FILE)
+            curve = _mean_step_seconds_by_position(records, T)
+            if len(curve) >= COST_BINS:
+                cost[method] = {"T": T, "bins": _bin_means(curve, COST_BINS), "curve": curve}
+                break
+    return cost
+
+
+def _mean_step_seconds_by_position(records: Sequence[dict[str, Any]], T: int) -> list[float]:
+    """Mean step seconds at each position 1..T of a chunk, over the chunks that reached that position."""
+    by_chunk: dict[int, list[float]] = {}
+    for record in records:
+        seconds = record.get("step_seconds", record.get("edit_info", {}).get("seconds"))
+        if seconds is None:
+            return []
+        by_chunk.setdefault(record["chunk"], []).append(float(seconds))
+    curve: list[float] = []
+    for position in range(T):
+        values = [times[position] for times in by_chunk.values() if len(times) > position]
+        if not values:
+            break
+        curve.append(sum(values) / len(values))
+    return curve
+
+
+def _bin_means(curve: Sequence[float], bins: int) -> list[dict[str, Any]]:
+    edges = [round(i * len(curve) / bins) for i in range(bins + 1)]
+    return [{"edits": f"{lo + 1}-{hi}", "seconds": sum(curve[lo:hi]) / (hi - lo)} for lo, hi in zip(edges, edges[1:])]
+
+
+def cost_table(cost: dict[str, Any]) -> str:
+    """Markdown: seconds per edit in each quarter of the longest chunk, and last quarter over first."""
+    if not cost:
+        return ""
+    lines = ["Seconds per edit along the longest chunk (mean over each quarter of its edits):", "",
+             "| Method | T | " + " | ".join(f"Q{i + 1}" for i in range(COST_BINS)) + " | last / first |",
+             "|---|---|" + "---|" * (COST_BINS + 1)]
+    for method, entry in cost.items():
+        seconds = [b["seconds"] for b in entry["bins"]]
+        cells = [f"{s:.1f} (edits {b['edits']})" for s, b in zip(seconds, entry["bins"])]
+        ratio = seconds[-1] / seconds[0] if seconds[0] > 0 else float("nan")
+        lines.append(f"| {method} | {entry['T']} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_cost(config: WiseTableConfig, cost: dict[str, Any], path: Path) -> Path | None:
+    """Seconds per edit against the edit's position in the chunk (running mean over 5), one line per method."""
+    from lmedit.lifelong import new_figure
+
+    figure = new_figure(7, 4)
+    if figure is None or not cost:
+        return None
+    axis = figure.subplots(1, 1)
+    for method, entry in cost.items():
+        curve = entry["curve"]
+        smooth = [sum(curve[max(0, i - 4): i + 1]) / len(curve[max(0, i - 4): i + 1]) for i in range(len(curve))]
+        axis.plot(range(1, len(curve) + 1), smooth, label=f"{method} (T={entry['T']})")
+    axis.set_xlabel("edit number in the chunk")
+    axis.set_ylabel("seconds per edit (running mean of 5)")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    axis.set_title(f"{config.model}: cost of each edit as edits accumulate")
+    figure.tight_layout()
+    figure.savefig(str(path))
+    return path
+
+
+# Curves per table layout: accuracies for zsRE; perplexities for passages (the hallucination table's Rel. and TRR).
+RETENTION_CURVES: dict[str, tuple[tuple[str, str], ...]] = {
+    "zsre": (("edit_retention", "ERR: edits 1..t still held"), ("test_retention", "TRR: held-out answers kept")),
+    "hallucination": (("edit_ppl", "PPL of edits 1..t (lower is better)"), ("held_out_ppl", "PPL of held-out passages")),
+}
+
+
+def retention_curves(config: WiseTableConfig) -> dict[str, Any]:
+    """Per method, the retention curves (ERR, TRR against t) of its largest finished T that recorded them."""
+    from lmedit.lifelong import CURVES_JSON
+    from lmedit.runner import SUMMARY_FILE
+
+    found: dict[str, Any] = {}
+    for method in config.methods:
+        for T in sorted(config.Ts, reverse=True):
+            folder = config.folder(method, T)
+            if _finished(folder / SUMMARY_FILE) and (folder / CURVES_JSON).is_file():
+                curves = json.loads((folder / CURVES_JSON).read_text())["curves"]
+                metrics = [m for m, _ in RETENTION_CURVES[config.layout]]
+                found[method] = {"T": T, **{k: curves[k] for k in ("edits", *metrics)}}
+                break
+    return found
+
+
+def retention_table(config: WiseTableConfig, curves: dict[str, Any]) -> str:
+    """Markdown: the layout's two retention curves at a few points along each method's longest chunk."""
+    if not curves:
+        return ""
+    metrics = RETENTION_CURVES[config.layout]
+    lines = ["Retention along the longest chunk, after edit t:", "",
+             "| Method | T | " + " | ".join(f"{title} at t = 10 / 50 / T" for _, title in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for method, entry in curves.items():
+        at = {t: i for i, t in enumerate(entry["edits"])}
+        points = [t for t in (10, 50, entry["T"]) if t in at]
+        cells = [" / ".join(_num(entry[metric][at[t]]) for t in points) for metric, _ in metrics]
+        lines.append(f"| {method} | {entry['T']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_retention(config: WiseTableConfig, curves: dict[str, Any], path: Path) -> Path | None:
+    """ERR (left) and TRR (right) against the number of edits, one line per method."""
+    from lmedit.lifelong import new_figure
+
+    figure = new_figure(11, 4)
+    if figure is None or not curves:
+        return None
+    axes = figure.subplots(1, len(RETENTION_CURVES[config.layout]))
+    for axis, (metric, title) in zip(axes, RETENTION_CURVES[config.layout]):
+        for method, entry in curves.items():
+            points = [(t, v) for t, v in zip(entry["edits"], entry[metric]) if v is not None]
+            axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3,
+                      label=f"{method} (T={entry['T']})")
+        if metric.endswith("_ppl"):
+            axis.set_yscale("log")
+        else:
+            axis.set_ylim(-0.02, 1.02)
+        axis.set_xlabel("edits made (t)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="best")
+    figure.suptitle(f"{config.model}: retention as edits accumulate ({config.data.name})")
+    figure.tight_layout()
+    figure.savefig(str(path))
+    return path
+
+
 def _ordered(rows: dict[str, Any], methods: Sequence[str]) -> list[tuple[str, Any]]:
-    order = [label for m in methods for label in (m, f"{m} (gen)") if label in rows]
+    order = [UNEDITED] * (UNEDITED in rows) + [label for m in methods for label in (m, f"{m} (gen)") if label in rows]
     return [(label, rows[label]) for label in order]
 
 
@@ -415,15 +577,27 @@ def _num(value: Any, digits: int = 2) -> str:
 def write_table(config: WiseTableConfig) -> dict[str, Any]:
     """``wise-table.md``, ``wise-table.json`` and ``wise-table.png`` in the output folder, from the run folders."""
     collected = collect_rows(config)
+    cost = cost_along_chunk(config)
     text = markdown_table(config, collected)
+    if cost:
+        text += "\n" + cost_table(cost)
+    curves = retention_curves(config)
+    if curves:
+        text += "\n" + retention_table(config, curves)
     note = (f"\n{config.model}, sequential protocol, data {config.data.name} (offset {config.offset}, limit "
             f"{config.limit}); teacher-forced unless marked (gen); * = run not finished yet.\n")
     (config.out / f"{TABLE_NAME}.md").write_text(text + note)
     payload = {"table": TABLE_NAME, "layout": config.layout, "model": config.model, "data": str(config.data),
-               "limit": config.limit, "offset": config.offset, "T": list(config.Ts), **collected}
+               "limit": config.limit, "offset": config.offset, "T": list(config.Ts), **collected,
+               "cost_along_chunk": {m: {"T": e["T"], "bins": e["bins"]} for m, e in cost.items()},
+               "retention": curves}
     (config.out / f"{TABLE_NAME}.json").write_text(json.dumps(payload, indent=2))
     if collected["rows"]:
         plot_table(config, collected, config.out / f"{TABLE_NAME}.png")
+    if cost:
+        plot_cost(config, cost, config.out / f"{TABLE_NAME}-cost.png")
+    if curves:
+        plot_retention(config, curves, config.out / f"{TABLE_NAME}-retention.png")
     return payload
 
 
@@ -441,7 +615,7 @@ def plot_table(config: WiseTableConfig, collected: dict[str, Any], path: Path) -
                       if str(T) in by_T and by_T[str(T)].get(label) is not None]
             if points:
                 axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=4, label=row_label,
-                          linestyle="--" if row_label.endswith("(gen)") else "-")
+                          linestyle=":" if row_label == UNEDITED else "--" if row_label.endswith("(gen)") else "-")
         axis.set_xscale("log")
         axis.set_xticks(list(config.Ts), [str(T) for T in config.Ts])
         if metric.endswith("_ppl"):
