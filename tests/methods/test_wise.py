@@ -271,5 +271,6 @@ def test_presets_load_and_llama_7b_has_easyedit_values():
     assert (hparams.edit_lr, hparams.n_iter, hparams.act_margin, hparams.act_ratio) == (1.0, 70, [5.0, 20.0, 10.0], 0.88)
     assert (hparams.save_freq, hparams.merge_freq, hparams.merge_alg, hparams.retrieve) == (500, 1000, "ties", True)
     smollm2 = info.load_hparams(preset="smollm2-135m")
-    assert (smollm2.edit_lr, smollm2.act_ratio, smollm2.exclude_first_token) == (0.5, 0.72, True)
+    assert (smollm2.edit_lr, smollm2.act_ratio, smollm2.exclude_first_token) == (0.5, 0.88, True)
+    assert (smollm2.save_freq, smollm2.merge_freq, smollm2.retrieve) == (1, 1000, True)  # a memory per edit
     assert hparams.exclude_first_token is False  # the reference keeps the first token in the deviation
