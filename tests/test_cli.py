@@ -47,3 +47,31 @@ def test_edit_shows_answers_before_and_after(embedded, tmp_path):
     assert result.exit_code == 0, result.output
     assert "before" in result.output and "Rome" in result.output
     assert (tmp_path / "e" / "edit.safetensors").is_file()
+
+
+def test_run_records_retention_curves_on_request(tmp_path, monkeypatch):
+    from conftest import build_tiny_llama, build_word_tokenizer
+
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
+    tok = build_word_tokenizer()
+    folder = tmp_path / "tiny"
+    build_tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    records = [{"case_id": i, "prompt": f"the capital of {w} is", "target_new": "rome", "ground_truth": "paris",
+                "subject": w, "rephrase_prompt": f"the city of {w} is", "locality_prompt": "the sky color is",
+                "locality_ground_truth": "blue"} for i, w in enumerate("france italy germany london paris berlin".split())]
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    base = ["run", "--method", "GRACE", "--model", str(folder), "--data", str(data), "--limit", "4", "--protocol",
+            "sequential", "--T", "2", "--set", "inner_params=[model.layers.1.mlp.down_proj.weight]", "--set", "n_iter=5",
+            "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, base + ["--retention-every", "1", "--retention-items", "2"])
+    assert result.exit_code == 0, result.output
+    held = json.loads((out / "held_out.json").read_text())  # from the records after the 4 edited ones
+    assert len(held["probes"]) == 2 and all("italy" not in p["prompt"] for p in held["probes"])
+    curves = json.loads((out / "lifelong.json").read_text())["curves"]
+    assert curves["edits"] == [0, 1, 2] and curves["chunks"] == [0, 2, 2]  # each point averages both chunks
+    assert curves["test_retention"][0] == 1.0 or held["require_correct"] is False
+    bad = runner.invoke(app, base[:-3] + ["--out", str(tmp_path / "r2"), "--retention-every", "-1", "--no-progress"])
+    assert bad.exit_code == 2 and "--retention-every" in bad.output

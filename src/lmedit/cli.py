@@ -85,6 +85,8 @@ def run(
     chat_template: bool = typer.Option(False, help="Wrap edit prompts in the tokenizer's chat template."),
     suite: list[str] = typer.Option([], "--suite", help="Metric suite NAME[:key=value,...] (repeatable): fluency, convsent, counterfact; data that needs one (ConvSent) switches it on."),
     eval_each: bool = typer.Option(False, help="Also score each request right after its own edit (EasyEdit HEAD's 'sequential')."),
+    retention_every: int = typer.Option(0, help="Also record retention curves (ERR/TRR) every k edits of a chunk; 0: off."),
+    retention_items: int = typer.Option(50, help="Held-out probes for test retention (TRR), from the records after the edited ones."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -94,7 +96,7 @@ def run(
     _setup_logging(verbose)
     from lmedit.data import load_requests
     from lmedit.evaluation import EvalConfig
-    from lmedit.runner import file_sha256
+    from lmedit.runner import default_out_dir, file_sha256
 
     try:
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
@@ -107,15 +109,38 @@ def run(
                                          max_batch_tokens=eval_max_tokens, packing=packing,
                                          suites=required_specs(requests, suite)))
         data_path = str(data) if data else None
+        folder = out or default_out_dir(editor.method.name)
+        tracker = None
+        if retention_every:
+            edited_records = limit if limit is not None else len(requests)  # raw records, as --limit counts them
+            tracker = _retention_tracker(editor, data, data_format, offset + edited_records, requests, folder,
+                                         retention_every, retention_items, eval_batch_size)
         summary, folder = editor.run(
-            requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each, out_dir=out,
+            requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each, out_dir=folder,
             show_progress=progress, data=data_path or "demo", data_sha256=file_sha256(data) if data else None,
-            offset=offset, limit=limit,
+            offset=offset, limit=limit, after_step=tracker,
         )
+        if tracker is not None:
+            from lmedit.lifelong import write_curves
+
+            write_curves(folder, tracker.held_out, title=f"{editor.method.name}, {protocol}" + (f" T={T}" if T else ""),
+                         meta={"every": retention_every, "tracking_seconds_this_session": tracker.seconds})
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_summary(summary, f"{editor.method.name} on {model}, {protocol}" + (f" T={T}" if T else "") + f", {eval_mode} scoring")
     console.print(f"results: [bold]{folder}[/]")
+
+
+def _retention_tracker(editor: Any, data: Optional[Path], data_format: Optional[str], after: int, requests: Any,
+                       folder: Path, every: int, items: int, batch_size: int) -> Any:
+    """ERR/TRR every ``every`` edits; the held-out set is chosen once per run folder (``held_out.json``)."""
+    from lmedit.lifelong import HELD_OUT_FILE, RetentionTracker, choose_held_out
+
+    if every < 0:
+        raise ValueError("--retention-every must be 0 (off) or a positive number of edits")
+    held_out = choose_held_out(data, editor.model, editor.tok, after=after, items=items,
+                               path=Path(folder) / HELD_OUT_FILE, batch_size=batch_size, data_format=data_format)
+    return RetentionTracker(editor.model, editor.evaluator, requests, Path(folder), held_out, every)
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:

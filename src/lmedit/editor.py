@@ -9,14 +9,14 @@ from __future__ import annotations
 import dataclasses
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator, Snapshot
 from lmedit.handles import EditHandle, load_edit
 from lmedit.models import DEFAULT_MODEL, load_model
-from lmedit.protocols import EditSession
+from lmedit.protocols import Chunk, EditSession
 from lmedit.registry import MethodInfo, get_method
 from lmedit.requests import EditRequest
 from lmedit.runner import RunSpec, default_out_dir, run_benchmark
@@ -98,8 +98,13 @@ class Editor:
         data_sha256: str | None = None,
         offset: int = 0,
         limit: int | None = None,
+        after_step: Callable[[Chunk, int], None] | None = None,
     ) -> tuple[dict[str, Any], Path]:
-        """Run a protocol over ``requests``; returns the summary and the run folder."""
+        """Run a protocol over ``requests``; returns the summary and the run folder.
+
+        ``after_step`` is called on the edited model after each edit step (e.g. a
+        :class:`lmedit.lifelong.RetentionTracker`); it must not change the model.
+        """
         out = Path(out_dir) if out_dir else default_out_dir(self.method.name)
         spec = RunSpec(
             method=self.method.name,
@@ -119,5 +124,6 @@ class Editor:
             preset=self.preset,
             hparams_file=self.hparams_file,
         )
-        summary = run_benchmark(self.session(seed=seed, eval_each=eval_each), requests, spec, out, show_progress=show_progress)
+        summary = run_benchmark(self.session(seed=seed, eval_each=eval_each), requests, spec, out,
+                                show_progress=show_progress, after_step=after_step)
         return summary, out

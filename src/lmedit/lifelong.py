@@ -181,6 +181,60 @@ def own_answers(
     return answered
 
 
+def choose_held_out(
+    data: str | Path | None, model: torch.nn.Module, tok: Any, *, after: int, items: int, path: str | Path,
+    scan: int = 400, batch_size: int = 128, data_format: str | None = None,
+) -> HeldOutSet:
+    """The held-out set of a run on ``data`` whose edits end at record ``after``, chosen once and kept at ``path``.
+
+    ``data`` None is the packaged demo set. Candidates come from the ``scan`` records after the edited range. Short answers (question answering) are held
+    out when the unedited model answers them; when it answers too few (a small model), its own greedy answers are
+    held out instead. Passages (hallucination data) are all kept and read by perplexity.
+    """
+    from lmedit.data import load_requests
+    from lmedit.evaluation.evaluator import EvalConfig
+
+    path = Path(path)
+    if path.is_file():
+        return HeldOutSet.load(path)
+    candidates = held_out_candidates(load_requests(data, offset=after, limit=scan, format=data_format))
+    if not candidates:
+        raise LifelongError(f"{data or 'the demo set'} has no records after the edited range (record {after}) to hold out; "
+                            "lower --limit or --offset")
+    evaluator = Evaluator(tok, EvalConfig(mode="teacher", batch_size=batch_size))
+    require_correct = _short_answers(candidates)
+    held_out = select_held_out(model, evaluator, candidates, items, require_correct=require_correct)
+    if require_correct and len(held_out) < items:
+        LOG.info("too few held-out questions answered correctly (%d); holding out the model's own answers", len(held_out))
+        held_out = _held_out_own_answers(model, tok, evaluator, candidates, items, batch_size)
+    held_out.save(path)
+    return held_out
+
+
+def _held_out_own_answers(model: torch.nn.Module, tok: Any, evaluator: Evaluator, candidates: Sequence[HeldOutProbe],
+                          items: int, batch_size: int) -> HeldOutSet:
+    """Held-out probes answered by the model itself, generated block by block until enough survive the
+    re-tokenisation check (teacher-forced accuracy 1 on ``prompt + " " + answer``)."""
+    block = 2 * items
+    probes: list[HeldOutProbe] = []
+    pre: list[ProbeOutcome] = []
+    scanned = 0
+    for start in range(0, len(candidates), block):
+        answered = own_answers(model, tok, candidates[start : start + block], batch=batch_size)
+        found = select_held_out(model, evaluator, answered, items - len(probes))
+        probes, pre = probes + found.probes, pre + found.pre
+        scanned = start + min(block, len(candidates) - start)
+        if len(probes) >= items:
+            break
+    return HeldOutSet(probes, pre, require_correct=True, scanned=scanned, answers="model")
+
+
+def _short_answers(candidates: Sequence[HeldOutProbe]) -> bool:
+    """Question-answer data (short answers) is held out by correctness; passages (hallucination data) by perplexity."""
+    lengths = sorted(len(c.answer.split()) for c in candidates)
+    return lengths[len(lengths) // 2] <= 8
+
+
 def _teacher_evaluator(evaluator: Evaluator) -> Evaluator:
     """The run's evaluator settings (batching, packing) with teacher forcing: retention curves are teacher-forced."""
     return Evaluator(evaluator.tok, dataclasses.replace(evaluator.config, mode="teacher"))

@@ -292,51 +292,11 @@ def _run_method(
 
 def _held_out(config: WiseTableConfig, model: torch.nn.Module, tok: Any) -> Any:
     """Held-out probes from the records after the edited range, chosen once and kept in ``<out>/held_out.json``."""
-    from lmedit.data import load_requests
-    from lmedit.evaluation.evaluator import Evaluator
-    from lmedit.lifelong import HELD_OUT_FILE, HeldOutSet, held_out_candidates, select_held_out
+    from lmedit.lifelong import HELD_OUT_FILE, choose_held_out
 
-    path = config.out / HELD_OUT_FILE
-    if path.is_file():
-        return HeldOutSet.load(path)
-    rest = load_requests(config.data, offset=config.offset + config.limit, limit=config.retention_scan)
-    candidates = held_out_candidates(rest)
-    if not candidates:
-        raise ReproduceError(f"{config.data} has no records after the edited range to hold out; lower --limit")
-    evaluator = Evaluator(tok, EvalConfig(mode="teacher", batch_size=config.eval_batch_size))
-    require_correct = _short_answers(candidates)
-    held_out = select_held_out(model, evaluator, candidates, config.retention_items, require_correct=require_correct)
-    if require_correct and len(held_out) < config.retention_items:
-        LOG.info("too few held-out questions answered correctly (%d); holding out the model's own answers", len(held_out))
-        held_out = _held_out_own_answers(config, model, tok, evaluator, candidates)
-    held_out.save(path)
-    return held_out
-
-
-def _held_out_own_answers(config: WiseTableConfig, model: torch.nn.Module, tok: Any, evaluator: Any,
-                          candidates: Sequence[Any]) -> Any:
-    """Held-out probes answered by the model itself, generated block by block until enough survive the
-    re-tokenisation check (teacher-forced accuracy 1 on ``prompt + " " + answer``)."""
-    from lmedit.lifelong import HeldOutSet, own_answers, select_held_out
-
-    wanted, block = config.retention_items, 2 * config.retention_items
-    probes: list[Any] = []
-    pre: list[Any] = []
-    scanned = 0
-    for start in range(0, len(candidates), block):
-        answered = own_answers(model, tok, candidates[start : start + block], batch=config.eval_batch_size)
-        found = select_held_out(model, evaluator, answered, wanted - len(probes))
-        probes, pre = probes + found.probes, pre + found.pre
-        scanned = start + min(block, len(candidates) - start)
-        if len(probes) >= wanted:
-            break
-    return HeldOutSet(probes, pre, require_correct=True, scanned=scanned, answers="model")
-
-
-def _short_answers(candidates: Sequence[Any]) -> bool:
-    """Question-answer data (short answers) is held out by correctness; passages (hallucination data) by perplexity."""
-    lengths = sorted(len(c.answer.split()) for c in candidates)
-    return lengths[len(lengths) // 2] <= 8
+    return choose_held_out(config.data, model, tok, after=config.offset + config.limit, items=config.retention_items,
+                           scan=config.retention_scan, batch_size=config.eval_batch_size,
+                           path=config.out / HELD_OUT_FILE)
 
 
 def model_fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
