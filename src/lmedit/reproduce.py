@@ -509,13 +509,7 @@ def plot_retention(config: WiseTableConfig, curves: dict[str, Any], path: Path) 
             points = [(t, v) for t, v in zip(entry["edits"], entry[metric]) if v is not None]
             axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3,
                       label=f"{method} (T={entry['T']})")
-        if metric.endswith("_ppl"):
-            axis.set_yscale("log")
-        else:
-            axis.set_ylim(-0.02, 1.02)
-        axis.set_xlabel("edits made (t)")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
+        _style_axis(axis, metric, "edits made (t)", title)
     axes[-1].legend(fontsize=7, loc="best")
     figure.suptitle(f"{config.model}: retention as edits accumulate ({config.data.name})")
     figure.tight_layout()
@@ -561,6 +555,17 @@ def write_table(config: WiseTableConfig) -> dict[str, Any]:
     return payload
 
 
+def _style_axis(axis: Any, metric: str, xlabel: str, title: str) -> None:
+    """Perplexities on a log scale, accuracies on [0, 1]."""
+    if metric.endswith("_ppl"):
+        axis.set_yscale("log")
+    else:
+        axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel(xlabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+
+
 def plot_table(config: WiseTableConfig, collected: dict[str, Any], path: Path) -> Path | None:
     """One panel per metric (Rel., Gen., Loc.): value against T for each method row."""
     from lmedit.lifelong import new_figure
@@ -578,13 +583,7 @@ def plot_table(config: WiseTableConfig, collected: dict[str, Any], path: Path) -
                           linestyle=":" if row_label == UNEDITED else "--" if row_label.endswith("(gen)") else "-")
         axis.set_xscale("log")
         axis.set_xticks(list(config.Ts), [str(T) for T in config.Ts])
-        if metric.endswith("_ppl"):
-            axis.set_yscale("log")
-        else:
-            axis.set_ylim(-0.02, 1.02)
-        axis.set_xlabel("T (edits before evaluation)")
-        axis.set_title(label)
-        axis.grid(alpha=0.3)
+        _style_axis(axis, metric, "T (edits before evaluation)", label)
     axes[0].set_ylabel("score")
     if axes[-1].get_legend_handles_labels()[0]:
         axes[-1].legend(fontsize=7, loc="best")
