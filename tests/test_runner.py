@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -77,3 +78,23 @@ def test_read_records_keeps_the_newest_line_per_request(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text('{"index": 0, "chunk": 0, "v": 1}\n{"index": 0, "chunk": 0, "v": 2}\n{"index": 1,')
     assert read_records(path) == [{"index": 0, "chunk": 0, "v": 2}]
+
+
+def test_a_folder_written_before_an_evaluation_setting_existed_still_resumes(tiny_llama, word_tok, tmp_path):
+    editor = _editor(tiny_llama, word_tok)
+    out = tmp_path / "r"
+    editor.run(REQUESTS[:2], protocol="single", out_dir=out, show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    del config["eval"]["generation_cache"]  # as written by a version without the setting (its default: True)
+    (out / "config.json").write_text(json.dumps(config))
+    summary, _ = editor.run(REQUESTS[:2], protocol="single", out_dir=out, show_progress=False)
+    assert summary["complete"] is True
+    uncached = Editor(tiny_llama, word_tok, "FT-M", overrides={"layers": [1]},
+                      eval_config=replace(editor.evaluator.config, generation_cache=False))
+    with pytest.raises(RunError, match="eval"):
+        uncached.run(REQUESTS[:2], protocol="single", out_dir=out, show_progress=False)
+
+
+@pytest.mark.parametrize("method, cached", [("WISE", False), ("DEFER", False), ("GRACE", True), ("FT-M", True)])
+def test_methods_that_read_their_whole_input_are_scored_by_uncached_generation(tiny_llama, word_tok, method, cached):
+    assert Editor(tiny_llama, word_tok, method).evaluator.config.generation_cache is cached

@@ -48,6 +48,8 @@ class Editor:
         config = eval_config or EvalConfig()
         if not self.method.packed_evaluation:
             config = dataclasses.replace(config, packing=False)
+        if not self.method.cached_generation:
+            config = dataclasses.replace(config, generation_cache=False)
         self.evaluator = Evaluator(tok, config)
 
     @classmethod

@@ -41,6 +41,7 @@ class MethodInfo:
     needs_subject: bool
     summary: str
     packed_evaluation: bool = True
+    cached_generation: bool = True
 
     def check_requests(self, requests: Sequence[EditRequest]) -> None:
         """Fail before any model time is spent when the requests cannot be edited by this method."""
@@ -79,19 +80,25 @@ def register(
     batch: bool = False,
     needs_subject: bool = False,
     packed_evaluation: bool = True,
+    cached_generation: bool = True,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply`` under ``name``; its docstring's first line becomes the summary.
 
     ``packed_evaluation=False`` is for methods whose edited model must see
     one sequence per row (adapters that act on "the last token" of the
     input or pool over it): their evaluation uses left-padded batches.
+    ``cached_generation=False`` is for methods whose output at a position
+    depends on the whole input of the call (a routing or gating decision
+    per sequence): they are scored by generation without the KV cache, as
+    EasyEdit's ``vanilla_generation`` does, so each step sees the whole text.
     """
 
     def decorator(apply: ApplyFn) -> ApplyFn:
         if name in _REGISTRY and _REGISTRY[name].apply is not apply:
             raise MethodError(f"method name {name!r} is registered twice")
         summary = (apply.__doc__ or "").strip().splitlines()[0] if apply.__doc__ else ""
-        _REGISTRY[name] = MethodInfo(name, apply, hparams, batch, needs_subject, summary, packed_evaluation)
+        _REGISTRY[name] = MethodInfo(name, apply, hparams, batch, needs_subject, summary, packed_evaluation,
+                                     cached_generation)
         return apply
 
     return decorator

@@ -17,7 +17,7 @@ import math
 import platform
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -126,6 +126,7 @@ def _prepare_folder(out: Path, spec: RunSpec) -> set[int]:
     payload = {**spec.identity(), "extra": spec.extra, "environment": _environment()}
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
+        previous["eval"] = _with_eval_defaults(previous.get("eval"))
         # compared as JSON, the form config.json stores (a tuple setting reads back as a list)
         mismatched = [k for k, v in spec.identity().items() if previous.get(k) != json.loads(json.dumps(v))]
         if mismatched:
@@ -139,6 +140,17 @@ def _prepare_folder(out: Path, spec: RunSpec) -> set[int]:
         raise RunError(f"{out} has results but no {CONFIG_FILE}; choose another --out folder")
     config_path.write_text(json.dumps(payload, indent=2))
     return set()
+
+
+def _with_eval_defaults(stored: Any) -> Any:
+    """A folder written before an evaluation setting existed ran with that setting's default: fill it in,
+    so adding a setting to :class:`EvalConfig` does not stop older folders from resuming."""
+    if not isinstance(stored, dict):
+        return stored
+    from lmedit.evaluation.evaluator import EvalConfig
+
+    defaults = {f.name: f.default for f in fields(EvalConfig) if f.default is not MISSING}
+    return {**json.loads(json.dumps(defaults)), **stored}
 
 
 def _environment() -> dict[str, str]:

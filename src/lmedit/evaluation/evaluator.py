@@ -45,6 +45,9 @@ class EvalConfig:
     use_chat_template: bool = False
     max_batch_tokens: int = 2048
     packing: bool = True
+    # greedy generation with the KV cache; False feeds the whole sequence at each step (EasyEdit's
+    # vanilla_generation), for methods whose edit reads their whole input on every call (WISE, DEFER)
+    generation_cache: bool = True
     # metric suites (lmedit.evaluation.suites), "name" or "name:key=value,..."; see docs/benchmarks.md
     suites: tuple[str, ...] = ()
 
@@ -182,7 +185,7 @@ class Evaluator:
                 targets = [self._answer_ids(p) for p in probes]
                 generated = generate_greedy(
                     model, self.tok, [p.prompt for p in probes], [len(t) for t in targets],
-                    batch_size=self.config.batch_size, progress=progress,
+                    batch_size=self.config.batch_size, progress=progress, use_cache=self.config.generation_cache,
                 )
                 for outcome, gen, target in zip(outcomes, generated, targets):
                     outcome.generated = gen

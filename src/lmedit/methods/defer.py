@@ -141,7 +141,8 @@ class DeferAdapter(AdapterLayer):
                 params[name].copy_(tensor.to(params[name]))
 
 
-@register("DEFER", hparams=DeferHyperParams, batch=True, packed_evaluation=False)
+@register("DEFER", hparams=DeferHyperParams, batch=True, packed_evaluation=False,
+          cached_generation=False)
 def apply_defer(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: DeferHyperParams) -> AdapterEditHandle:
     """DEFER: a learned gate and value network on one layer's last-token input (GRACE's baseline)."""
     path = single_module_path(hparams.inner_params)

@@ -463,7 +463,8 @@ def _keep_random(delta: torch.Tensor, density: float, rescale: bool, generator: 
 # --------------------------------------------------------------------------- the method
 
 
-@register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False)
+@register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False,
+          cached_generation=False)
 def apply_wise(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: WiseHyperParams) -> AdapterEditHandle:
     """WISE: a routed side memory of one MLP layer, trained with activation margins, sharded and merged."""
     path = single_module_path(hparams.inner_params)
