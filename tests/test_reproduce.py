@@ -196,3 +196,17 @@ def test_cost_along_the_chunk_is_read_per_position_and_binned(zsre_file, tmp_pat
     assert [b["seconds"] for b in cost["GRACE"]["bins"]] == [1.5, 3.5, 5.5, 7.5]
     assert [b["edits"] for b in cost["GRACE"]["bins"]] == ["1-2", "3-4", "5-6", "7-8"]
     assert "| GRACE | 8 | 1.5 (edits 1-2) |" in cost_table(cost) and "| 5.00 |" in cost_table(cost)
+
+
+def test_row_colors_one_colour_per_method_and_grey_only_for_unedited() -> None:
+    """The table plot colours by method, so a row missing from one panel (unedited has no Loc.) cannot shift colours."""
+    pytest.importorskip("matplotlib")
+    from lmedit.reproduce import UNEDITED, row_colors
+
+    methods = ("FT-L", "FT-M", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE")
+    colors = row_colors(methods)
+    assert len({colors[m] for m in methods}) == len(methods)
+    assert all(colors[m] != (0.4980392156862745, 0.4980392156862745, 0.4980392156862745, 1.0) for m in methods)
+    assert colors[UNEDITED] == "0.45"
+    many = tuple(f"M{i}" for i in range(15))
+    assert len(set(row_colors(many).values())) == 16

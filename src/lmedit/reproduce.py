@@ -441,10 +441,11 @@ def plot_cost(config: WiseTableConfig, cost: dict[str, Any], path: Path) -> Path
     if figure is None or not cost:
         return None
     axis = figure.subplots(1, 1)
+    colors = row_colors(config.methods)
     for method, entry in cost.items():
         curve = entry["curve"]
         smooth = [sum(curve[max(0, i - 4): i + 1]) / len(curve[max(0, i - 4): i + 1]) for i in range(len(curve))]
-        axis.plot(range(1, len(curve) + 1), smooth, label=f"{method} (T={entry['T']})")
+        axis.plot(range(1, len(curve) + 1), smooth, color=colors[method], label=f"{method} (T={entry['T']})")
     axis.set_xlabel("edit number in the chunk")
     axis.set_ylabel("seconds per edit (running mean of 5)")
     axis.set_yscale("log")
@@ -504,11 +505,12 @@ def plot_retention(config: WiseTableConfig, curves: dict[str, Any], path: Path) 
     if figure is None or not curves:
         return None
     axes = figure.subplots(1, len(RETENTION_CURVES[config.layout]))
+    colors = row_colors(config.methods)
     for axis, (metric, title) in zip(axes, RETENTION_CURVES[config.layout]):
         for method, entry in curves.items():
             points = [(t, v) for t, v in zip(entry["edits"], entry[metric]) if v is not None]
             axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3,
-                      label=f"{method} (T={entry['T']})")
+                      color=colors[method], label=f"{method} (T={entry['T']})")
         _style_axis(axis, metric, "edits made (t)", title)
     axes[-1].legend(fontsize=7, loc="best")
     figure.suptitle(f"{config.model}: retention as edits accumulate ({config.data.name})")
@@ -566,6 +568,25 @@ def _style_axis(axis: Any, metric: str, xlabel: str, title: str) -> None:
     axis.grid(alpha=0.3)
 
 
+def _base_method(row_label: str) -> str:
+    return row_label.removesuffix(" (gen)")
+
+
+def row_colors(methods: Sequence[str]) -> dict[str, Any]:
+    """A fixed colour per method (its (gen) row shares it, dashed), grey for the unedited row: the same method has
+    the same colour in every panel, however many rows there are."""
+    import matplotlib
+
+    tab10 = matplotlib.colormaps["tab10"]
+    palette = [tab10(i) for i in range(10) if i != 7]  # tab10's 8th colour is the unedited row's grey
+    if len(methods) > len(palette):
+        tab20 = matplotlib.colormaps["tab20"]
+        palette = [tab20(i) for i in range(20) if i not in (14, 15)]  # tab20's greys
+    colors: dict[str, Any] = {UNEDITED: "0.45"}
+    colors.update({method: palette[i % len(palette)] for i, method in enumerate(methods)})
+    return colors
+
+
 def plot_table(config: WiseTableConfig, collected: dict[str, Any], path: Path) -> Path | None:
     """One panel per metric (Rel., Gen., Loc.): value against T for each method row."""
     from lmedit.lifelong import new_figure
@@ -574,19 +595,23 @@ def plot_table(config: WiseTableConfig, collected: dict[str, Any], path: Path) -
     if figure is None:
         return None
     axes = figure.subplots(1, len(config.columns))
+    colors = row_colors(config.methods)
+    legend: dict[str, Any] = {}
     for axis, (label, metric, _) in zip(axes, config.columns):
         for row_label, by_T in _ordered(collected["rows"], config.methods):
             points = [(T, by_T[str(T)].get(label)) for T in config.Ts
                       if str(T) in by_T and by_T[str(T)].get(label) is not None]
             if points:
-                axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=4, label=row_label,
-                          linestyle=":" if row_label == UNEDITED else "--" if row_label.endswith("(gen)") else "-")
+                (line,) = axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=4,
+                                    color=colors[_base_method(row_label)], label=row_label,
+                                    linestyle=":" if row_label == UNEDITED else "--" if row_label.endswith("(gen)") else "-")
+                legend.setdefault(row_label, line)
         axis.set_xscale("log")
         axis.set_xticks(list(config.Ts), [str(T) for T in config.Ts])
         _style_axis(axis, metric, "T (edits before evaluation)", label)
     axes[0].set_ylabel("score")
-    if axes[-1].get_legend_handles_labels()[0]:
-        axes[-1].legend(fontsize=7, loc="best")
+    if legend:  # one legend for all panels: a row missing from one panel (unedited has no Loc.) must not shift colours
+        axes[-1].legend(list(legend.values()), list(legend.keys()), fontsize=7, loc="best")
     figure.suptitle(f"{config.model}: sequential editing on {config.data.name} ({config.limit} items)")
     figure.tight_layout()
     figure.savefig(str(path))
