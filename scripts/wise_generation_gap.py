@@ -35,14 +35,10 @@ def routed_memory(model: torch.nn.Module, tok: Any, adapter: Any, text: str) -> 
     finally:
         hook.remove()
     x = captured["x"] if captured["x"].dim() == 3 else captured["x"][None]
-    base = adapter.original(x)
-    valid = torch.ones(1, x.shape[1], dtype=torch.bool)
-    valid[0, 0] = x.shape[1] == 1 or not adapter.config.get("exclude_first_token", False)
-    ratio = adapter.config["act_ratio"]
-    deviations = [float(adapter.deviation(adapter.with_weight(x, w), base, valid, top1=True)[0]) for w in adapter.memories]
-    over = [d / (m * ratio) for d, m in zip(deviations, adapter.memory_min_act)]
-    above = [i for i, r in enumerate(over) if r >= 1]
-    return (max(above, key=lambda i: deviations[i]) if above else None), over, int(logits.argmax())
+    deviations = [(float(dev[0]), threshold) for dev, threshold in adapter.memory_deviations(x)]
+    over = [dev / threshold for dev, threshold in deviations]
+    above = [i for i, r in enumerate(over) if r > 1]  # routing takes a memory strictly above its threshold
+    return (max(above, key=lambda i: deviations[i][0]) if above else None), over, int(logits.argmax())
 
 
 def answer_token_hits(model: torch.nn.Module, tok: Any, prompt: str, target: str) -> tuple[bool, list[bool]]:

@@ -46,7 +46,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -237,10 +237,8 @@ class WiseAdapter(AdapterLayer):
         if self.config["retrieve"]:
             out = torch.where((side_dev < threshold)[:, None, None], base, side_out)
             best = side_dev
-            for weight, min_act in zip(self.memories, self.memory_min_act):
-                memory_out = self.with_weight(x, weight)
-                dev = self.deviation(memory_out, base, valid, top1=True)
-                take = (dev > best) & (dev > min_act * self.config["act_ratio"])
+            for memory_out, dev, threshold in self._stored_memories(x, base, valid):
+                take = (dev > best) & (dev > threshold)
                 out = torch.where(take[:, None, None], memory_out, out)
                 best = torch.where(take, dev, best)
             return out
@@ -250,6 +248,20 @@ class WiseAdapter(AdapterLayer):
         out = torch.where((main_dev > side_dev)[:, None, None], main_out, side_out)
         keep = (main_dev < threshold) & (side_dev < threshold)
         return torch.where(keep[:, None, None], base, out)
+
+    def _stored_memories(
+        self, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
+        """Each stored memory's output, its per-sequence Δ and its routing threshold (WISE-Retrieve)."""
+        for weight, min_act in zip(self.memories, self.memory_min_act):
+            out = self.with_weight(x, weight)
+            yield out, self.deviation(out, base, valid, top1=True), min_act * self.config["act_ratio"]
+
+    def memory_deviations(self, x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        """Per stored memory, the Δ routing would compute for input ``x`` and that memory's threshold (diagnostics)."""
+        with torch.no_grad():
+            base = self.original(x)
+            return [(dev, threshold) for _, dev, threshold in self._stored_memories(x, base, self._scored(x))]
 
     # ---------------------------------------------------------------- memory bookkeeping
 
