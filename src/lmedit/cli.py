@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.table import Table
 
+from lmedit.commands.common import console, err_console, fail as _fail, parse_overrides as _parse_overrides
+from lmedit.commands.common import setup_logging as _setup_logging
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit knowledge in language models and measure it.")
-console = Console()
-err_console = Console(stderr=True)
 
 MAIN_METRICS = ("rewrite_acc", "rephrase_acc", "locality", "portability", "locality_acc", "rewrite_ppl")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-        force=True,
-    )
-    if not verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs; values are read as YAML so numbers and lists work."""
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
 
 
 def _make_editor(method: str, model: str, preset: Optional[str], hparams: Optional[Path], overrides: dict, eval_config: Any) -> Any:
@@ -303,16 +271,14 @@ from lmedit.commands.train import train_app  # noqa: E402  (train mend|serac; th
 app.add_typer(train_app, name="train")
 
 
+from lmedit.commands.trace import trace_command  # noqa: E402  (causal tracing; torch loads only when run)
+
+app.command("trace")(trace_command)
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
-
-
-# `lmedit trace` (causal tracing); the command module imports only typer/rich at load time.
-from lmedit.commands.trace import trace_command  # noqa: E402
-
-app.command("trace")(trace_command)
-

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lmedit.data.shared import find_shared_file  # noqa: F401  (re-exported for the commands)
 from lmedit.evaluation.evaluator import EvalConfig
 from lmedit.requests import EditRequest
 
@@ -44,7 +44,6 @@ GENERATION_METHODS: tuple[str, ...] = ("GRACE", "DEFER", "WISE")
 DEFAULT_TS: tuple[int, ...] = (1, 10, 100)
 ZSRE_FILE = Path("zsre") / "zsre_mend_eval_portability_gpt4.json"
 WISE_IRRELEVANT_FILE = Path("wise") / "hallucination" / "hallucination-train.json"
-SHARED_DATA_ENV = "LMEDIT_SHARED_DATA"
 TABLE_NAME = "wise-table"
 UNEDITED = "unedited"  # the first row: the items' pre-edit scores (read from any finished run's summary)
 
@@ -63,19 +62,6 @@ class ReproduceError(ValueError):
 
 
 # --------------------------------------------------------------------------- configuration
-
-
-def find_shared_file(relative: Path, *, cwd: Path | None = None) -> Path | None:
-    """``$LMEDIT_SHARED_DATA/<relative>``, else ``shared/data/<relative>`` in the current folder or a parent."""
-    env = os.environ.get(SHARED_DATA_ENV)
-    if env and (Path(env).expanduser() / relative).is_file():
-        return Path(env).expanduser() / relative
-    start = (cwd or Path.cwd()).resolve()
-    for folder in (start, *start.parents):
-        path = folder / "shared" / "data" / relative
-        if path.is_file():
-            return path
-    return None
 
 
 @dataclass

@@ -54,7 +54,7 @@ def wise_table(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run FT-L, FT-M, ROME, MEMIT, AlphaEdit, GRACE, DEFER and WISE sequentially at each T; write the table."""
-    from lmedit.cli import _fail, _setup_logging
+    from lmedit.commands.common import fail as _fail, setup_logging as _setup_logging
 
     _setup_logging(verbose)
     if table_only and not out.is_dir():

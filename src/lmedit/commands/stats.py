@@ -51,7 +51,7 @@ def stats_command(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute or load the second moment E(k kᵀ) of the MLP down-projection input (one pass, cached)."""
-    from lmedit.cli import _fail, _setup_logging
+    from lmedit.commands.common import fail as _fail, setup_logging as _setup_logging
 
     _setup_logging(verbose)
     if list_cache:

@@ -7,37 +7,24 @@ matplotlib load when the command runs.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
+from lmedit.commands.common import console, fail as _fail, setup_logging as _setup_logging
 
 DEFAULT_DATA_NAME = "counterfact/counterfact_portability_gpt4.json"
 """The CounterFact file in ROME's layout (``requested_rewrite``) among the shared benchmark data."""
 
 
-def default_data_path() -> Path:
-    """``$LMEDIT_SHARED_DATA/<counterfact file>``, else ``../shared/data/...`` next to the working folder."""
-    root = os.environ.get("LMEDIT_SHARED_DATA")
-    candidates = [Path(root)] if root else []
-    candidates += [Path("../shared/data"), Path("/work/shared/data")]
-    for candidate in candidates:
-        if (candidate / DEFAULT_DATA_NAME).is_file():
-            return candidate / DEFAULT_DATA_NAME
-    return candidates[0] / DEFAULT_DATA_NAME
+def default_data_path() -> Path | None:
+    """The shared CounterFact file (``$LMEDIT_SHARED_DATA`` or ``shared/data`` here or in a parent), if found."""
+    from lmedit.data.shared import find_shared_file
 
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+    return find_shared_file(DEFAULT_DATA_NAME)
 
 
 def _parse_kinds(text: str) -> tuple[str, ...]:
@@ -81,8 +68,12 @@ def trace_command(
         except PlotDependencyError as exc:
             _fail(f"{exc}; or pass --no-plots to write only trace.json")
     data_path = data or default_data_path()
+    if data_path is None:
+        from lmedit.data.shared import shared_hint
+
+        _fail(f"{shared_hint(DEFAULT_DATA_NAME)}; pass --data <CounterFact JSON>")
     if not data_path.is_file():
-        _fail(f"data file {data_path} not found; pass --data <CounterFact JSON> (or set LMEDIT_SHARED_DATA)")
+        _fail(f"data file {data_path} not found; pass --data <CounterFact JSON>")
     folder = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-trace"
 
     from lmedit.analysis import tracing
@@ -112,17 +103,6 @@ def trace_command(
     written = _write(report, folder, model_name=model, plots=plots, examples=examples)
     _print(report, model)
     console.print("wrote: " + ", ".join(str(p) for p in written))
-
-
-def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
-    if not verbose:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
 
 
 def _write(report: Any, folder: Path, *, model_name: str, plots: bool, examples: int) -> list[Path]:

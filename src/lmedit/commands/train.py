@@ -67,7 +67,7 @@ def train_serac_command(
 
 def _train(method: str, model: str, train_data: Optional[Path], val_data: Optional[Path], out: Optional[Path],
            max_minutes: Optional[float], set_: list[str], progress: bool, verbose: bool) -> None:
-    from lmedit.cli import _fail, _parse_overrides, _setup_logging
+    from lmedit.commands.common import fail as _fail, parse_overrides as _parse_overrides, setup_logging as _setup_logging
 
     _setup_logging(verbose)
     try:
@@ -90,7 +90,7 @@ def _data_file(given: Optional[Path], default: Path, option: str) -> Path:
         if not given.is_file():
             raise ValueError(f"{option} {given} does not exist")
         return given
-    from lmedit.reproduce import find_shared_file
+    from lmedit.data.shared import find_shared_file
 
     found = find_shared_file(default)
     if found is None:

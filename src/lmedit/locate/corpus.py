@@ -8,7 +8,7 @@ corpus sits on disk (two machines holding the same files share cache entries).
 Sources (see `resolve_corpus`):
 
 * a folder of WikiExtractor output (``<doc id=... url=... title=...>`` blocks,
-  e.g. ``/work/shared/corpus/enwiki2015``): one document per article, the first
+  e.g. ``../shared/corpus/enwiki2015`` from a checkout): one document per article, the first
   body line (a repeat of the title) dropped, articles under 50 words skipped;
 * a folder of ``.txt`` files: one document per file;
 * a single ``.txt`` file: one document per paragraph (paragraphs are separated
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from lmedit.data.shared import CORPUS_DIR_ENV, find_shared
+
 
 __all__ = [
     "Corpus",
@@ -45,7 +47,6 @@ __all__ = [
 
 MIN_ARTICLE_WORDS = 50
 DEFAULT_WIKIPEDIA = ("wikimedia/wikipedia", "20231101.en")
-CORPUS_DIR_ENV = "LMEDIT_CORPUS_DIR"
 _CHECKSUM_FILE = "SHA256SUMS"
 _IGNORED_NAMES = {_CHECKSUM_FILE, "SOURCES.md", "README.md", "README", "LICENSE"}
 _DOC_TITLE = re.compile(r'\btitle="(?P<title>[^"]*)"')
@@ -199,7 +200,7 @@ def _wikipedia_corpus(config: str | None) -> Corpus:
     """The Hugging Face Wikipedia dump ROME samples from, streamed (no full download)."""
     dataset, default_config = DEFAULT_WIKIPEDIA
     config = config or default_config
-    hint = "pass a local corpus path instead, e.g. --corpus /work/shared/corpus/enwiki2015 (or a name under $LMEDIT_CORPUS_DIR)"
+    hint = "pass a local corpus path instead, e.g. --corpus ../shared/corpus/enwiki2015 (or a name under $LMEDIT_CORPUS_DIR)"
     try:
         import datasets
     except ImportError:
@@ -233,20 +234,11 @@ def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None) -> 
         return _local_corpus(candidate)
     tried = [str(candidate.resolve())]
     if len(candidate.parts) == 1:
-        env_dir = os.environ.get(CORPUS_DIR_ENV)
-        if env_dir:
-            path = Path(env_dir).expanduser() / text
-            tried.append(str(path))
-            if path.exists():
-                return _local_corpus(path)
-        else:
-            tried.append(f"${CORPUS_DIR_ENV}/{text} (${CORPUS_DIR_ENV} is not set)")
-        start = (cwd or Path.cwd()).resolve()
-        for folder in (start, *start.parents):
-            path = folder / "shared" / "corpus" / text
-            if path.exists():
-                return _local_corpus(path)
-        tried.append(f"shared/corpus/{text} in {start} and its parents")
+        found = find_shared(text, kind="corpus", cwd=cwd)
+        if found is not None:
+            return _local_corpus(found)
+        env = f"${CORPUS_DIR_ENV}/{text}" if os.environ.get(CORPUS_DIR_ENV) else f"${CORPUS_DIR_ENV} (not set)"
+        tried += [env, f"shared/corpus/{text} in {(cwd or Path.cwd()).resolve()} and its parents"]
     raise CorpusError(
         f"corpus {text!r} not found; looked at: {'; '.join(tried)}. Pass the corpus folder with --corpus PATH "
         f"(library: StatsConfig(corpus=PATH)) or set {CORPUS_DIR_ENV} to the folder that holds {text!r}"

@@ -146,7 +146,7 @@ def resolve_train_file(name: str) -> Path:
     if path.is_file():
         return path
     if not path.is_absolute():
-        from lmedit.reproduce import find_shared_file
+        from lmedit.data.shared import find_shared_file
 
         # the working folder's parents, then those of the (editable) checkout this package runs from
         for start in (None, Path(__file__).resolve().parents[3]):
