@@ -17,7 +17,8 @@ from lmedit.adapters import (
     remove_adapter,
     single_module_path,
 )
-from lmedit.handles import EditHandleError, load_edit
+from lmedit.handles import EditHandleError
+from lmedit.registry import load_edit
 from lmedit.methods.defer import DeferAdapter
 from lmedit.methods.grace import GraceAdapter
 from lmedit.spec import get_module
@@ -89,5 +90,5 @@ def test_training_shortcut_equals_the_full_forward(arch, path, word_tok):
 
 def test_load_edit_reports_an_unknown_format(tmp_path, tiny_llama):
     (tmp_path / "edit.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(EditHandleError, match="known formats: lmedit-weight-edit, lmedit-adapter"):
+    with pytest.raises(EditHandleError, match="known methods: .*GRACE"):
         load_edit(tiny_llama, tmp_path)

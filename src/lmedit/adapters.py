@@ -10,7 +10,7 @@ the framework's contract holds for all of them:
 * every edit returns a handle whose ``restore()`` undoes exactly that edit;
   undoing the last edit puts the original module object back in place;
 * ``handle.save(path)`` writes the adapter's state as safetensors plus a
-  JSON sidecar (no pickle), and :func:`lmedit.handles.load_edit` re-inserts
+  JSON sidecar (no pickle), and :func:`lmedit.registry.load_edit` re-inserts
   it into a fresh copy of the model;
 * an evaluation forward pass never changes the state: training behaviour is
   switched on only inside the method's own edit context, never by
@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError, register_edit_format
+from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.partial_forward import UpperForward, block_of
 from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like
 
@@ -223,7 +223,7 @@ class AdapterEditHandle(EditHandle):
             remove_adapter(self.model, adapter)
 
     def save(self, path: str | Path) -> Path:
-        """Write the adapter as it is now (every edit it holds) for :func:`lmedit.handles.load_edit`."""
+        """Write the adapter as it is now (every edit it holds) for :func:`lmedit.registry.load_edit`."""
         return save_adapter(self.adapter, path, self.method, self.info)
 
 
@@ -272,7 +272,7 @@ def save_adapter(adapter: AdapterLayer, path: str | Path, method: str, info: dic
 
 
 def load_adapter_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> LoadedAdapterHandle:
-    """Re-insert a saved adapter into ``model`` (registered with :func:`lmedit.handles.register_edit_format`)."""
+    """Re-insert a saved adapter into ``model`` (GRACE, DEFER and WISE register it as their ``load_edit``)."""
     kind = _ADAPTER_KINDS.get(meta.get("kind", ""))
     if kind is None:
         raise EditHandleError(f"{path}: unknown adapter kind {meta.get('kind')!r}; known: {sorted(_ADAPTER_KINDS)}")
@@ -301,7 +301,6 @@ def load_adapter_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> Loa
     return handle
 
 
-register_edit_format(ADAPTER_FORMAT, load_adapter_edit)
 
 
 def _jsonable(value: Any) -> Any:

@@ -207,10 +207,11 @@ def methods() -> None:
     from lmedit.registry import list_methods, list_presets
 
     table = Table(title="editing methods")
-    for column in ("name", "batch", "needs subject", "presets", "what it does"):
+    for column in ("name", "batch", "needs subject", "train first", "presets", "what it does"):
         table.add_column(column)
     for info in list_methods():
         table.add_row(info.name, "yes" if info.supports_batch else "no", "yes" if info.needs_subject else "no",
+                      f"lmedit train {info.name.lower()}" if info.trainer else "—",
                       ", ".join(list_presets(info.name)) or "—", info.summary)
     console.print(table)
 
@@ -267,8 +268,9 @@ def report(
 from lmedit.commands.reproduce import reproduce_app  # noqa: E402  (cheap: the library loads only when run)
 
 app.add_typer(reproduce_app, name="reproduce")
-from lmedit.commands.train import train_app  # noqa: E402  (train mend|serac; the library loads only when run)
-app.add_typer(train_app, name="train")
+from lmedit.commands.train import train_command  # noqa: E402  (train METHOD; the library loads only when run)
+
+app.command("train")(train_command)
 
 
 from lmedit.commands.trace import trace_command  # noqa: E402  (causal tracing; torch loads only when run)

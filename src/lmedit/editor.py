@@ -14,10 +14,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator, Snapshot
-from lmedit.handles import EditHandle, load_edit
+from lmedit.handles import EditHandle
 from lmedit.models import DEFAULT_MODEL, load_model
 from lmedit.protocols import Chunk, EditSession
-from lmedit.registry import MethodInfo, get_method
+from lmedit.registry import MethodInfo, get_method, load_edit
 from lmedit.requests import EditRequest
 from lmedit.runner import RunSpec, default_out_dir, run_benchmark
 

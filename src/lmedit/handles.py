@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
 
 EDIT_FORMAT_VERSION = 1
+WEIGHT_EDIT_FORMAT = "lmedit-weight-edit"
 
 
 class EditHandleError(RuntimeError):
@@ -45,7 +46,7 @@ class EditHandle:
         raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:
-        """Write the edit so that :func:`load_edit` can re-apply it to a fresh copy of the model."""
+        """Write the edit so that :func:`lmedit.registry.load_edit` can re-apply it to a fresh copy of the model."""
         raise NotImplementedError(f"{self.method} edits cannot be saved yet")
 
 
@@ -86,7 +87,7 @@ class WeightSnapshotHandle(EditHandle):
         tensors = {n: params[n].detach().contiguous().clone() for n in self._originals}
         save_file(tensors, str(path / "edit.safetensors"))
         meta = {
-            "format": "lmedit-weight-edit",
+            "format": WEIGHT_EDIT_FORMAT,
             "version": EDIT_FORMAT_VERSION,
             "method": self.method,
             "parameters": {n: list(t.shape) for n, t in tensors.items()},
@@ -96,42 +97,9 @@ class WeightSnapshotHandle(EditHandle):
         return path
 
 
-EditLoader = Callable[[torch.nn.Module, Path, dict[str, Any]], EditHandle]
-_EDIT_FORMATS: dict[str, EditLoader] = {}
-
-
-def register_edit_format(format_name: str, loader: EditLoader) -> None:
-    """Let :func:`load_edit` read saved edits whose ``edit.json`` says ``"format": format_name``.
-
-    ``loader(model, folder, meta)`` re-applies the edit and returns its handle
-    (stateful adapters register theirs when their module is imported).
-    """
-    _EDIT_FORMATS[format_name] = loader
-
-
-def _edit_loader(format_name: Any) -> EditLoader | None:
-    if format_name not in _EDIT_FORMATS:
-        from lmedit.registry import list_methods
-
-        list_methods()  # importing the built-in methods registers their edit formats
-    return _EDIT_FORMATS.get(format_name)
-
-
-def load_edit(model: torch.nn.Module, path: str | Path) -> EditHandle:
-    """Apply a saved edit to ``model``; the returned handle undoes it (for weight edits: the model's own weights)."""
+def load_weight_edit(model: torch.nn.Module, path: str | Path, meta: dict[str, Any]) -> EditHandle:
+    """Re-apply a saved weight edit (``edit.safetensors``); the handle restores the model's own weights."""
     path = Path(path)
-    meta_path = path / "edit.json"
-    if not meta_path.is_file():
-        raise EditHandleError(f"{path} holds no saved edit (edit.json is missing)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "lmedit-weight-edit":
-        loader = _edit_loader(meta.get("format"))
-        if loader is None:
-            raise EditHandleError(
-                f"{meta_path} is not an lmedit edit this version can read (format {meta.get('format')!r}; "
-                f"known formats: lmedit-weight-edit, {', '.join(sorted(_EDIT_FORMATS)) or 'none'})"
-            )
-        return loader(model, path, meta)
     tensors = load_file(str(path / "edit.safetensors"))
     params = dict(model.named_parameters())
     for name, tensor in tensors.items():

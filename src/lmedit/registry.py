@@ -1,25 +1,32 @@
 """The one method contract, and the registry that maps names to methods.
 
 A method is a function ``apply(model, tok, requests, hparams) -> EditHandle``
-registered under a name together with its hyperparameter dataclass and its
-capabilities. The editor and the protocols only ever talk to this contract,
-so adding a method is one new module under ``lmedit.methods``.
+registered under a name together with everything the framework needs to know
+about it: its hyperparameter dataclass, its capabilities, how it is scored,
+how a saved edit of it is loaded, how its networks are trained (if it has
+any), and which points of the method contract it cannot meet. The editor,
+the protocols, the commands and the contract test only ever read these
+facts from here, so adding a method is one new module under
+``lmedit.methods`` (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from lmedit.handles import EditHandle
+from lmedit.handles import EditHandle, EditHandleError, WEIGHT_EDIT_FORMAT, load_weight_edit
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.requests import EditRequest
 
 ApplyFn = Callable[[Any, Any, Sequence[EditRequest], Any], EditHandle]
+EditLoader = Callable[[Any, Path, dict[str, Any]], EditHandle]
+"""``loader(model, folder, meta)``: re-apply a saved edit (``meta`` is its ``edit.json``) and return its handle."""
 
 
 class MethodError(ValueError):
@@ -28,6 +35,51 @@ class MethodError(ValueError):
 
 class Method(Protocol):
     def __call__(self, model: Any, tok: Any, requests: Sequence[EditRequest], hparams: Any) -> EditHandle: ...
+
+
+@dataclass(frozen=True)
+class TrainingEntry:
+    """How ``lmedit train <method>`` trains a method's networks (MEND's hypernetwork, SERAC's classifier).
+
+    ``train(model, tok, params, train_examples, val_examples, out_dir, identity=..., show_progress=...)``
+    trains (or resumes) into ``out_dir`` and returns a result with ``curve``, ``best_step``,
+    ``best_metric``, ``status``, ``steps``, ``seconds`` and ``out_dir``. ``params`` is a
+    :class:`HyperParams` dataclass of training settings (``--set`` overrides its fields).
+    """
+
+    params: type[HyperParams]
+    train: Callable[..., Any]
+    summary: str
+    train_data: str = "counterfact/counterfact-train.json"  # default files, relative to the shared data folder
+    val_data: str = "counterfact/counterfact-val.json"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The points of the method contract a method cannot meet, declared so the contract test checks the declaration.
+
+    ``effect``: what "the edit takes effect" means for this method: ``"target"`` (the target's
+    log-probability after the edit prompt rises), ``"output"`` (the model's outputs change, but on an
+    untrained tiny model the target need not become likelier: a method that steers by a learned
+    network or by context) or ``"none"``. ``save_load``: a saved edit re-applied to a fresh model
+    gives the same outputs. ``why`` says why any point is declared off.
+    """
+
+    effect: str = "target"
+    save_load: bool = True
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.effect not in ("target", "output", "none"):
+            raise MethodError(f"Contract.effect must be 'target', 'output' or 'none', got {self.effect!r}")
+        if (self.effect != "target" or not self.save_load) and not self.why:
+            raise MethodError("a Contract that declares a point off must say why (why=...)")
+
+
+TinySetup = Callable[[Any, Any, Path], dict[str, Any]]
+"""``setup(model, tok, workdir) -> overrides``: hyperparameters that make the method run on a tiny random
+model of any layout (a layer that exists, few steps, a tiny trained checkpoint written under ``workdir``).
+The contract test calls it for every registered method."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +94,11 @@ class MethodInfo:
     summary: str
     packed_evaluation: bool = True
     cached_generation: bool = True
+    generation_scored: bool = False
+    load_edit: EditLoader = load_weight_edit
+    trainer: TrainingEntry | None = None
+    contract: Contract = Contract()
+    tiny_setup: TinySetup | None = None
 
     def check_requests(self, requests: Sequence[EditRequest]) -> None:
         """Fail before any model time is spent when the requests cannot be edited by this method."""
@@ -81,6 +138,11 @@ def register(
     needs_subject: bool = False,
     packed_evaluation: bool = True,
     cached_generation: bool = True,
+    generation_scored: bool = False,
+    load_edit: EditLoader | None = None,
+    trainer: TrainingEntry | None = None,
+    contract: Contract | None = None,
+    tiny_setup: TinySetup | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply`` under ``name``; its docstring's first line becomes the summary.
 
@@ -91,14 +153,23 @@ def register(
     depends on the whole input of the call (a routing or gating decision
     per sequence): they are scored by generation without the KV cache, as
     EasyEdit's ``vanilla_generation`` does, so each step sees the whole text.
+    ``generation_scored=True``: benchmark tables also score the method by
+    greedy generation (its teacher-forced number alone would mislead).
+    ``load_edit`` re-applies a saved edit (default: the weight-snapshot
+    format of :class:`lmedit.handles.WeightSnapshotHandle`); ``trainer``
+    makes ``lmedit train <name>`` exist; ``contract`` declares contract
+    points the method cannot meet; ``tiny_setup`` gives the contract test
+    settings for a tiny model.
     """
 
     def decorator(apply: ApplyFn) -> ApplyFn:
         if name in _REGISTRY and _REGISTRY[name].apply is not apply:
             raise MethodError(f"method name {name!r} is registered twice")
         summary = (apply.__doc__ or "").strip().splitlines()[0] if apply.__doc__ else ""
-        _REGISTRY[name] = MethodInfo(name, apply, hparams, batch, needs_subject, summary, packed_evaluation,
-                                     cached_generation)
+        _REGISTRY[name] = MethodInfo(
+            name, apply, hparams, batch, needs_subject, summary, packed_evaluation, cached_generation,
+            generation_scored, load_edit or load_weight_edit, trainer, contract or Contract(), tiny_setup,
+        )
         return apply
 
     return decorator
@@ -130,6 +201,38 @@ def _canonical(name: str) -> str | None:
 def list_methods() -> list[MethodInfo]:
     _import_builtin_methods()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def trainable_methods() -> list[MethodInfo]:
+    """Methods with networks to train (``lmedit train <name>``)."""
+    return [info for info in list_methods() if info.trainer is not None]
+
+
+def load_edit(model: Any, path: str | Path) -> EditHandle:
+    """Apply an edit saved with ``handle.save(path)`` to ``model``; the returned handle undoes it.
+
+    The saved ``edit.json`` names its method, whose registered loader re-applies it.
+    """
+    path = Path(path)
+    meta_path = path / "edit.json"
+    if not meta_path.is_file():
+        raise EditHandleError(f"{path} holds no saved edit (edit.json is missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EditHandleError(f"{meta_path} is not valid JSON ({exc}); save the edit again") from None
+    if not isinstance(meta, dict):
+        raise EditHandleError(f"{meta_path} does not hold a saved lmedit edit")
+    if meta.get("format") == WEIGHT_EDIT_FORMAT:
+        return load_weight_edit(model, path, meta)
+    try:
+        info = get_method(str(meta.get("method")))
+    except MethodError:
+        raise EditHandleError(
+            f"{meta_path} is not an lmedit edit this version can read (format {meta.get('format')!r}, "
+            f"method {meta.get('method')!r}; known methods: {', '.join(sorted(_REGISTRY))})"
+        ) from None
+    return info.load_edit(model, path, meta)
 
 
 def preset_path(method: str, preset: str) -> Path:

@@ -38,9 +38,6 @@ from lmedit.requests import EditRequest
 LOG = logging.getLogger(__name__)
 
 WISE_TABLE_METHODS: tuple[str, ...] = ("FT-L", "FT-M", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE")
-# Scored by generation too: DEFER's gate and WISE's routing read the whole input, so under teacher forcing
-# they also see the answer tokens; GRACE because the issue asks for both of its numbers.
-GENERATION_METHODS: tuple[str, ...] = ("GRACE", "DEFER", "WISE")
 DEFAULT_TS: tuple[int, ...] = (1, 10, 100)
 ZSRE_FILE = Path("zsre") / "zsre_mend_eval_portability_gpt4.json"
 WISE_IRRELEVANT_FILE = Path("wise") / "hallucination" / "hallucination-train.json"
@@ -127,8 +124,11 @@ class WiseTableConfig:
         return labels + ("Avg.",) if self.layout == "zsre" else labels
 
     def eval_mode_for(self, method: str) -> str:
-        """GRACE, DEFER and WISE are also scored by generation (both modes in one run); others use ``eval_mode``."""
-        if method in GENERATION_METHODS and self.eval_mode == "teacher":
+        """Methods registered with ``generation_scored`` (GRACE, DEFER, WISE) are also scored by generation
+        (both modes in one run); others use ``eval_mode``."""
+        from lmedit.registry import get_method
+
+        if get_method(method).generation_scored and self.eval_mode == "teacher":
             return "both"
         return self.eval_mode
 
@@ -245,14 +245,14 @@ def _run_method(
     held_out: Any, show_progress: bool,
 ) -> None:
     from lmedit.editor import Editor
-    from lmedit.registry import list_presets
+    from lmedit.registry import get_method, list_presets
     from lmedit.runner import RunSpec, file_sha256, run_benchmark
 
     if config.model not in list_presets(method):
         raise ValueError(f"{method} has no preset for {config.model}; add presets/{method}/{config.model}.yaml")
     overrides = dict(config.overrides.get(method, {}))
-    if method == "WISE" and config.irrelevant_file is not None:
-        overrides.setdefault("irrelevant_file", str(config.irrelevant_file))
+    if config.irrelevant_file is not None and "irrelevant_file" in get_method(method).hparams_class.field_names():
+        overrides.setdefault("irrelevant_file", str(config.irrelevant_file))  # methods that train against unrelated prompts
     eval_config = EvalConfig(mode=config.eval_mode_for(method), batch_size=config.eval_batch_size)
     editor = Editor(model, tok, method, preset=config.model, overrides=overrides, eval_config=eval_config,
                     model_name=config.model)

@@ -7,7 +7,8 @@ import torch
 
 from conftest import snapshot, state_equal
 from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
-from lmedit.handles import load_edit, restore_all
+from lmedit.handles import restore_all
+from lmedit.registry import load_edit
 from lmedit.registry import get_method
 from lmedit.requests import EditRequest
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import assert_same_metrics, snapshot, state_equal
 from lmedit.adapters import AdapterError
 from lmedit.evaluation import EvalConfig, Evaluator, generate_greedy, score_teacher_forced
-from lmedit.handles import EditHandleError, load_edit, restore_all
+from lmedit.handles import EditHandleError, restore_all
+from lmedit.registry import load_edit
 from lmedit.methods.grace import GraceAdapter, rollback
 from lmedit.registry import get_method
 from lmedit.requests import EditRequest
@@ -222,7 +223,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny_llama, build_word_tokenizer
 from safetensors.torch import save_file
-from lmedit.handles import load_edit
+from lmedit.registry import load_edit
 tok = build_word_tokenizer()
 model = build_tiny_llama(len(tok))
 ids = torch.tensor([tok({text!r}).input_ids])

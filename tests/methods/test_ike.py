@@ -13,7 +13,8 @@ import torch
 from conftest import build_tiny_llama, snapshot, state_equal
 from lmedit.encoders import register_encoder
 from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
-from lmedit.handles import load_edit, restore_all
+from lmedit.handles import restore_all
+from lmedit.registry import load_edit
 from lmedit.hparams import HyperParamsError
 from lmedit.methods import ike
 from lmedit.registry import get_method

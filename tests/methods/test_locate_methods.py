@@ -9,7 +9,8 @@ import torch
 
 from conftest import WORDS, build_tiny_llama, snapshot, state_equal
 from lmedit.evaluation.scoring import score_teacher_forced
-from lmedit.handles import load_edit, restore_all
+from lmedit.handles import restore_all
+from lmedit.registry import load_edit
 from lmedit.locate.core import reset_session_state
 from lmedit.locate.stats import clear_memory_cache
 from lmedit.methods.alphaedit import AlphaEditHyperParams, alphaedit_state, apply_alphaedit

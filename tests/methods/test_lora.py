@@ -8,7 +8,8 @@ import torch
 
 from conftest import build_tiny_gpt2, build_tiny_llama, snapshot, state_equal
 from lmedit.evaluation import score_teacher_forced
-from lmedit.handles import EditHandleError, load_edit, restore_all
+from lmedit.handles import EditHandleError, restore_all
+from lmedit.registry import load_edit
 from lmedit.hparams import HyperParamsError
 from lmedit.methods.lora import lora_parameters, session_of
 from lmedit.registry import get_method

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, snapshot, state_equal
-from lmedit.handles import load_edit
+from lmedit.registry import load_edit
 from lmedit.methods.mend import MENDHyperParams, MENDTrainingParams, apply_mend, train_mend
 from lmedit.registry import get_method
 from lmedit.requests import EditRequest

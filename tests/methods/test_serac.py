@@ -12,7 +12,8 @@ import torch
 from conftest import build_tiny_llama, snapshot, state_equal
 from lmedit.encoders import register_encoder
 from lmedit.evaluation import EvalConfig, Evaluator
-from lmedit.handles import EditHandleError, load_edit, restore_all
+from lmedit.handles import EditHandleError, restore_all
+from lmedit.registry import load_edit
 from lmedit.methods.serac import SERACHyperParams, SERACTrainingParams, SeracRouter, apply_serac, train_serac
 from lmedit.registry import get_method
 from lmedit.requests import EditRequest

@@ -1,9 +1,12 @@
-"""``lmedit train mend|serac``: train a meta-learned editor into ``$LMEDIT_HOME/checkpoints/<method>/<model>/``.
+"""``lmedit train METHOD``: train a method's networks into ``$LMEDIT_HOME/checkpoints/<method>/<model>/``.
 
-The presets' ``archive`` points at that folder, so ``lmedit run --method MEND``
-works after ``lmedit train mend``. Training is resumable: running the same
-command again continues (or reports that the run is finished). Kept cheap to
-import: torch and the library load only when a command runs.
+Which methods have networks to train, with which settings, function and default
+data, is read from the registry (``@register(..., trainer=TrainingEntry(...))``),
+so a new trainable method needs no change here. The presets' ``archive`` points at
+that folder, so ``lmedit run --method MEND`` works after ``lmedit train mend``.
+Training is resumable: running the same command again continues (or reports that
+the run is finished). Kept cheap to import: torch and the library load only when
+the command runs.
 """
 
 from __future__ import annotations
@@ -12,80 +15,45 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-
-train_app = typer.Typer(add_completion=False, no_args_is_help=True,
-                        help="Train the networks of meta-learned editors (MEND, SERAC); resumable.")
-
-DEFAULT_TRAIN = Path("counterfact") / "counterfact-train.json"
-DEFAULT_VAL = Path("counterfact") / "counterfact-val.json"
+from lmedit.commands.common import console, fail, parse_overrides, setup_logging
 
 
-@train_app.callback()
-def _group() -> None:
-    """Train MEND's hypernetwork or SERAC's scope classifier and counterfactual model on CounterFact edits."""
-
-
-def _options() -> dict[str, Any]:
-    return dict(
-        model=typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
-        train_data=typer.Option(None, "--train-data", help="Training edits (default: shared/data/counterfact/counterfact-train.json)."),
-        val_data=typer.Option(None, "--val-data", help="Validation edits (default: shared/data/counterfact/counterfact-val.json)."),
-        out=typer.Option(None, help="Checkpoint folder (default: $LMEDIT_HOME/checkpoints/<method>/<model>)."),
-        max_minutes=typer.Option(None, "--max-minutes", help="Stop this call after about this many minutes (run again to continue)."),
-        set_=typer.Option([], "--set", help="Override a training setting, key=value (repeatable; e.g. max_steps=200)."),
-        progress=typer.Option(True, help="Show a progress bar."),
-        verbose=typer.Option(False, "--verbose", "-v"),
-    )
-
-
-_OPT = _options()
-
-
-@train_app.command("mend")
-def train_mend_command(
-    model: str = _OPT["model"], train_data: Optional[Path] = _OPT["train_data"], val_data: Optional[Path] = _OPT["val_data"],
-    out: Optional[Path] = _OPT["out"], max_minutes: Optional[float] = _OPT["max_minutes"], set_: list[str] = _OPT["set_"],
-    progress: bool = _OPT["progress"], verbose: bool = _OPT["verbose"],
+def train_command(
+    method: str = typer.Argument(..., help="A method with networks to train: MEND or SERAC (`lmedit methods` lists them)."),
+    model: str = typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
+    train_data: Optional[Path] = typer.Option(None, "--train-data", help="Training edits (default: the method's, e.g. shared/data/counterfact/counterfact-train.json)."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Validation edits (default: the method's, e.g. shared/data/counterfact/counterfact-val.json)."),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: $LMEDIT_HOME/checkpoints/<method>/<model>)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop this call after about this many minutes (run again to continue)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a training setting, key=value (repeatable; e.g. max_steps=200)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Train MEND's gradient-editing hypernetwork (edited weights: the last 3 MLP down-projections by default)."""
-    _train("MEND", model, train_data, val_data, out, max_minutes, set_, progress, verbose)
-
-
-@train_app.command("serac")
-def train_serac_command(
-    model: str = _OPT["model"], train_data: Optional[Path] = _OPT["train_data"], val_data: Optional[Path] = _OPT["val_data"],
-    out: Optional[Path] = _OPT["out"], max_minutes: Optional[float] = _OPT["max_minutes"], set_: list[str] = _OPT["set_"],
-    progress: bool = _OPT["progress"], verbose: bool = _OPT["verbose"],
-) -> None:
-    """Train SERAC's scope classifier (a head on all-MiniLM-L6-v2) and counterfactual model (top blocks of a copy)."""
-    _train("SERAC", model, train_data, val_data, out, max_minutes, set_, progress, verbose)
-
-
-def _train(method: str, model: str, train_data: Optional[Path], val_data: Optional[Path], out: Optional[Path],
-           max_minutes: Optional[float], set_: list[str], progress: bool, verbose: bool) -> None:
-    from lmedit.commands.common import fail as _fail, parse_overrides as _parse_overrides, setup_logging as _setup_logging
-
-    _setup_logging(verbose)
+    """Train a meta-learned editor's networks (MEND's hypernetwork, SERAC's classifier and counterfactual model); resumable."""
+    setup_logging(verbose)
     try:
+        from lmedit.registry import MethodError, get_method, trainable_methods
         from lmedit.training.paths import default_checkpoint_dir
 
-        overrides = _parse_overrides(set_)
+        info = get_method(method)
+        if info.trainer is None:
+            raise MethodError(f"{info.name} has no networks to train; trainable: "
+                              f"{', '.join(m.name for m in trainable_methods()) or 'none'}")
+        overrides = parse_overrides(set_)
         if max_minutes is not None:
             overrides["max_minutes"] = max_minutes
-        train_path = _data_file(train_data, DEFAULT_TRAIN, "--train-data")
-        val_path = _data_file(val_data, DEFAULT_VAL, "--val-data")
-        folder = out or default_checkpoint_dir(method, model)
-        result = run_training(method, model, train_path, val_path, folder, overrides, show_progress=progress)
+        train_path = _data_file(train_data, info.trainer.train_data, "--train-data")
+        val_path = _data_file(val_data, info.trainer.val_data, "--val-data")
+        folder = out or default_checkpoint_dir(info.name, model)
+        result = run_training(info.name, model, train_path, val_path, folder, overrides, show_progress=progress)
     except (ValueError, RuntimeError, OSError) as exc:
-        _fail(str(exc))
-    _print_result(method, result)
+        fail(str(exc))
+    _print_result(info.name, result)
 
 
-def _data_file(given: Optional[Path], default: Path, option: str) -> Path:
+def _data_file(given: Optional[Path], default: str, option: str) -> Path:
     if given is not None:
         if not given.is_file():
             raise ValueError(f"{option} {given} does not exist")
@@ -102,11 +70,14 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
                  overrides: dict[str, Any], *, show_progress: bool = True) -> Any:
     """Load the model and the data, then train (or continue) ``method``'s networks into ``out``."""
     from lmedit.models import load_model
+    from lmedit.registry import get_method
     from lmedit.runner import file_sha256
     from lmedit.training import load_examples
 
-    params_class, train_fn = _method_entry(method)
-    params = params_class.from_dict(overrides, source=f"lmedit train {method.lower()} --set")
+    entry = get_method(method).trainer
+    if entry is None:
+        raise ValueError(f"{method} has no networks to train")
+    params = entry.params.from_dict(overrides, source=f"lmedit train {method.lower()} --set")
     with console.status(f"loading {model_name} and the training data..."):
         model, tok = load_model(model_name)
         train = load_examples(train_path, limit=params.train_examples)
@@ -114,24 +85,7 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
     identity = {"model": model_name, "train_data": {"path": str(train_path), "sha256": file_sha256(train_path)},
                 "val_data": {"path": str(val_path), "sha256": file_sha256(val_path)}}
     console.print(f"training {method} on {model_name}: {len(train)} training edits, {len(val)} validation edits → {out}")
-    return train_fn(model, tok, params, train, val, out, identity=identity, show_progress=show_progress)
-
-
-# trainable methods: module, training-params class and train function, imported only when used
-TRAINABLE = {
-    "MEND": ("lmedit.methods.mend", "MENDTrainingParams", "train_mend"),
-    "SERAC": ("lmedit.methods.serac", "SERACTrainingParams", "train_serac"),
-}
-
-
-def _method_entry(method: str) -> tuple[Any, Any]:
-    import importlib
-
-    if method not in TRAINABLE:
-        raise ValueError(f"{method} has no networks to train; trainable: {', '.join(TRAINABLE)}")
-    module_name, params_name, train_name = TRAINABLE[method]
-    module = importlib.import_module(module_name)
-    return getattr(module, params_name), getattr(module, train_name)
+    return entry.train(model, tok, params, train, val, out, identity=identity, show_progress=show_progress)
 
 
 def _print_result(method: str, result: Any) -> None:

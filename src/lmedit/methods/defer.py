@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lmedit.adapters import (
+    load_adapter_edit,
     AdapterEditHandle,
     AdapterError,
     AdapterLayer,
@@ -141,8 +142,8 @@ class DeferAdapter(AdapterLayer):
                 params[name].copy_(tensor.to(params[name]))
 
 
-@register("DEFER", hparams=DeferHyperParams, batch=True, packed_evaluation=False,
-          cached_generation=False)
+@register("DEFER", hparams=DeferHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
+          generation_scored=True, load_edit=load_adapter_edit)
 def apply_defer(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: DeferHyperParams) -> AdapterEditHandle:
     """DEFER: a learned gate and value network on one layer's last-token input (GRACE's baseline)."""
     path = single_module_path(hparams.inner_params)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lmedit.adapters import (
+    load_adapter_edit,
     AdapterEditHandle,
     AdapterError,
     AdapterLayer,
@@ -323,7 +324,8 @@ def _replace(out: torch.Tensor, hit: torch.Tensor, row: torch.Tensor, table: tor
 # --------------------------------------------------------------------------- the method
 
 
-@register("GRACE", hparams=GraceHyperParams, batch=True, packed_evaluation=False)
+@register("GRACE", hparams=GraceHyperParams, batch=True, packed_evaluation=False, generation_scored=True,
+          load_edit=load_adapter_edit)
 def apply_grace(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: GraceHyperParams) -> AdapterEditHandle:
     """GRACE: a codebook of keys, trained values and deferral radii around one layer (lifelong editing)."""
     path = single_module_path(hparams.inner_params)

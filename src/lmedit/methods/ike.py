@@ -46,10 +46,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmedit.encoders import DEFAULT_ENCODER, SentenceEncoder, encode_in_chunks, get_encoder
-from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError, register_edit_format
+from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.progress import progress_bar
-from lmedit.registry import register
+from lmedit.registry import Contract, register
 from lmedit.requests import EditRequest
 from lmedit.routing import Route, attach_router, detach_router, router_of
 
@@ -361,7 +361,6 @@ def _router_for(model: nn.Module, settings: IKESettings) -> tuple[IKERouter, boo
 # --------------------------------------------------------------------------- the method
 
 
-@register("IKE", hparams=IKEHyperParams, batch=True)
 def apply_ike(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: IKEHyperParams) -> "IKEEditHandle":
     """In-context editing: retrieved demonstrations and the new fact in front of every probe; no weight changes."""
     started = time.perf_counter()
@@ -455,4 +454,6 @@ def load_ike_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> IKEEdit
     return handle
 
 
-register_edit_format(IKE_FORMAT, load_ike_edit)
+register("IKE", hparams=IKEHyperParams, batch=True, load_edit=load_ike_edit,
+         contract=Contract(effect="output", why="in-context demonstrations steer a language model that has learned "
+                           "to read context; a random tiny model's outputs change but need not favour the target"))(apply_ike)

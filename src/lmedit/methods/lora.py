@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmedit.evaluation.scoring import TokenizedPair, pad_id_of, tokenize_pair
-from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError, register_edit_format
+from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.partial_forward import block_of, last_columns_logits
 from lmedit.registry import register
@@ -180,7 +180,6 @@ def _unload(model: nn.Module, session: LoraSession) -> None:
 # --------------------------------------------------------------------------- the method
 
 
-@register("LoRA", hparams=LoRAHyperParams, batch=True)
 def apply_lora(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: LoRAHyperParams) -> "LoRAEditHandle":
     """Train a LoRA adapter (peft) on the target tokens with the prompt masked; never merged (EasyEdit's LoRA)."""
     session = session_of(model)
@@ -355,4 +354,4 @@ def load_lora_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> LoRAEd
     return handle
 
 
-register_edit_format(LORA_FORMAT, load_lora_edit)
+register("LoRA", hparams=LoRAHyperParams, batch=True, load_edit=load_lora_edit)(apply_lora)

@@ -42,7 +42,7 @@ from lmedit.adapters import SequenceLogits, frozen_model
 from lmedit.evaluation.scoring import pad_id_of
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
-from lmedit.registry import register
+from lmedit.registry import Contract, TrainingEntry, register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
 from lmedit.training import CheckpointError, EditExample, EditorTrainingParams
@@ -387,7 +387,6 @@ def load_network(model: nn.Module, archive: str | Path) -> MENDNetwork:
     return network
 
 
-@register(METHOD, hparams=MENDHyperParams, batch=True)
 def apply_mend(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: MENDHyperParams) -> WeightSnapshotHandle:
     """Edit with a trained MEND hypernetwork: one gradient, transformed, applied in place (needs `lmedit train mend`)."""
     network = load_network(model, hparams.archive)
@@ -507,3 +506,10 @@ def train_mend(
 
     return fit_method_task(MENDTask(model, tok, params), params, train, val, out_dir, identity=identity,
                            show_progress=show_progress)
+
+
+register(METHOD, hparams=MENDHyperParams, batch=True,
+         trainer=TrainingEntry(MENDTrainingParams, train_mend,
+                         "MEND's gradient-editing hypernetwork (edited weights: the last 3 MLP down-projections by default)"),
+         contract=Contract(effect="output", why="the hypernetwork is trained; a briefly trained one on a tiny random "
+                           "model changes the weights without a guarantee that the target becomes likelier"))(apply_mend)

@@ -45,9 +45,9 @@ from torch import nn
 from lmedit.adapters import SequenceLogits, frozen_model
 from lmedit.encoders import DEFAULT_ENCODER, get_encoder
 from lmedit.evaluation.scoring import pad_id_of
-from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError, register_edit_format
+from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
-from lmedit.registry import register
+from lmedit.registry import Contract, TrainingEntry, register
 from lmedit.requests import EditRequest
 from lmedit.routing import Route, RoutingError, attach_router, detach_router, router_kind, router_of
 from lmedit.spec import ModelSpec, get_module
@@ -353,10 +353,8 @@ def load_memory(model: nn.Module, path: Path, meta: dict[str, Any]) -> SeracHand
     return handle
 
 
-register_edit_format(MEMORY_FORMAT, load_memory)
 
 
-@register(METHOD, hparams=SERACHyperParams, batch=True)
 def apply_serac(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: SERACHyperParams) -> SeracHandle:
     """Store edits in a memory; a scope classifier sends in-scope queries to a counterfactual model (needs `lmedit train serac`)."""
     started = time.perf_counter()
@@ -494,3 +492,10 @@ def train_serac(
 
     return fit_method_task(SERACTask(model, tok, params), params, train, val, out_dir, identity=identity,
                            show_progress=show_progress)
+
+
+register(METHOD, hparams=SERACHyperParams, batch=True, load_edit=load_memory,
+         trainer=TrainingEntry(SERACTrainingParams, train_serac,
+                         "SERAC's scope classifier (a head on all-MiniLM-L6-v2) and counterfactual model (top blocks of a copy)"),
+         contract=Contract(effect="output", why="the counterfactual model is trained; on an untrained tiny model it "
+                           "answers in-scope queries, but not necessarily with the target"))(apply_serac)

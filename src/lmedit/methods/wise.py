@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lmedit.adapters import (
+    load_adapter_edit,
     AdapterEditHandle,
     AdapterError,
     AdapterLayer,
@@ -475,8 +476,8 @@ def _keep_random(delta: torch.Tensor, density: float, rescale: bool, generator: 
 # --------------------------------------------------------------------------- the method
 
 
-@register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False,
-          cached_generation=False)
+@register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
+          generation_scored=True, load_edit=load_adapter_edit)
 def apply_wise(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: WiseHyperParams) -> AdapterEditHandle:
     """WISE: a routed side memory of one MLP layer, trained with activation margins, sharded and merged."""
     path = single_module_path(hparams.inner_params)
