@@ -19,7 +19,8 @@ import time
 import torch
 
 from lmedit.data import load_requests
-from lmedit.evaluation import EvalConfig, Evaluator, generate_greedy, score_teacher_forced
+from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
+from lmedit.forward import generate_greedy
 from lmedit.models import load_model
 
 

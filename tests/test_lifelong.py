@@ -10,7 +10,8 @@ import torch
 
 from conftest import snapshot, state_equal
 from lmedit.editor import Editor
-from lmedit.evaluation import EvalConfig, Evaluator, generate_greedy
+from lmedit.evaluation import EvalConfig, Evaluator
+from lmedit.forward import generate_greedy
 from lmedit.lifelong import (
     CURVES_JSON,
     CURVES_PNG,

@@ -1,4 +1,4 @@
-"""Teacher-forced and generation scoring checked against hand-computed cases."""
+"""Probe scoring and the evaluator's metrics checked against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,15 +7,7 @@ import torch
 from types import SimpleNamespace
 
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator, aggregate, locality_agreement
-from lmedit.evaluation.scoring import (
-    build_inputs,
-    generate_greedy,
-    plan_packed,
-    left_pad,
-    score_teacher_forced,
-    token_match,
-    tokenize_pair,
-)
+from lmedit.evaluation.scoring import score_teacher_forced, token_match
 from lmedit.requests import EditRequest
 
 
@@ -43,19 +35,6 @@ def test_token_match_and_locality_hand_cases():
     assert token_match([9, 2, 9, 4], [1, 2, 3, 4]) == 0.5
     with pytest.raises(ValueError):
         token_match([1], [])
-
-
-def test_tokenize_pair_slices_answer_as_easyedit(word_tok):
-    pair = tokenize_pair(word_tok, "the capital of france is", "paris")
-    assert pair.prompt_len == 5
-    assert word_tok.convert_ids_to_tokens(list(pair.target_ids)) == ["paris"]
-
-
-def test_left_pad_positions_ignore_padding():
-    ids, mask, positions = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
 def test_teacher_forced_accuracy_hand_computed_with_mixed_lengths(word_tok):
@@ -97,54 +76,6 @@ def test_batched_scores_equal_one_at_a_time_on_a_real_model(tiny_model, word_tok
     for b, a in zip(batched, alone):
         assert b.predicted_ids == a.predicted_ids
         assert b.target_logprobs == pytest.approx(a.target_logprobs, abs=1e-4)
-
-
-def test_packed_plan_fills_rows_and_respects_limits():
-    lengths = [5, 9, 3, 7, 2, 8, 4]
-    plan = plan_packed(lengths, max_sequences=4, max_tokens=24, row_capacity=10)
-    seen = sorted(i for batch in plan for row in batch for i in row)
-    assert seen == list(range(len(lengths)))
-    for batch in plan:
-        width = max(sum(lengths[i] for i in row) for row in batch)
-        assert width <= 10 and len(batch) * width <= 24
-        assert sum(len(row) for row in batch) <= 4
-    assert any(len(row) > 1 for batch in plan for row in batch)  # short sequences share rows
-
-
-def test_packed_inputs_isolate_sequences_and_restart_positions():
-    inputs = build_inputs([[0, 1], [2]], [[5, 6], [7, 8, 9], [4]], pad_id=0, mask_dtype=torch.float32)
-    assert inputs.input_ids.tolist() == [[5, 6, 7, 8, 9], [0, 0, 0, 0, 4]]
-    assert inputs.position_ids.tolist() == [[0, 1, 0, 1, 2], [0, 0, 0, 0, 0]]
-    allowed = inputs.attention_mask[0, 0] == 0
-    assert allowed[3].tolist() == [False, False, True, True, False]  # 2nd sequence sees only itself, causally
-    assert allowed[1].tolist() == [True, True, False, False, False]
-    assert inputs.starts == {0: (0, 0), 1: (0, 2), 2: (1, 4)}
-    # padding attends to itself only, so no row of the mask is empty (an empty row gives NaN)
-    assert bool((inputs.attention_mask[1, 0] == 0).any(dim=-1).all())
-
-
-def test_batched_generation_equals_one_at_a_time(tiny_model, word_tok):
-    prompts = ["the capital of france is", "who", "the eiffel tower is located in"]
-    batched = generate_greedy(tiny_model, word_tok, prompts, [3, 2, 4], batch_size=3)
-    alone = [generate_greedy(tiny_model, word_tok, [p], [n])[0] for p, n in zip(prompts, [3, 2, 4])]
-    assert batched == alone
-    assert [len(g) for g in batched] == [3, 2, 4] or any(word_tok.eos_token_id in g for g in batched)
-
-
-def test_generation_without_the_cache_gives_the_same_tokens_and_feeds_the_whole_sequence(tiny_model, word_tok):
-    prompts = ["the capital of france is", "who", "the eiffel tower is located in"]
-    lengths = []
-    hook = tiny_model.register_forward_pre_hook(lambda _m, _a, kw: lengths.append(kw["input_ids"].shape[1]),
-                                                with_kwargs=True)
-    try:
-        cached = generate_greedy(tiny_model, word_tok, prompts, [3, 3, 3], batch_size=3)
-        fed_cached, lengths[:] = list(lengths), []
-        uncached = generate_greedy(tiny_model, word_tok, prompts, [3, 3, 3], batch_size=3, use_cache=False)
-    finally:
-        hook.remove()
-    assert uncached == cached
-    width = len(word_tok(prompts[2]).input_ids)  # the longest prompt sets the padded width
-    assert fed_cached == [width, 1, 1] and lengths == [width, width + 1, width + 2]
 
 
 def test_evaluator_metrics_for_one_request(word_tok):

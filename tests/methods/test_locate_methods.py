@@ -9,6 +9,7 @@ import torch
 
 from conftest import WORDS, build_tiny_llama, snapshot, state_equal
 from lmedit.evaluation.scoring import score_teacher_forced
+from lmedit.forward import SuffixForward, UpperForward
 from lmedit.handles import restore_all
 from lmedit.registry import load_edit
 from lmedit.locate.core import reset_session_state
@@ -145,7 +146,6 @@ def test_joint_target_optimisation_equals_one_request_at_a_time(tiny_llama, word
 def test_target_optimisation_shortcuts_equal_full_forward_passes(tiny_model, word_tok, corpus_env, monkeypatch, shortcut):
     """v* computed with the cached-prefix or upper-blocks shortcut equals v* from full forward passes."""
     from lmedit.locate import core
-    from lmedit.partial_forward import SuffixForward, UpperForward
 
     hp = MEMITHyperParams(layers=[0, 1], clamp_norm_factor=1000.0, **_common(corpus_env))
     templates = core.context_templates(tiny_model, word_tok, hp.context_template_length_params)

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 
-from lmedit.evaluation.scoring import ProgressFn, generate_greedy, score_teacher_forced, token_match
+from lmedit.evaluation.scoring import score_teacher_forced, token_match
+from lmedit.forward import ProgressFn, generate_greedy
 from lmedit.requests import EditRequest
 from lmedit.routing import route_prompts
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lmedit.evaluation.scoring import tokenize_pair
+from lmedit.forward import tokenize_pair
 from lmedit.training.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint
 
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.func import functional_call
 
-from lmedit.evaluation.scoring import TokenizedPair, answer_batches, forward_reading, tokenize_pair
+from lmedit.forward import TokenizedPair, answer_batches, forward_reading, tokenize_pair
 
 LOG = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lmedit.evaluation.scoring import generate_greedy
+from lmedit.forward import generate_greedy
 from lmedit.evaluation.suites.base import (
     MetricSuite,
     SuiteCapture,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmedit.evaluation.scoring import forward_reading, forward_tail
-from lmedit.partial_forward import UpperForward, block_of, last_columns_logits
+from lmedit.forward import UpperForward, block_of, forward_reading, forward_tail, last_columns_logits
 from lmedit.spec import ModelSpec, get_module
 
 SEQUENCES = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]

@@ -19,6 +19,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from lmedit.compat import build_cache, cache_keyword, cache_tensors, output_cache, takes_cache
+from lmedit.forward.batching import build_inputs
+from lmedit.forward.reading import forward_reading, logits_at
 from lmedit.spec import ModelSpec, get_module
 
 
@@ -44,8 +47,6 @@ class UpperForward:
         cls, model: nn.Module, spec: ModelSpec, first: int, read: torch.Tensor, **model_inputs: Any
     ) -> "UpperForward | None":
         """Record block ``first``'s input in one full pass; ``None`` if the shortcut does not reproduce it."""
-        from lmedit.evaluation.scoring import forward_reading
-
         blocks = get_module(model, spec.layers_path)
         captured = _BlockInput()
 
@@ -95,8 +96,6 @@ def last_columns_logits(
     Reruns only blocks ``first``.. on each call when the shortcut reproduces
     the model (:class:`UpperForward`); full forward passes otherwise.
     """
-    from lmedit.evaluation.scoring import build_inputs, logits_at
-
     inputs = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id, torch.float32)
     device = next(model.parameters()).device
     rows, width = inputs.input_ids.shape
@@ -134,9 +133,6 @@ class SuffixForward:
         attention_mask: torch.Tensor,
     ) -> "SuffixForward | None":
         """Cache columns ``..split``; ``None`` if the model cannot take a cache or the result differs."""
-        from lmedit.compat import cache_tensors, output_cache, takes_cache
-        from lmedit.evaluation.scoring import forward_reading
-
         rows, width = input_ids.shape
         if split <= 0 or split >= width or not takes_cache(model) or bool((read % width < split).any()):
             return None
@@ -160,9 +156,6 @@ class SuffixForward:
         return upper
 
     def __call__(self) -> torch.Tensor:
-        from lmedit.compat import build_cache, cache_keyword
-        from lmedit.evaluation.scoring import forward_reading
-
         cache = build_cache(self.model, self.kv)
         logits, _ = forward_reading(self.model, self.read, use_cache=True, **self.inputs,
                                     **{cache_keyword(self.model): cache})
