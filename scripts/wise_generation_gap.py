@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from lmedit.adapters import single_module_path
 from lmedit.data import load_requests
 from lmedit.handles import restore_all
 from lmedit.models import load_model
@@ -66,7 +65,7 @@ def main() -> None:
     hparams = info.load_hparams(preset=args.model, overrides=overrides)
     handles = [info.apply(model, tok, [request], hparams) for request in requests]
     try:
-        adapter = get_module(model, single_module_path(hparams.inner_params))
+        adapter = get_module(model, hparams.site_path(model))
         if len(adapter.memories) != len(requests):
             raise SystemExit("this diagnostic expects one stored memory per edit (save_freq: 1)")
         rows = []

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from lmedit.adapters import ensure_adapter, remove_adapter, single_module_path
+from lmedit.adapters import ensure_adapter, remove_adapter
 from lmedit.data import load_requests
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator
 from lmedit.methods.wise import WiseAdapter, WiseHyperParams, _hidden_act
@@ -37,7 +37,7 @@ def timed_capture(model, evaluator: Evaluator, requests, repeats: int) -> float:
 
 def with_memories(model, hparams: WiseHyperParams, k: int, generator: torch.Generator) -> WiseAdapter:
     """A WISE adapter holding k perturbed memories and an edited side memory, as after k * save_freq edits."""
-    path = single_module_path(hparams.inner_params)
+    path = hparams.site_path(model)
     adapter = ensure_adapter(model, path, WiseAdapter,
                              lambda original: WiseAdapter(original, path, hparams.structure(), _hidden_act(model)))
     base = adapter.original.weight.detach()

@@ -15,7 +15,6 @@ from lmedit.adapters import (
     frozen_model,
     module_path,
     remove_adapter,
-    single_module_path,
 )
 from lmedit.handles import EditHandleError
 from lmedit.registry import load_edit
@@ -36,8 +35,11 @@ def test_module_path_accepts_easyedit_and_dotted_spellings(given):
 
 
 def test_exactly_one_inner_param_is_required():
-    with pytest.raises(AdapterError, match="exactly one module"):
-        single_module_path(["a.weight", "b.weight"])
+    from lmedit.adapters import AdapterSite
+    from lmedit.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match="exactly one module"):
+        AdapterSite.from_dict({"inner_params": ["a.weight", "b.weight"]})
 
 
 def test_insert_find_and_remove_keep_the_original_object(tiny_llama):
@@ -55,7 +57,7 @@ def test_insert_find_and_remove_keep_the_original_object(tiny_llama):
 def test_wrapping_a_non_linear_module_is_refused(tiny_llama):
     with pytest.raises(AdapterError, match="wraps a linear layer"):
         ensure_adapter(tiny_llama, "model.layers.1.mlp", GraceAdapter, lambda m: GraceAdapter(m, "model.layers.1.mlp"))
-    with pytest.raises(AdapterError, match="which this model lacks"):
+    with pytest.raises(AdapterError, match="the model has no module"):
         ensure_adapter(tiny_llama, "model.layers.9.mlp.down_proj", GraceAdapter, lambda m: GraceAdapter(m, "x"))
 
 
@@ -92,3 +94,26 @@ def test_load_edit_reports_an_unknown_format(tmp_path, tiny_llama):
     (tmp_path / "edit.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(EditHandleError, match="known methods: .*GRACE"):
         load_edit(tiny_llama, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_site_resolves_a_layer_role_on_every_layout(arch, word_tok):
+    from conftest import build_tiny_gpt2, build_tiny_llama
+    from lmedit.adapters import AdapterSite
+
+    model = (build_tiny_llama if arch == "llama" else build_tiny_gpt2)(len(word_tok))
+    expected = {"llama": "model.layers.2.mlp.down_proj", "gpt2": "transformer.h.2.mlp.c_proj"}[arch]
+    assert AdapterSite.from_dict({"layer": -1}).site_path(model) == expected
+    assert AdapterSite.from_dict({"layer": 2, "module": "mlp_out"}).site_path(model) == expected
+    alias = AdapterSite.from_dict({"layer": 1, "inner_params": ["model.layers[0].mlp.down_proj.weight"]})
+    assert alias.layer is None and alias.site_path(model) == "model.layers.0.mlp.down_proj"  # the alias wins
+
+
+def test_adapter_site_errors_say_how_to_fix():
+    from lmedit.adapters import AdapterSite
+    from lmedit.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match="say which layer to edit"):
+        AdapterSite.from_dict({}).site_path(torch.nn.Module())
+    with pytest.raises(HyperParamsError, match="module must be one of mlp_out, attn_out"):
+        AdapterSite.from_dict({"layer": 1, "module": "mlp"})

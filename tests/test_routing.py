@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama
-from lmedit.evaluation import EvalConfig, Evaluator, generate_greedy, score_teacher_forced
+from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
+from lmedit.forward import generate_greedy
 from lmedit.requests import EditRequest
 from lmedit.routing import (
     Route,
@@ -102,12 +104,13 @@ def test_registry_is_weak(word_tok):
     model = build_tiny_llama(len(word_tok))
     router = PrefixRouter()
     attach_router(model, router)
-    import lmedit.routing as routing
+    from lmedit import model_state
 
-    before = len(routing._ROUTERS)
+    assert model_state.owners(model) == ["router"]
+    alive = weakref.ref(model)
     del model
     gc.collect()
-    assert len(routing._ROUTERS) == before - 1
+    assert alive() is None  # the router's slot does not keep the model alive
 
 
 def test_wrong_number_of_routes_is_an_error(tiny_llama, word_tok):

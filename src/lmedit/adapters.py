@@ -1,7 +1,7 @@
 """Stateful adapters: edits that wrap one linear module and keep their own memory.
 
 GRACE, DEFER and WISE do not change weights in place. They replace one
-module (an MLP down-projection named by ``inner_params``) with an adapter
+module (an MLP down-projection: ``layer`` and ``module`` of :class:`AdapterSite`) with an adapter
 that holds the original module plus the method's state, and that state
 grows with every sequential edit. This module gives them one base so that
 the framework's contract holds for all of them:
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Sequence, TypeVar
 
@@ -30,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
-from lmedit.partial_forward import UpperForward, block_of
+from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.forward import UpperForward, block_of, build_inputs
 from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like
 
 ADAPTER_FORMAT = "lmedit-adapter"
@@ -58,13 +60,50 @@ def module_path(inner_param: str) -> str:
     return path.strip(".")
 
 
-def single_module_path(inner_params: Sequence[str]) -> str:
-    """The one module an adapter method wraps; several entries are a configuration error."""
-    if len(inner_params) != 1:
-        raise AdapterError(
-            f"inner_params must name exactly one module (e.g. model.layers[27].mlp.down_proj.weight), got {list(inner_params)}"
-        )
-    return module_path(inner_params[0])
+# Module roles an adapter can wrap, resolved per architecture by ModelSpec.
+ADAPTER_ROLES: dict[str, Callable[[ModelSpec, int], str]] = {
+    "mlp_out": ModelSpec.mlp_out,  # the MLP down-projection (intermediate -> hidden)
+    "attn_out": ModelSpec.attn_out,  # the attention output projection
+}
+
+
+@dataclass
+class AdapterSite(HyperParams):
+    """Where an adapter method edits: a layer and a module role, resolved through :class:`ModelSpec`.
+
+    ``layer: 27`` with ``module: mlp_out`` names Llama's ``model.layers.27.mlp.down_proj``
+    and GPT-2's ``transformer.h.27.mlp.c_proj`` alike; a negative layer counts from
+    the top. EasyEdit's ``inner_params`` (one parameter path) is accepted as an
+    alias and, when given, overrides ``layer``/``module``.
+    """
+
+    layer: int | None = None
+    module: str = "mlp_out"
+    inner_params: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.module not in ADAPTER_ROLES:
+            raise HyperParamsError(f"module must be one of {', '.join(ADAPTER_ROLES)}, got {self.module!r}")
+        if self.inner_params:
+            if len(self.inner_params) != 1:
+                raise HyperParamsError(f"inner_params must name exactly one module, got {self.inner_params}")
+            self.layer = None  # the alias wins; the config then shows what was edited
+
+    def site_path(self, model: nn.Module) -> str:
+        """The dotted path of the module to wrap in ``model`` (asked before any model time is spent)."""
+        if self.inner_params:
+            return module_path(self.inner_params[0])
+        if self.layer is None:
+            raise HyperParamsError(
+                "say which layer to edit: layer: 27 (with module: mlp_out, the MLP down-projection), "
+                "or EasyEdit's inner_params: [model.layers[27].mlp.down_proj.weight]"
+            )
+        spec = ModelSpec.of(model)
+        try:
+            return ADAPTER_ROLES[self.module](spec, int(self.layer))
+        except IndexError as exc:
+            raise AdapterError(f"layer {self.layer}: {exc}; choose a layer in 0..{spec.num_layers - 1} "
+                               "(or a negative index from the top)") from None
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -89,7 +128,7 @@ class AdapterLayer(nn.Module):
         if not is_linear_like(original):
             raise AdapterError(
                 f"{self.kind} wraps a linear layer, but {path!r} is a {type(original).__name__}; "
-                "point inner_params at an MLP projection such as model.layers[27].mlp.down_proj.weight"
+                "choose module: mlp_out (or point inner_params at a projection such as model.layers[27].mlp.down_proj.weight)"
             )
         self.original = original
         self.path = path
@@ -176,7 +215,7 @@ def ensure_adapter(model: nn.Module, path: str, kind: type[A], build: Callable[[
     try:
         module = get_module(model, path)
     except ModelSpecError as exc:
-        raise AdapterError(f"{kind.kind}: inner_params names {path!r}, which this model lacks ({exc})") from None
+        raise AdapterError(f"{kind.kind}: the model has no module {path!r} ({exc}); check layer/module or inner_params") from None
     if isinstance(module, kind):
         return module
     if isinstance(module, AdapterLayer):
@@ -358,8 +397,6 @@ class SequenceLogits:
         self, model: nn.Module, adapter_path: str, sequences: Sequence[Sequence[int]],
         columns: Sequence[Sequence[int]], pad_id: int = 0,
     ) -> None:
-        from lmedit.evaluation.scoring import build_inputs
-
         self.model = model
         device = next(model.parameters()).device
         inputs = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id, torch.float32)

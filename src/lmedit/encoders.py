@@ -22,6 +22,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from lmedit import model_state
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -46,6 +48,14 @@ EncoderFactory = Callable[[], SentenceEncoder]
 _FACTORIES: dict[str, EncoderFactory] = {}
 _LOADED: dict[str, SentenceEncoder] = {}
 _LOCK = threading.Lock()
+
+
+def _forget_loaded() -> None:
+    with _LOCK:
+        _LOADED.clear()
+
+
+model_state.register_process_cache("encoders", _forget_loaded)
 
 
 def register_encoder(name: str, factory: EncoderFactory) -> None:

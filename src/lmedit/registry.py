@@ -62,17 +62,20 @@ class Contract:
     log-probability after the edit prompt rises), ``"output"`` (the model's outputs change, but on an
     untrained tiny model the target need not become likelier: a method that steers by a learned
     network or by context) or ``"none"``. ``save_load``: a saved edit re-applied to a fresh model
-    gives the same outputs. ``why`` says why any point is declared off.
+    gives the same outputs. ``no_tiny_effect_on``: model types (``config.model_type``) on which the
+    edit does not take effect on a tiny random model (the contract test then checks only that it
+    runs and restores there). ``why`` says why any point is declared off.
     """
 
     effect: str = "target"
     save_load: bool = True
+    no_tiny_effect_on: tuple[str, ...] = ()
     why: str = ""
 
     def __post_init__(self) -> None:
         if self.effect not in ("target", "output", "none"):
             raise MethodError(f"Contract.effect must be 'target', 'output' or 'none', got {self.effect!r}")
-        if (self.effect != "target" or not self.save_load) and not self.why:
+        if (self.effect != "target" or not self.save_load or self.no_tiny_effect_on) and not self.why:
             raise MethodError("a Contract that declares a point off must say why (why=...)")
 
 

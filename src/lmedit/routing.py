@@ -23,12 +23,13 @@ effect free); only the method's ``apply`` and the handles' ``restore`` do.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from torch import nn
 
+from lmedit.forward import generate_greedy
+from lmedit import model_state
 __all__ = [
     "Route",
     "RouteGroup",
@@ -86,7 +87,7 @@ class RouteGroup:
 
 # --------------------------------------------------------------------------- the per-model registry
 
-_ROUTERS: "weakref.WeakKeyDictionary[nn.Module, ProbeRouter]" = weakref.WeakKeyDictionary()
+_OWNER = "router"  # this module's slot in lmedit.model_state
 
 
 def router_kind(router: Any) -> str:
@@ -96,7 +97,7 @@ def router_kind(router: Any) -> str:
 
 def router_of(model: nn.Module) -> ProbeRouter | None:
     """The router attached to ``model``, or None when the model answers probes itself."""
-    return _ROUTERS.get(model)
+    return model_state.slot(model, _OWNER)
 
 
 def attach_router(model: nn.Module, router: ProbeRouter) -> None:
@@ -109,7 +110,7 @@ def attach_router(model: nn.Module, router: ProbeRouter) -> None:
     """
     if not isinstance(router, ProbeRouter):
         raise RoutingError(f"{type(router).__name__} is not a probe router: it needs route(model, tok, prompts)")
-    current = _ROUTERS.get(model)
+    current = model_state.slot(model, _OWNER)
     if current is router:
         return
     if current is not None:
@@ -122,12 +123,12 @@ def attach_router(model: nn.Module, router: ProbeRouter) -> None:
             f"the model already carries a {router_kind(current)} router, so a {router_kind(router)} router "
             f"cannot be attached; restore the {router_kind(current)} edits first (a model holds one router)"
         )
-    _ROUTERS[model] = router
+    model_state.put(model, _OWNER, router)
 
 
 def detach_router(model: nn.Module, router: ProbeRouter) -> None:
     """Remove ``router`` from ``model`` (nothing to do when no router is attached)."""
-    current = _ROUTERS.get(model)
+    current = model_state.slot(model, _OWNER)
     if current is None:
         return
     if current is not router:
@@ -135,7 +136,7 @@ def detach_router(model: nn.Module, router: ProbeRouter) -> None:
             f"the model carries a different {router_kind(current)} router than the one being detached; "
             "restore edits with the handles that made them"
         )
-    del _ROUTERS[model]
+    model_state.drop(model, _OWNER)
 
 
 # --------------------------------------------------------------------------- routing a batch
@@ -179,13 +180,11 @@ def generate_routed(
     batch_size: int = 32,
     progress: Any = None,
 ) -> list[tuple[int, ...]]:
-    """:func:`lmedit.evaluation.scoring.generate_greedy` on what ``model`` would really be fed.
+    """:func:`lmedit.forward.generate_greedy` on what ``model`` would really be fed.
 
     Without a router this is ``generate_greedy`` itself; with one, each prompt
     is continued from its routed prompt by its route's network.
     """
-    from lmedit.evaluation.scoring import generate_greedy
-
     groups = route_prompts(model, tok, prompts)
     if groups is None:
         return generate_greedy(model, tok, prompts, max_new_tokens, batch_size=batch_size, progress=progress)

@@ -8,7 +8,8 @@ import torch
 
 from conftest import assert_same_metrics, snapshot, state_equal
 from lmedit.adapters import AdapterError
-from lmedit.evaluation import EvalConfig, Evaluator, generate_greedy, score_teacher_forced
+from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
+from lmedit.forward import generate_greedy
 from lmedit.handles import EditHandleError, restore_all
 from lmedit.hparams import HyperParamsError
 from lmedit.methods.defer import DeferAdapter
@@ -120,5 +121,5 @@ def test_settings_are_checked(tiny_llama, word_tok):
 
 def test_llama_7b_preset_has_easyedit_values():
     hparams = get_method("DEFER").load_hparams(preset="llama-7b")
-    assert hparams.inner_params == ["model.layers[27].mlp.down_proj.weight"]
+    assert (hparams.layer, hparams.module) == (27, "mlp_out")
     assert (hparams.edit_lr, hparams.n_iter, hparams.threshold) == (7e-5, 100, 0.5)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import assert_same_metrics, snapshot, state_equal
 from lmedit.adapters import AdapterError
-from lmedit.evaluation import EvalConfig, Evaluator, generate_greedy, score_teacher_forced
+from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
+from lmedit.forward import generate_greedy
 from lmedit.handles import EditHandleError, restore_all
 from lmedit.registry import load_edit
 from lmedit.methods.grace import GraceAdapter, rollback
@@ -268,6 +269,6 @@ def test_loaded_edit_onto_a_model_without_that_layer_fails_clearly(tiny_llama, t
 def test_presets_load_and_llama_7b_has_easyedit_values():
     info = get_method("GRACE")
     hparams = info.load_hparams(preset="llama-7b")
-    assert hparams.inner_params == ["model.layers[27].mlp.down_proj.weight"]
+    assert (hparams.layer, hparams.module) == (27, "mlp_out")
     assert (hparams.edit_lr, hparams.n_iter, hparams.eps, hparams.replacement) == (1.0, 50, 1.0, "replace_last")
-    assert info.load_hparams(preset="smollm2-135m").inner_params == ["model.layers[22].mlp.down_proj.weight"]
+    assert info.load_hparams(preset="smollm2-135m").layer == 22

@@ -267,7 +267,7 @@ def test_dare_rescales_what_it_keeps():
 def test_presets_load_and_llama_7b_has_easyedit_values():
     info = get_method("WISE")
     hparams = info.load_hparams(preset="llama-7b")
-    assert hparams.inner_params == ["model.layers[27].mlp.down_proj.weight"]
+    assert (hparams.layer, hparams.module) == (27, "mlp_out")
     assert (hparams.edit_lr, hparams.n_iter, hparams.act_margin, hparams.act_ratio) == (1.0, 70, [5.0, 20.0, 10.0], 0.88)
     assert (hparams.save_freq, hparams.merge_freq, hparams.merge_alg, hparams.retrieve) == (500, 1000, "ties", True)
     smollm2 = info.load_hparams(preset="smollm2-135m")

@@ -17,18 +17,18 @@ transposes for GPT-2's Conv1D. Linear algebra runs in float64.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lmedit.adapters import frozen_model
-from lmedit.evaluation.scoring import forward_reading, pad_id_of, tokenize_pair
+from lmedit.forward import SuffixForward, UpperForward, block_of, forward_reading, pad_id_of, tokenize_pair
+from lmedit import model_state
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.requests import EditRequest
-from lmedit.partial_forward import SuffixForward, UpperForward, block_of
 from lmedit.spec import ModelSpec, get_module
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,24 @@ class LocateHyperParams(HyperParams):
         )
 
 
+def tiny_setup(model: nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
+    """ROME/MEMIT/AlphaEdit on a tiny random model: the second-to-last layer, statistics from a word corpus.
+
+    The norm clamp is opened up because a tiny model's residual stream is far smaller than the
+    change an edit needs; the short context templates keep the v* optimisation cheap.
+    """
+    from lmedit.smoke import write_corpus
+
+    layer = max(ModelSpec.from_model(model).num_layers - 2, 0)
+    return dict(layers=[layer], v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-6, clamp_norm_factor=1000.0,
+                context_template_length_params=[[3, 5]], mom2_dataset=str(write_corpus(tok, workdir)),
+                mom2_n_samples=30, mom2_sample_length=40)
+
+
 # --------------------------------------------------------------------------- per-model state
 
 
-_SESSION_STATE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_OWNER = "locate"  # this module's slot in lmedit.model_state
 
 
 def session_state(model: nn.Module) -> dict[str, Any]:
@@ -95,11 +109,11 @@ def session_state(model: nn.Module) -> dict[str, Any]:
     It lives as long as the model object and is never shared with another
     model; :func:`reset_session_state` clears it explicitly.
     """
-    return _SESSION_STATE.setdefault(model, {})
+    return model_state.slot(model, _OWNER, dict)
 
 
 def reset_session_state(model: nn.Module) -> None:
-    _SESSION_STATE.pop(model, None)
+    model_state.drop(model, _OWNER)
 
 
 # --------------------------------------------------------------------------- context templates
@@ -437,9 +451,9 @@ def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> tuple[Ca
     see delta. (1) The rows are re-laid left-padded so that every fact token
     falls in one column; everything before that column is computed once and
     cached, and each step feeds only the rest
-    (:class:`~lmedit.partial_forward.SuffixForward`). Failing that, (2) the
+    (:class:`~lmedit.forward.partial.SuffixForward`). Failing that, (2) the
     blocks below ``site`` are computed once
-    (:class:`~lmedit.partial_forward.UpperForward`). Each shortcut is checked
+    (:class:`~lmedit.forward.partial.UpperForward`). Each shortcut is checked
     against the full forward pass before use. Returns the reader and, per
     row, the column of its fact token in the reader's inputs.
     """
@@ -542,12 +556,6 @@ def add_to_weight(model: nn.Module, module_name: str, delta_out_in: torch.Tensor
         raise ValueError(f"update of shape {tuple(change.shape)} does not fit {module_name}.weight {tuple(weight.shape)}")
     with torch.no_grad():
         weight.add_(change.to(weight.dtype))
-
-
-def weight_apply(model: nn.Module, module_name: str, x: torch.Tensor, conv1d: bool) -> torch.Tensor:
-    """``W x`` for the module's weight (no bias): the part of the output an update can change."""
-    weight = get_module(model, module_name).weight.detach().double()
-    return (x.double() @ weight) if conv1d else (weight @ x.double())
 
 
 def iter_layers(spec: ModelSpec, layers: Sequence[int]) -> Iterator[tuple[int, int, str]]:

@@ -237,7 +237,8 @@ def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None) -> 
         found = find_shared(text, kind="corpus", cwd=cwd)
         if found is not None:
             return _local_corpus(found)
-        env = f"${CORPUS_DIR_ENV}/{text}" if os.environ.get(CORPUS_DIR_ENV) else f"${CORPUS_DIR_ENV} (not set)"
+        env_dir = os.environ.get(CORPUS_DIR_ENV)
+        env = str(Path(env_dir).expanduser() / text) if env_dir else f"${CORPUS_DIR_ENV}/{text} (${CORPUS_DIR_ENV} is not set)"
         tried += [env, f"shared/corpus/{text} in {(cwd or Path.cwd()).resolve()} and its parents"]
     raise CorpusError(
         f"corpus {text!r} not found; looked at: {'; '.join(tried)}. Pass the corpus folder with --corpus PATH "

@@ -27,7 +27,6 @@ import logging
 import os
 import tempfile
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from lmedit import model_state
 from lmedit.locate.corpus import Corpus, batch_samples, resolve_corpus, tokenize_samples
 from lmedit.progress import progress_bar
 from lmedit.spec import ModelSpec, get_module
@@ -61,8 +61,7 @@ _PARTIAL_PREFIX = "partial."
 _DEFAULT_CHECKPOINT_SECONDS = 60.0
 
 # Filled lazily, one entry per model object seen by model_fingerprint.
-_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-_TOKENIZER_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_OWNER = "stats-fingerprint"  # this module's slot in lmedit.model_state (models and tokenizers)
 # Cache key -> already loaded statistics of this process.
 _MEMORY: dict[str, "LayerStats"] = {}
 
@@ -131,28 +130,20 @@ def model_fingerprint(model: nn.Module) -> str:
     Memoised per model object, so that after in-place edits the same object
     still maps to the statistics of its original weights (see module docstring).
     """
-    known = _FINGERPRINTS.get(model)
-    if known is None:
-        known = _hash_weights(model)
-        _FINGERPRINTS[model] = known
-    return known
+    return model_state.slot(model, _OWNER, lambda: _hash_weights(model))
 
 
 def forget_fingerprint(model: nn.Module) -> None:
     """Drop the remembered fingerprint; the next call hashes the current weights."""
-    _FINGERPRINTS.pop(model, None)
+    model_state.drop(model, _OWNER)
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
     """Vocabulary plus the ids of a probe text: the same text must give the same tokens (memoised per object)."""
     try:
-        known = _TOKENIZER_FINGERPRINTS.get(tok)
+        return model_state.slot(tok, _OWNER, lambda: _hash_tokenizer(tok))
     except TypeError:  # not weak-referenceable: just recompute
         return _hash_tokenizer(tok)
-    if known is None:
-        known = _hash_tokenizer(tok)
-        _TOKENIZER_FINGERPRINTS[tok] = known
-    return known
 
 
 def _hash_tokenizer(tok: Any) -> str:
@@ -167,6 +158,9 @@ def _hash_tokenizer(tok: Any) -> str:
 def clear_memory_cache() -> None:
     """Forget statistics loaded in this process (the disk cache is untouched)."""
     _MEMORY.clear()
+
+
+model_state.register_process_cache("layer-stats", clear_memory_cache)
 
 
 def default_stats_dir() -> Path:
@@ -325,7 +319,7 @@ def layer_stats(
     spec = spec or ModelSpec.from_model(model)
     modules = {layer: spec.mlp_out(layer) for layer in layers}
     explicit = fingerprint is not None
-    remembered = model in _FINGERPRINTS
+    remembered = model_state.slot(model, _OWNER) is not None
     model_fp = fingerprint if explicit else model_fingerprint(model)
     folder = Path(cache_dir) if cache_dir is not None else default_stats_dir()
     plan = _Plan(model_fp, tokenizer_fingerprint(tok), resolve_corpus(config.corpus), config,

@@ -25,7 +25,7 @@ import torch
 
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParamsError
-from lmedit.locate.core import add_to_weight, alphaedit_update, average_keys, iter_layers, null_space_projector, session_state
+from lmedit.locate.core import add_to_weight, alphaedit_update, average_keys, iter_layers, null_space_projector, session_state, tiny_setup
 from lmedit.methods.memit import MEMITHyperParams, current_outputs, plan_edit
 from lmedit.registry import register
 from lmedit.requests import EditRequest
@@ -83,7 +83,8 @@ class AlphaEditHandle(WeightSnapshotHandle):
         alphaedit_state(self.model).keys.pop(self.edit_id, None)
 
 
-@register("AlphaEdit", hparams=AlphaEditHyperParams, batch=True, needs_subject=True)
+@register("AlphaEdit", hparams=AlphaEditHyperParams, batch=True, needs_subject=True,
+          tiny_setup=lambda model, tok, workdir: {**tiny_setup(model, tok, workdir), "nullspace_threshold": 1e-2, "L2": 1e-3})
 def apply_alphaedit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: AlphaEditHyperParams) -> AlphaEditHandle:
     """AlphaEdit: null-space constrained MEMIT for sequential editing."""
     started = time.perf_counter()

@@ -24,13 +24,14 @@ how that gap produced the paper's 0.03 and a user's 0.628 rewrite at T=1000.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from lmedit.adapters import (
+    AdapterSite,
     load_adapter_edit,
     AdapterEditHandle,
     AdapterError,
@@ -40,27 +41,24 @@ from lmedit.adapters import (
     frozen_model,
     register_adapter_kind,
     remove_adapter,
-    single_module_path,
     target_nll,
 )
-from lmedit.evaluation.scoring import tokenize_pair
-from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.forward import tokenize_pair
+from lmedit.hparams import HyperParamsError
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
 
 @dataclass
-class DeferHyperParams(HyperParams):
+class DeferHyperParams(AdapterSite):
     """EasyEdit's DEFER fields (llama-7b: layer 27's down-projection, lr 7e-5, 100 steps, threshold 0.5)."""
 
-    inner_params: list[str] = field(default_factory=lambda: ["model.layers[27].mlp.down_proj.weight"])
     edit_lr: float = 7e-5
     n_iter: int = 100
     threshold: float = 0.5
 
     def validate(self) -> None:
-        if len(self.inner_params) != 1:
-            raise HyperParamsError(f"inner_params must name exactly one module, got {self.inner_params}")
+        super().validate()
         if self.n_iter < 1 or self.edit_lr <= 0:
             raise HyperParamsError("n_iter must be at least 1 and edit_lr positive")
         if not 0.0 < self.threshold < 1.0:
@@ -143,10 +141,11 @@ class DeferAdapter(AdapterLayer):
 
 
 @register("DEFER", hparams=DeferHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
-          generation_scored=True, load_edit=load_adapter_edit)
+          generation_scored=True, load_edit=load_adapter_edit,
+          tiny_setup=lambda model, tok, workdir: {"layer": -1, "n_iter": 40, "edit_lr": 1e-2})
 def apply_defer(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: DeferHyperParams) -> AdapterEditHandle:
     """DEFER: a learned gate and value network on one layer's last-token input (GRACE's baseline)."""
-    path = single_module_path(hparams.inner_params)
+    path = hparams.site_path(model)
     adapter = ensure_adapter(model, path, DeferAdapter, lambda original: DeferAdapter(original, path, hparams.threshold))
     if adapter.threshold != hparams.threshold:
         raise AdapterError(

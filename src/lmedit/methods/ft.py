@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from lmedit.adapters import frozen_model
-from lmedit.evaluation.scoring import TokenizedPair, pad_id_of, tokenize_pair
+from lmedit.forward import TokenizedPair, last_columns_logits, pad_id_of, tokenize_pair
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
-from lmedit.partial_forward import last_columns_logits
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec
@@ -67,13 +67,19 @@ class FTLHyperParams(FTHyperParams):
     norm_constraint: float | None = 5e-4
 
 
-@register("FT-M", hparams=FTHyperParams, batch=True)
+def tiny_setup(model: torch.nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
+    """FT on a tiny random model: the top layer's down-projection, a large rate (its weights are small)."""
+    return {"layers": [ModelSpec.from_model(model).num_layers - 1], "lr": 5e-2, "num_steps": 40}
+
+
+@register("FT-M", hparams=FTHyperParams, batch=True, tiny_setup=tiny_setup)
 def apply_ft_m(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: FTHyperParams) -> WeightSnapshotHandle:
     """Fine-tune chosen weights on the target tokens with the prompt masked (EasyEdit's FT-M)."""
     return _fine_tune("FT-M", model, tok, requests, hparams)
 
 
-@register("FT-L", hparams=FTLHyperParams, batch=True)
+@register("FT-L", hparams=FTLHyperParams, batch=True,
+          tiny_setup=lambda model, tok, workdir: {**tiny_setup(model, tok, workdir), "norm_constraint": 0.5})
 def apply_ft_l(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: FTLHyperParams) -> WeightSnapshotHandle:
     """Fine-tune one layer's MLP with the change clamped to a norm ball (ROME's FT-L)."""
     return _fine_tune("FT-L", model, tok, requests, hparams)
@@ -141,7 +147,7 @@ def _batch_loss(
 
     Every trained weight sits in block ``first_block`` or above, so the
     blocks below it are computed once for the whole loop
-    (:func:`lmedit.partial_forward.last_columns_logits`).
+    (:func:`lmedit.forward.partial.last_columns_logits`).
     """
     if objective == "prompt_last":
         logits_of = last_columns_logits(model, spec, first_block, [e.ids[: e.prompt_len] for e in batch], pad_id, 1)

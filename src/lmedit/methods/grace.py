@@ -35,13 +35,14 @@ Where this implementation deliberately differs (see docs/lifelong.md):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
 from lmedit.adapters import (
+    AdapterSite,
     load_adapter_edit,
     AdapterEditHandle,
     AdapterError,
@@ -53,11 +54,10 @@ from lmedit.adapters import (
     frozen_model,
     register_adapter_kind,
     remove_adapter,
-    single_module_path,
     target_nll,
 )
-from lmedit.evaluation.scoring import tokenize_pair
-from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.forward import tokenize_pair
+from lmedit.hparams import HyperParamsError
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
@@ -66,10 +66,9 @@ SPLIT_MARGIN = 1e-5  # the reference's gap between two split balls
 
 
 @dataclass
-class GraceHyperParams(HyperParams):
+class GraceHyperParams(AdapterSite):
     """EasyEdit's GRACE fields that the algorithm reads (``dist_fn`` accepts only ``euc``, as there)."""
 
-    inner_params: list[str] = field(default_factory=lambda: ["model.layers[27].mlp.down_proj.weight"])
     edit_lr: float = 1.0
     n_iter: int = 50
     eps: float = 1.0
@@ -79,8 +78,7 @@ class GraceHyperParams(HyperParams):
     eps_expand: Literal["coverage", "moving_avg", "moving_average"] = "coverage"
 
     def validate(self) -> None:
-        if len(self.inner_params) != 1:
-            raise HyperParamsError(f"inner_params must name exactly one module, got {self.inner_params}")
+        super().validate()
         if self.n_iter < 1:
             raise HyperParamsError("n_iter must be at least 1")
         if self.edit_lr <= 0 or self.eps <= 0:
@@ -325,10 +323,11 @@ def _replace(out: torch.Tensor, hit: torch.Tensor, row: torch.Tensor, table: tor
 
 
 @register("GRACE", hparams=GraceHyperParams, batch=True, packed_evaluation=False, generation_scored=True,
-          load_edit=load_adapter_edit)
+          load_edit=load_adapter_edit,
+          tiny_setup=lambda model, tok, workdir: {"layer": -1, "n_iter": 25, "edit_lr": 1.0, "eps": 1.0})
 def apply_grace(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: GraceHyperParams) -> AdapterEditHandle:
     """GRACE: a codebook of keys, trained values and deferral radii around one layer (lifelong editing)."""
-    path = single_module_path(hparams.inner_params)
+    path = hparams.site_path(model)
     adapter = ensure_adapter(model, path, GraceAdapter, lambda original: GraceAdapter(original, path, hparams.replacement))
     if adapter.replacement != hparams.replacement:
         raise AdapterError(

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmedit import model_state
 from lmedit.encoders import DEFAULT_ENCODER, SentenceEncoder, encode_in_chunks, get_encoder
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
@@ -138,6 +139,7 @@ class DemoPool:
 
 
 _POOLS: dict[tuple[str, ...], DemoPool] = {}
+model_state.register_process_cache("ike-demo-pools", _POOLS.clear)
 
 
 def resolve_train_file(name: str) -> Path:
@@ -454,6 +456,14 @@ def load_ike_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> IKEEdit
     return handle
 
 
-register("IKE", hparams=IKEHyperParams, batch=True, load_edit=load_ike_edit,
+def tiny_setup(model: nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
+    """IKE on a tiny model: a 16-edit demonstration pool of vocabulary words, the hashed-words encoder."""
+    from lmedit.smoke import use_smoke_encoder, write_edit_file
+
+    return {"train_file": str(write_edit_file(tok, workdir, "ike-pool.json", 16, seed=1)), "k": 2,
+            "encoder": use_smoke_encoder()}
+
+
+register("IKE", hparams=IKEHyperParams, batch=True, load_edit=load_ike_edit, tiny_setup=tiny_setup,
          contract=Contract(effect="output", why="in-context demonstrations steer a language model that has learned "
                            "to read context; a random tiny model's outputs change but need not favour the target"))(apply_ike)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -37,10 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmedit.evaluation.scoring import TokenizedPair, pad_id_of, tokenize_pair
+from lmedit.forward import TokenizedPair, block_of, forward_tail, last_columns_logits, pad_id_of, tokenize_pair
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
+from lmedit import model_state
 from lmedit.hparams import HyperParams, HyperParamsError
-from lmedit.partial_forward import block_of, last_columns_logits
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, ModelSpecError
@@ -100,11 +99,11 @@ class LoraSession:
     next_id: int = 0
 
 
-_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, LoraSession]" = weakref.WeakKeyDictionary()
+_OWNER = "lora"  # this module's slot in lmedit.model_state
 
 
 def session_of(model: nn.Module) -> LoraSession | None:
-    return _SESSIONS.get(model)
+    return model_state.slot(model, _OWNER)
 
 
 def _peft() -> Any:
@@ -146,7 +145,7 @@ def inject(model: nn.Module, config: dict[str, Any]) -> LoraSession:
     if not lora_parameters(model):
         _unload(model, session)
         raise HyperParamsError(f"LoRA: no module matched target_modules {config['target_modules']} at layers {layers}")
-    _SESSIONS[model] = session
+    model_state.put(model, _OWNER, session)
     return session
 
 
@@ -174,7 +173,7 @@ def _unload(model: nn.Module, session: LoraSession) -> None:
     for name, param in model.named_parameters():
         if name in session.requires_grad:
             param.requires_grad_(session.requires_grad[name])
-    _SESSIONS.pop(model, None)
+    model_state.drop(model, _OWNER)
 
 
 # --------------------------------------------------------------------------- the method
@@ -221,7 +220,7 @@ def _train(
     optimizer = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
     losses: list[float] = []
     try:
-        # blocks below the first adapted one never change: computed once per batch (lmedit.partial_forward)
+        # blocks below the first adapted one never change: computed once per batch (lmedit.forward.partial)
         batch_logits = [_last_columns(model, spec, first, batch, pad_id) for batch in batches]
         for _ in range(hparams.num_steps):
             total, tokens = 0.0, 0
@@ -258,8 +257,6 @@ def _last_columns(model: nn.Module, spec: ModelSpec | None, first: int, batch: S
     longest = max(len(e.target_ids) for e in batch)
     sequences = [e.ids for e in batch]
     if spec is None:
-        from lmedit.evaluation.scoring import forward_tail
-
         return lambda: forward_tail(model, sequences, pad_id, longest + 1)
     return last_columns_logits(model, spec, first, sequences, pad_id, longest + 1)
 
@@ -354,4 +351,12 @@ def load_lora_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> LoRAEd
     return handle
 
 
-register("LoRA", hparams=LoRAHyperParams, batch=True, load_edit=load_lora_edit)(apply_lora)
+def tiny_setup(model: nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
+    """LoRA on a tiny random model: the top layer's MLP output projection, whatever its layout calls it."""
+    spec = ModelSpec.from_model(model)
+    top = spec.num_layers - 1
+    return {"layers": [top], "target_modules": [spec.mlp_out(top).rsplit(".", 1)[-1]], "rank": 4, "lora_alpha": 8,
+            "lr": 5e-2, "num_steps": 40}
+
+
+register("LoRA", hparams=LoRAHyperParams, batch=True, load_edit=load_lora_edit, tiny_setup=tiny_setup)(apply_lora)

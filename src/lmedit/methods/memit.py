@@ -19,6 +19,7 @@ import torch
 
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.locate.core import (
+    tiny_setup,
     LocateHyperParams,
     add_to_weight,
     average_keys,
@@ -84,7 +85,8 @@ def current_outputs(model: Any, tok: Any, plan: PlannedEdit, requests: Sequence[
     return read_at(model, tok, lookups, [site], inputs=False)[site].T
 
 
-@register("MEMIT", hparams=MEMITHyperParams, batch=True, needs_subject=True)
+@register("MEMIT", hparams=MEMITHyperParams, batch=True, needs_subject=True,
+          tiny_setup=lambda model, tok, workdir: {**tiny_setup(model, tok, workdir), "mom2_update_weight": 1.0})
 def apply_memit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: MEMITHyperParams) -> WeightSnapshotHandle:
     """Mass-editing memory in a transformer (MEMIT): batch edits over a range of MLP layers."""
     started = time.perf_counter()

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from lmedit.adapters import SequenceLogits, frozen_model
-from lmedit.evaluation.scoring import pad_id_of
+from lmedit.forward import pad_id_of
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.registry import Contract, TrainingEntry, register
@@ -508,7 +508,19 @@ def train_mend(
                            show_progress=show_progress)
 
 
-register(METHOD, hparams=MENDHyperParams, batch=True,
+def tiny_setup(model: nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
+    """MEND on a tiny model: a rank-8 network over the top two layers, trained for 40 steps on vocabulary-word edits."""
+    from lmedit.smoke import edit_examples
+
+    archive = Path(workdir) / "mend"
+    top = ModelSpec.from_model(model).num_layers - 1
+    params = MENDTrainingParams(layers=[max(top - 1, 0), top], rank=8, max_steps=40, batch_size=8, val_every=20,
+                                val_examples=16, save_every=10, lr=1e-3, lr_lr=1e-4, edit_lr=1e-2, cedit=1.0, patience=10)
+    train_mend(model, tok, params, edit_examples(tok, 200), edit_examples(tok, 16, seed=1), archive, show_progress=False)
+    return {"archive": str(archive)}
+
+
+register(METHOD, hparams=MENDHyperParams, batch=True, tiny_setup=tiny_setup,
          trainer=TrainingEntry(MENDTrainingParams, train_mend,
                          "MEND's gradient-editing hypernetwork (edited weights: the last 3 MLP down-projections by default)"),
          contract=Contract(effect="output", why="the hypernetwork is trained; a briefly trained one on a tiny random "

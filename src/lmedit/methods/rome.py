@@ -27,6 +27,7 @@ import torch
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParamsError
 from lmedit.locate.core import (
+    tiny_setup,
     LocateHyperParams,
     add_to_weight,
     average_keys,
@@ -55,7 +56,7 @@ class ROMEHyperParams(LocateHyperParams):
             raise HyperParamsError(f"key_mode must be original, prefix or prompt; got {self.key_mode!r}")
 
 
-@register("ROME", hparams=ROMEHyperParams, needs_subject=True)
+@register("ROME", hparams=ROMEHyperParams, needs_subject=True, tiny_setup=tiny_setup)
 def apply_rome(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: ROMEHyperParams) -> WeightSnapshotHandle:
     """Rank-one model editing of one MLP down-projection (ROME)."""
     started = time.perf_counter()

@@ -44,7 +44,7 @@ from torch import nn
 
 from lmedit.adapters import SequenceLogits, frozen_model
 from lmedit.encoders import DEFAULT_ENCODER, get_encoder
-from lmedit.evaluation.scoring import pad_id_of
+from lmedit.forward import pad_id_of
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.registry import Contract, TrainingEntry, register
@@ -494,7 +494,18 @@ def train_serac(
                            show_progress=show_progress)
 
 
-register(METHOD, hparams=SERACHyperParams, batch=True, load_edit=load_memory,
+def tiny_setup(model: nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
+    """SERAC on a tiny model: its networks trained for 20 steps on vocabulary-word edits (hashed-words encoder)."""
+    from lmedit.smoke import edit_examples, use_smoke_encoder
+
+    archive = Path(workdir) / "serac"
+    params = SERACTrainingParams(encoder=use_smoke_encoder(), head_hidden=16, trainable_layers=1, max_steps=20,
+                                 batch_size=8, val_every=10, val_examples=16, lr_counterfactual=1e-3)
+    train_serac(model, tok, params, edit_examples(tok, 120), edit_examples(tok, 16, seed=1), archive, show_progress=False)
+    return {"archive": str(archive)}
+
+
+register(METHOD, hparams=SERACHyperParams, batch=True, load_edit=load_memory, tiny_setup=tiny_setup,
          trainer=TrainingEntry(SERACTrainingParams, train_serac,
                          "SERAC's scope classifier (a head on all-MiniLM-L6-v2) and counterfactual model (top blocks of a copy)"),
          contract=Contract(effect="output", why="the counterfactual model is trained; on an untrained tiny model it "
