@@ -75,3 +75,23 @@ def test_run_records_retention_curves_on_request(tmp_path, monkeypatch):
     assert curves["test_retention"][0] == 1.0 or held["require_correct"] is False
     bad = runner.invoke(app, base[:-3] + ["--out", str(tmp_path / "r2"), "--retention-every", "-1", "--no-progress"])
     assert bad.exit_code == 2 and "--retention-every" in bad.output
+
+
+def test_report_prints_markdown_unwrapped_on_a_narrow_terminal(tmp_path):
+    """`lmedit report runs/a runs/b > t.md` must give one table row per line, whatever the terminal width."""
+    folders = []
+    for name, method in (("a", "FT-M"), ("b", "AlphaEdit")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"method": method, "protocol": "sequential", "T": 100,
+                                                        "batch_size": 1, "eval": {"mode": "teacher"}}))
+        (folder / "summary.json").write_text(json.dumps({
+            "n": 100, "complete": True, "timing": {"edit_seconds_per_request": 12.5},
+            "pre": {"rewrite_acc": 0.25, "rephrase_acc": 0.25, "portability": 0.5},
+            "post": {"rewrite_acc": 0.75, "rephrase_acc": 0.5, "locality": 0.875, "portability": 0.5}}))
+        folders.append(str(folder))
+    result = CliRunner(env={"COLUMNS": "40"}).invoke(app, ["report", *folders])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 4 and max(map(len, lines)) > 80  # header, rule, two runs; each longer than the terminal
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from lmedit.cli import app
 from lmedit.commands.reproduce import parse_method_overrides, parse_methods
-from lmedit.reproduce import (ReproduceError, WiseTableConfig, collect_rows, markdown_table, run_wise_table,
-                              write_table)
+from lmedit.reports.wise_table import collect_rows, markdown_table
+from lmedit.reproduce import ReproduceError, WiseTableConfig, plan_runs, run_wise_table, write_table
 from lmedit.registry import get_method
 from lmedit.runner import read_records
 
@@ -38,6 +38,11 @@ def zsre_file(tmp_path):
         for src, alt, truth, reph, loc, loc_ans in RECORDS
     ]))
     return path
+
+
+def _collected(config):
+    """The table's cells from the reproduction's run folders."""
+    return collect_rows(plan_runs(config), config.table)
 
 
 def _config(zsre_file, tmp_path, **changes):
@@ -89,6 +94,11 @@ def test_wise_table_runs_every_pair_and_writes_the_paper_layout(zsre_file, tmp_p
     assert set(retention) == {"FT-M", "GRACE"} and retention["GRACE"]["T"] == 2
     assert retention["GRACE"]["edit_retention"] == curves["edit_retention"]
     assert "| GRACE | 2 |" in table[table.index("Retention along the longest chunk"):]
+    # the report command reads the same table back from the run folders (the reproduction's folder stands for them)
+    report = CliRunner().invoke(app, ["report", "--layout", "wise-table", str(out)])
+    assert report.exit_code == 0, report.output
+    main, note = report.output.split("\nsmollm2-135m, sequential protocol")
+    assert table.startswith(main) and table.endswith("smollm2-135m, sequential protocol" + note)
     pytest.importorskip("matplotlib")
     assert (out / "wise-table.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "wise-table-retention.png").read_bytes()[:4] == b"\x89PNG"
@@ -97,7 +107,7 @@ def test_wise_table_runs_every_pair_and_writes_the_paper_layout(zsre_file, tmp_p
 def test_an_interrupted_reproduction_resumes_where_it_stopped(zsre_file, tmp_path, tiny_llama, word_tok):
     config = _config(zsre_file, tmp_path)
     run_wise_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
-    before = collect_rows(config)
+    before = _collected(config)
     folder = config.folder("GRACE", 1)
     lines = (folder / "results.jsonl").read_text().splitlines()
     (folder / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:15])  # interrupted while writing
@@ -108,7 +118,7 @@ def test_an_interrupted_reproduction_resumes_where_it_stopped(zsre_file, tmp_pat
                                                           ("FT-M", 2, "done"), ("GRACE", 2, "done")]
     records = read_records(folder / "results.jsonl")
     assert [(r["index"], r["chunk"]) for r in records] == [(0, 0), (1, 1)]  # only the torn chunk was redone
-    assert collect_rows(config)["rows"] == before["rows"]  # the resumed run gives the same table
+    assert _collected(config)["rows"] == before["rows"]  # the resumed run gives the same table
     with pytest.raises(ReproduceError, match="differs in"):
         changed = _config(zsre_file, tmp_path, overrides={**TINY, "GRACE": {**TINY["GRACE"], "n_iter": 11}})
         (changed.folder("GRACE", 1) / "summary.json").unlink()
@@ -122,7 +132,7 @@ def test_a_failing_method_is_reported_and_the_others_run(zsre_file, tmp_path, ti
     status = {(o["method"], o["T"]): o["status"] for o in payload["outcomes"]}
     assert status == {("FT-M", 1): "ran", ("GRACE", 1): "failed"}
     assert set(payload["rows"]) == {"unedited", "FT-M"}
-    table = markdown_table(config, collect_rows(config))
+    table = markdown_table(config.table, _collected(config))
     assert "| GRACE |" not in table.split("Seconds per edit")[0]
 
 
@@ -158,6 +168,8 @@ def test_hallucination_data_gets_the_perplexity_layout(tmp_path, tiny_llama, wor
     (config.out / "wise-table.md").unlink()
     assert write_table(WiseTableConfig(data=path, out=config.out, methods=("FT-M",), Ts=(1,), limit=2))["layout"] == "hallucination"
     assert "| Method | T=1 Rel. (PPL) | T=1 Loc. |" in (config.out / "wise-table.md").read_text()
+    report = CliRunner().invoke(app, ["report", "--layout", "wise-table", str(config.folder("FT-M", 1))])
+    assert report.output.startswith("| Method | T=1 Rel. (PPL) | T=1 Loc. |\n")  # found from the run's metrics alone
 
 
 def test_table_only_writes_the_table_from_finished_folders_and_runs_nothing(zsre_file, tmp_path, tiny_llama, word_tok):
@@ -174,39 +186,3 @@ def test_table_only_writes_the_table_from_finished_folders_and_runs_nothing(zsre
     missing = CliRunner().invoke(app, ["reproduce", "wise-table", "--data", str(zsre_file),
                                        "--out", str(tmp_path / "nothing-here"), "--limit", "2", "--T", "1", "--table-only"])
     assert missing.exit_code != 0 and "does not exist" in " ".join(missing.output.split())
-
-
-def test_cost_along_the_chunk_is_read_per_position_and_binned(zsre_file, tmp_path):
-    from lmedit.reproduce import cost_along_chunk, cost_table
-
-    config = _config(zsre_file, tmp_path, methods=("FT-M", "GRACE"), Ts=(1, 8), limit=8)
-    folder = config.folder("GRACE", 8)
-    folder.mkdir(parents=True)
-    # one chunk of 8 edits, each slower than the one before: 1, 2, ..., 8 seconds
-    records = [{"index": i, "chunk": 0, "step_seconds": float(i + 1), "edit_seconds": 4.5} for i in range(8)]
-    (folder / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    assert cost_along_chunk(config) == {}  # an unfinished run is left out
-    (folder / "summary.json").write_text(json.dumps({"complete": True}))
-    short = config.folder("FT-M", 1)  # T=1 chunks have one position: too short for a curve, so no FT-M entry
-    short.mkdir(parents=True)
-    (short / "results.jsonl").write_text(json.dumps({"index": 0, "chunk": 0, "step_seconds": 1.0}) + "\n")
-    (short / "summary.json").write_text(json.dumps({"complete": True}))
-    cost = cost_along_chunk(config)
-    assert list(cost) == ["GRACE"] and cost["GRACE"]["T"] == 8
-    assert [b["seconds"] for b in cost["GRACE"]["bins"]] == [1.5, 3.5, 5.5, 7.5]
-    assert [b["edits"] for b in cost["GRACE"]["bins"]] == ["1-2", "3-4", "5-6", "7-8"]
-    assert "| GRACE | 8 | 1.5 (edits 1-2) |" in cost_table(cost) and "| 5.00 |" in cost_table(cost)
-
-
-def test_row_colors_one_colour_per_method_and_grey_only_for_unedited() -> None:
-    """The table plot colours by method, so a row missing from one panel (unedited has no Loc.) cannot shift colours."""
-    pytest.importorskip("matplotlib")
-    from lmedit.reproduce import UNEDITED, row_colors
-
-    methods = ("FT-L", "FT-M", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE")
-    colors = row_colors(methods)
-    assert len({colors[m] for m in methods}) == len(methods)
-    assert all(colors[m] != (0.4980392156862745, 0.4980392156862745, 0.4980392156862745, 1.0) for m in methods)
-    assert colors[UNEDITED] == "0.45"
-    many = tuple(f"M{i}" for i in range(15))
-    assert len(set(row_colors(many).values())) == 16

@@ -64,7 +64,8 @@ def run(
     _setup_logging(verbose)
     from lmedit.data import load_requests
     from lmedit.evaluation import EvalConfig
-    from lmedit.runner import default_out_dir, file_sha256
+    from lmedit.experiment import RetentionSettings, make_spec, run_experiment
+    from lmedit.runner import file_sha256
 
     try:
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
@@ -72,43 +73,21 @@ def run(
             _fail("the data selection is empty; check --data, --offset and --limit")
         from lmedit.evaluation.suites import required_specs  # --suite hook: selected + data-required suites
 
+        retention = None  # held-out probes from the records after the edited ones, in <run folder>/held_out.json
+        if retention_every:
+            retention = RetentionSettings(every=retention_every, items=retention_items, data=data, data_format=data_format)
         editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_),
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
                                          max_batch_tokens=eval_max_tokens, packing=packing,
                                          suites=required_specs(requests, suite)))
-        data_path = str(data) if data else None
-        folder = out or default_out_dir(editor.method.name)
-        tracker = None
-        if retention_every:
-            edited_records = limit if limit is not None else len(requests)  # raw records, as --limit counts them
-            tracker = _retention_tracker(editor, data, data_format, offset + edited_records, requests, folder,
-                                         retention_every, retention_items, eval_batch_size)
-        summary, folder = editor.run(
-            requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each, out_dir=folder,
-            show_progress=progress, data=data_path or "demo", data_sha256=file_sha256(data) if data else None,
-            offset=offset, limit=limit, after_step=tracker,
-        )
-        if tracker is not None:
-            from lmedit.lifelong import write_curves
-
-            write_curves(folder, tracker.held_out, title=f"{editor.method.name}, {protocol}" + (f" T={T}" if T else ""),
-                         meta={"every": retention_every, "tracking_seconds_this_session": tracker.seconds})
+        spec = make_spec(editor, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
+                         data=str(data) if data else "demo", data_sha256=file_sha256(data) if data else None,
+                         offset=offset, limit=limit)
+        summary, folder = run_experiment(editor, requests, spec, out, retention=retention, show_progress=progress)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
     _print_summary(summary, f"{editor.method.name} on {model}, {protocol}" + (f" T={T}" if T else "") + f", {eval_mode} scoring")
     console.print(f"results: [bold]{folder}[/]")
-
-
-def _retention_tracker(editor: Any, data: Optional[Path], data_format: Optional[str], after: int, requests: Any,
-                       folder: Path, every: int, items: int, batch_size: int) -> Any:
-    """ERR/TRR every ``every`` edits; the held-out set is chosen once per run folder (``held_out.json``)."""
-    from lmedit.lifelong import HELD_OUT_FILE, RetentionTracker, choose_held_out
-
-    if every < 0:
-        raise ValueError("--retention-every must be 0 (off) or a positive number of edits")
-    held_out = choose_held_out(data, editor.model, editor.tok, after=after, items=items,
-                               path=Path(folder) / HELD_OUT_FILE, batch_size=batch_size, data_format=data_format)
-    return RetentionTracker(editor.model, editor.evaluator, requests, Path(folder), held_out, every)
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
@@ -237,32 +216,36 @@ app.command("stats")(stats_command)
 
 @app.command()
 def report(
-    folders: list[Path] = typer.Argument(..., help="Run folders written by `lmedit run`."),
-    out: Optional[Path] = typer.Option(None, help="Also write the table here (.md) and the rows as JSON (.json)."),
-    layout: str = typer.Option("default", help="default | knowedit (KnowEdit's table) | counterfact (ROME's table)."),
+    folders: Optional[list[Path]] = typer.Argument(None, help="Run folders written by `lmedit run` or `lmedit reproduce` "
+                                                              "(a folder of run folders stands for all of them)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the table here (.md), the rows as JSON (.json) and, "
+                                                  "for layouts that draw one, the plot (.png)."),
+    layout: str = typer.Option("default", help="Table layout from the layout registry, e.g. knowedit, counterfact, "
+                                               "wise-table; `--layout list` shows them all."),
 ) -> None:
-    """Compare finished runs side by side (pre → post per metric, edit time)."""
-    from lmedit.evaluation.suites.layouts import LAYOUTS  # --layout hook: benchmark tables
-    from lmedit.report import ReportError, load_run, markdown_table, run_row
+    """Compare finished runs side by side (default: pre → post per metric, edit time) as a markdown table."""
+    from lmedit.reports import ReportError, describe_layout, expand_run_folders, get_layout, list_layouts, load_run
 
-    if layout != "default" and layout not in LAYOUTS:
-        _fail(f"unknown layout {layout!r}; choose default, {', '.join(LAYOUTS)}")
+    if layout == "list":
+        typer.echo("\n".join(f"{name}: {describe_layout(name)}" for name in list_layouts()))
+        return
+    if not folders:
+        _fail("give at least one run folder, e.g. `lmedit report runs/a runs/b`")
     try:
-        runs = [load_run(folder) for folder in folders]
+        chosen = get_layout(layout)
+        runs = [load_run(folder) for folder in expand_run_folders(folders)]
+        rows = chosen.rows(runs)
+        text = chosen.table(rows)
     except ReportError as exc:
         _fail(str(exc))
-    if layout == "default":
-        rows = [run_row(run) for run in runs]
-        text = markdown_table(rows)
-    else:
-        make_rows, make_table = LAYOUTS[layout]
-        rows = make_rows(runs)
-        text = make_table(rows)
-    console.print(text)
+    typer.echo(text, nl=not text.endswith("\n"))  # plain text: markdown is never wrapped or read as rich markup
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(text)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        plot = getattr(chosen, "plot", None)
+        if plot is not None:
+            plot(rows, out.with_suffix(".png"))
 
 
 from lmedit.commands.reproduce import reproduce_app  # noqa: E402  (cheap: the library loads only when run)

@@ -19,7 +19,7 @@ from lmedit.models import DEFAULT_MODEL, load_model
 from lmedit.protocols import Chunk, EditSession
 from lmedit.registry import MethodInfo, get_method, load_edit
 from lmedit.requests import EditRequest
-from lmedit.runner import RunSpec, default_out_dir, run_benchmark
+from lmedit.experiment import RetentionSettings, make_spec, run_experiment
 
 
 class Editor:
@@ -101,31 +101,15 @@ class Editor:
         offset: int = 0,
         limit: int | None = None,
         after_step: Callable[[Chunk, int], None] | None = None,
+        retention: RetentionSettings | None = None,
     ) -> tuple[dict[str, Any], Path]:
-        """Run a protocol over ``requests``; returns the summary and the run folder.
+        """Run a protocol over ``requests``; returns the summary and the run folder (see
+        :func:`lmedit.experiment.run_experiment`).
 
-        ``after_step`` is called on the edited model after each edit step (e.g. a
-        :class:`lmedit.lifelong.RetentionTracker`); it must not change the model.
+        ``retention`` also records retention curves; ``after_step`` is called on the edited
+        model after each edit step and must not change the model.
         """
-        out = Path(out_dir) if out_dir else default_out_dir(self.method.name)
-        spec = RunSpec(
-            method=self.method.name,
-            model=self.model_name,
-            protocol=protocol,
-            hparams=self.hparams.to_dict(),
-            eval=dict(self.evaluator.config.__dict__),
-            T=T,
-            batch_size=batch_size,
-            seed=seed,
-            eval_each=eval_each,
-            data=data,
-            data_sha256=data_sha256,
-            offset=offset,
-            limit=limit,
-            n_requests=len(requests),
-            preset=self.preset,
-            hparams_file=self.hparams_file,
-        )
-        summary = run_benchmark(self.session(seed=seed, eval_each=eval_each), requests, spec, out,
-                                show_progress=show_progress, after_step=after_step)
-        return summary, out
+        spec = make_spec(self, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
+                         data=data, data_sha256=data_sha256, offset=offset, limit=limit)
+        return run_experiment(self, requests, spec, out_dir, retention=retention, show_progress=show_progress,
+                              after_step=after_step)

@@ -16,7 +16,8 @@ A :class:`RetentionTracker` is passed to :func:`lmedit.runner.run_benchmark` as
 through the run's :class:`~lmedit.evaluation.Evaluator` in batches, reads the
 model only, and appends one row per checkpoint to ``retention.jsonl`` in the run
 folder; :func:`write_curves` turns the rows into ``lifelong.json`` and
-``lifelong.png``.
+``lifelong.png`` (drawn by :mod:`lmedit.reports.plots`). Every run sets these up
+in one place, :func:`lmedit.experiment.run_experiment` with ``RetentionSettings``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from lmedit.evaluation.evaluator import Evaluator, ProbeOutcome, ProbeRef, locality_agreement
+from lmedit.forward import generate_greedy, tokenize_pair
 from lmedit.protocols import Chunk
 from lmedit.requests import EditRequest
 
@@ -169,8 +171,6 @@ def own_answers(
     exactly (1 of 800 candidates on SmolLM2), so TRR is measured on what the model itself answered instead:
     whether it still gives the same answer after the edits. Empty answers are dropped.
     """
-    from lmedit.evaluation.scoring import generate_greedy, tokenize_pair
-
     lengths = [max(1, len(tokenize_pair(tok, c.prompt, c.answer).target_ids)) for c in candidates]
     generated = generate_greedy(model, tok, [c.prompt for c in candidates], lengths, batch_size=batch)
     answered = []
@@ -387,7 +387,9 @@ def write_curves(
     }
     (out / CURVES_JSON).write_text(json.dumps(payload, indent=2))
     if rows:
-        plot_curves(curves, out / CURVES_PNG, title)
+        from lmedit.reports.plots import plot_curves  # all figures are drawn in one place
+
+        plot_curves(curves, CURVE_METRICS, out / CURVES_PNG, title)
     return payload
 
 
@@ -396,50 +398,3 @@ def _count(items: Iterable[str]) -> dict[str, int]:
     for item in items:
         counts[item] += 1
     return counts
-
-
-def plot_curves(curves: dict[str, Any], path: str | Path, title: str = "") -> Path | None:
-    """Accuracies (left) and perplexities (right, log scale) against the number of edits; None without matplotlib."""
-    figure = new_figure(10, 4)
-    if figure is None:
-        return None
-    accuracy, perplexity = figure.subplots(1, 2)
-    edits = curves["edits"]
-    for metric, (label, is_ppl) in CURVE_METRICS.items():
-        values = curves.get(metric, [])
-        points = [(t, v) for t, v in zip(edits, values) if v is not None]
-        if not points:
-            continue
-        axis = perplexity if is_ppl else accuracy
-        axis.plot([t for t, _ in points], [v for _, v in points], marker="o", markersize=3, label=label)
-    accuracy.set_ylim(-0.02, 1.02)
-    accuracy.set_ylabel("accuracy")
-    perplexity.set_yscale("log")
-    perplexity.set_ylabel("perplexity")
-    for axis in (accuracy, perplexity):
-        axis.set_xlabel("number of edits")
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(str(path))
-    return Path(path)
-
-
-def new_figure(width: float, height: float) -> Any:
-    """A matplotlib Figure on the Agg canvas (no pyplot state), or None with a warning when matplotlib is missing."""
-    from lmedit.analysis.plots import PlotDependencyError, require_matplotlib
-
-    try:
-        require_matplotlib()
-    except PlotDependencyError as exc:
-        LOG.warning("%s; skipping the plot", exc)
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=120)
-    FigureCanvasAgg(figure)
-    return figure

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 
-console = Console()
+from lmedit.commands.common import console, fail as _fail, setup_logging as _setup_logging
 
 reproduce_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Re-run published result tables on a model (resumable).")
@@ -54,8 +53,6 @@ def wise_table(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run FT-L, FT-M, ROME, MEMIT, AlphaEdit, GRACE, DEFER and WISE sequentially at each T; write the table."""
-    from lmedit.commands.common import fail as _fail, setup_logging as _setup_logging
-
     _setup_logging(verbose)
     if table_only and not out.is_dir():
         _fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
@@ -88,7 +85,7 @@ def wise_table(
         _fail(str(exc))
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
-    console.print((out / "wise-table.md").read_text(), soft_wrap=True)
+    typer.echo((out / "wise-table.md").read_text(), nl=False)  # plain text: markdown is never wrapped or read as markup
     failed = [o for o in payload.get("outcomes", []) if o["status"] == "failed"]
     for outcome in failed:
         console.print(f"[bold red]failed[/] {outcome['method']} T={outcome['T']}: {outcome['error']}", soft_wrap=True)

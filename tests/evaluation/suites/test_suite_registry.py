@@ -1,4 +1,4 @@
-"""Suite selection, settings, the evaluator hooks, run folders and the benchmark tables."""
+"""Suite selection, settings, the evaluator hooks and run folders (the benchmark tables: tests/reports)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from lmedit.evaluation import EvalConfig, Evaluator
 from lmedit.evaluation.suites import SuiteError, build_suite, build_suites, canonical_specs, required_specs
-from lmedit.evaluation.suites.layouts import counterfact_rows, counterfact_table, knowedit_rows, knowedit_table
 from lmedit.requests import EditRequest
 
 
@@ -78,36 +77,3 @@ def test_run_folder_records_suite_settings_and_resumes(tiny_llama, word_tok, tmp
     assert {"fluency", "fluency_new_tokens"} <= set(summary["pre"]) and "fluency" in summary["post"]
     again, _ = editor.run(requests, out_dir=tmp_path / "r", show_progress=False)  # a tuple reads back as a list
     assert again["post"]["fluency"] == pytest.approx(summary["post"]["fluency"])
-
-
-def _run(method: str, data: str, post: dict, pre: dict | None = None, n: int = 10) -> dict:
-    return {"folder": f"/runs/{method}", "config": {"method": method, "data": data, "protocol": "single"},
-            "summary": {"n": n, "pre": pre or {}, "post": post, "complete": True}}
-
-
-def test_knowedit_table_as_knowedit_prints_it():
-    runs = [
-        _run("FT-M", "/d/ZsRE-test-all.json", {"rewrite_acc": 0.9, "portability": 0.5, "locality": 0.25, "fluency": 5.5}),
-        _run("ROME", "/d/ZsRE-test-all.json", {"rewrite_acc": 0.8, "locality": 0.5}),
-        _run("FT-M", "/d/blender_test.json", {"convsent_es": 0.4, "convsent_kl": 0.123, "rewrite_acc": 1.0}),
-    ]
-    rows = knowedit_rows(runs)
-    assert rows[0]["Edit Succ."] == pytest.approx(90.0) and rows[0]["Fluency"] == pytest.approx(550.0)
-    assert rows[2]["dataset"] == "ConvSent" and rows[2]["Edit Succ."] == pytest.approx(40.0)
-    assert rows[2]["Locality"] == pytest.approx(0.123)  # KL is shown as is
-    table = knowedit_table(rows)
-    assert table.splitlines()[0] == "| Dataset | Metric | FT-M | ROME |"
-    assert "| ZsRE (n=10) | Edit Succ. | 90.00 | 80.00 |" in table
-    assert "|  | Portability | 50.00 | — |" in table
-    assert "|  | Locality (KL ↓) | 0.1230 | — |" in table
-    assert "Portability" not in table.split("ConvSent")[1]
-
-
-def test_counterfact_table_has_romes_harmonic_score():
-    post = {"cf_efficacy": 1.0, "cf_paraphrase": 0.5, "cf_neighborhood": 0.25, "cf_generation_entropy": 6.0}
-    rows = counterfact_rows([_run("ROME", "/d/cf.json", post, pre={"cf_efficacy": 0.2, "cf_paraphrase": 0.2,
-                                                                      "cf_neighborhood": 0.8})])
-    assert rows[0]["S_post"] == pytest.approx(3 / (1 / 100 + 1 / 50 + 1 / 25))
-    assert rows[0]["GE_post"] == pytest.approx(600.0)
-    table = counterfact_table(rows)
-    assert "| ROME | 10 | post | 42.9 | 100.0 | 50.0 | 25.0 |" in table

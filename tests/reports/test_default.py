@@ -1,4 +1,4 @@
-"""The side-by-side report of run folders."""
+"""The default layout: finished runs side by side, read from their run folders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from lmedit.report import ReportError, load_run, markdown_table, run_row
+from lmedit.reports import ReportError, load_run
+from lmedit.reports.default import markdown_table, run_row
 
 
 def _write_run(folder, method, protocol, T=None, pre=0.2, post=0.9):

@@ -1,12 +1,8 @@
-"""Benchmark tables in the layouts the papers print: KnowEdit's and ROME's CounterFact table.
-
-Both read finished run folders (``lmedit report --layout knowedit|counterfact RUN...``)
-and print numbers as the papers do: percentages (× 100), fluency and
-generation entropy × 100 as well.
+"""KnowEdit's table (``lmedit report --layout knowedit RUN...``), numbers printed as KnowEdit prints them.
 
 KnowEdit (EasyEdit's ``examples/run_knowedit_llama2.py::eval``): per dataset,
 rows *Edit Succ.*, *Portability*, *Locality*, *Fluency* and one column per
-method, all post-edit:
+method, all post-edit, as percentages (× 100; fluency × 100 as well):
 
 * Edit Succ. = mean ``rewrite_acc``;
 * Portability = mean over requests that have portability probes of the
@@ -25,8 +21,10 @@ as is, not × 100, with four decimals).
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import harmonic_mean
 from typing import Any, Sequence
+
+from lmedit.reports import register_layout
+from lmedit.reports.cells import number, scaled
 
 KNOWEDIT_DATASETS = {
     "zsre-test-all": "ZsRE",
@@ -42,14 +40,21 @@ KNOWEDIT_DATASETS = {
 KNOWEDIT_METRICS = ("Edit Succ.", "Portability", "Locality", "Fluency")
 
 
+@register_layout("knowedit")
+class KnowEditLayout:
+    """KnowEdit's Table 4: per dataset, Edit Succ. / Portability / Locality / Fluency rows, one column per method."""
+
+    def rows(self, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return knowedit_rows(runs)
+
+    def table(self, rows: Sequence[dict[str, Any]]) -> str:
+        return knowedit_table(rows)
+
+
 def dataset_label(config: dict[str, Any]) -> str:
     data = config.get("data") or "demo"
     stem = Path(str(data)).stem
     return KNOWEDIT_DATASETS.get(stem.lower(), KNOWEDIT_DATASETS.get(stem, stem))
-
-
-def _scaled(value: Any, factor: float = 100.0) -> float | None:
-    return None if value is None else float(value) * factor
 
 
 def knowedit_values(summary: dict[str, Any]) -> dict[str, float | None]:
@@ -57,16 +62,16 @@ def knowedit_values(summary: dict[str, Any]) -> dict[str, float | None]:
     post = summary.get("post", {})
     if "convsent_es" in post:
         return {
-            "Edit Succ.": _scaled(post.get("convsent_es")),
+            "Edit Succ.": scaled(post.get("convsent_es")),
             "Portability": None,
-            "Locality": _scaled(post.get("convsent_kl"), 1.0),
-            "Fluency": _scaled(post.get("fluency")),
+            "Locality": scaled(post.get("convsent_kl"), 1.0),
+            "Fluency": scaled(post.get("fluency")),
         }
     return {
-        "Edit Succ.": _scaled(post.get("rewrite_acc")),
-        "Portability": _scaled(post.get("portability")),
-        "Locality": _scaled(post.get("locality")),
-        "Fluency": _scaled(post.get("fluency")),
+        "Edit Succ.": scaled(post.get("rewrite_acc")),
+        "Portability": scaled(post.get("portability")),
+        "Locality": scaled(post.get("locality")),
+        "Fluency": scaled(post.get("fluency")),
     }
 
 
@@ -98,7 +103,7 @@ def knowedit_table(rows: Sequence[dict[str, Any]]) -> str:
         for k, metric in enumerate(KNOWEDIT_METRICS):
             kl = metric == "Locality" and dataset.startswith("ConvSent")
             # KL is in nats and small: four decimals, so a small nonzero KL never prints as EasyEdit's 0.00
-            cells = [_cell(mine.get(m, {}).get(metric), digits=4 if kl else 2) for m in methods]
+            cells = [number(mine.get(m, {}).get(metric), 4 if kl else 2) for m in methods]
             if all(c == "—" for c in cells):
                 continue
             name = f"{dataset} (n={'/'.join(map(str, n))})" if k == 0 else ""
@@ -111,51 +116,3 @@ def _method_label(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     twins = [r for r in rows if r["dataset"] == row["dataset"] and r["method"] == row["method"]]
     label = row["method"] if len(twins) == 1 else f"{row['method']} ({Path(str(row['folder'])).name})"
     return label + ("" if row.get("complete", True) else " (incomplete)")
-
-
-def _cell(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
-
-
-# --------------------------------------------------------------------------- ROME's CounterFact table
-
-COUNTERFACT_COLUMNS = (
-    ("ES", "cf_efficacy"), ("PS", "cf_paraphrase"), ("NS", "cf_neighborhood"),
-    ("EM", "cf_efficacy_magnitude"), ("PM", "cf_paraphrase_magnitude"), ("NM", "cf_neighborhood_magnitude"),
-    ("GE", "cf_generation_entropy"),
-)
-
-
-def counterfact_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Pre and post CounterFact numbers (× 100) per run, and ROME's score S = hmean(ES, PS, NS)."""
-    rows = []
-    for run in runs:
-        config, summary = run["config"], run["summary"]
-        row: dict[str, Any] = {"method": config["method"], "n": summary.get("n"), "folder": run.get("folder"),
-                               "complete": summary.get("complete", True)}
-        for phase in ("pre", "post"):
-            values = summary.get(phase, {})
-            for column, key in COUNTERFACT_COLUMNS:
-                row[f"{column}_{phase}"] = _scaled(values.get(key))
-            parts = [row[f"{c}_{phase}"] for c in ("ES", "PS", "NS")]
-            row[f"S_{phase}"] = harmonic_mean(parts) if all(p is not None for p in parts) else None
-        rows.append(row)
-    return rows
-
-
-def counterfact_table(rows: Sequence[dict[str, Any]]) -> str:
-    """ROME's Table (S, ES, PS, NS, magnitudes, GE), one row per run and phase (pre, post)."""
-    columns = ["S"] + [c for c, _ in COUNTERFACT_COLUMNS]
-    lines = ["| method | n | phase | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
-    for row in rows:
-        flag = "" if row["complete"] else " (incomplete)"
-        for phase in ("pre", "post"):
-            cells = [_cell(row.get(f"{c}_{phase}"), 1) for c in columns]
-            lines.append(f"| {row['method']}{flag} | {row['n']} | {phase} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-LAYOUTS = {
-    "knowedit": (knowedit_rows, knowedit_table),
-    "counterfact": (counterfact_rows, counterfact_table),
-}

@@ -1,34 +1,24 @@
-"""Side-by-side tables of finished runs (markdown and JSON), read from their run folders."""
+"""The default report: finished runs side by side, pre → post per core metric and the edit time."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
-from lmedit.runner import CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, read_records, summarize
+from lmedit.reports import register_layout
+from lmedit.reports.cells import number
 
 COLUMNS = ("rewrite_acc", "rephrase_acc", "locality", "portability")
 
 
-class ReportError(ValueError):
-    """A folder given to the report is not a finished run folder."""
+@register_layout("default")
+class DefaultLayout:
+    """Any runs side by side: pre → post of rewrite, rephrase, portability; post locality; seconds per edit."""
 
+    def rows(self, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [run_row(run) for run in runs]
 
-def load_run(folder: str | Path) -> dict[str, Any]:
-    """A run's config and summary; a run still in progress is summarised from the chunks written so far."""
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file():
-        raise ReportError(f"{folder} is not a run folder ({CONFIG_FILE} is missing); pass folders made by lmedit run")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    if (folder / SUMMARY_FILE).is_file():
-        summary = json.loads((folder / SUMMARY_FILE).read_text())
-    else:
-        records = read_records(folder / RESULTS_FILE) if (folder / RESULTS_FILE).is_file() else []
-        if not records:
-            raise ReportError(f"{folder} has no finished chunk yet")
-        summary = {**summarize(records), "complete": False}
-    return {"folder": str(folder), "config": config, "summary": summary}
+    def table(self, rows: Sequence[dict[str, Any]]) -> str:
+        return markdown_table(rows)
 
 
 def run_row(run: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +46,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             protocol += f" (batch {row['batch_size']})"
         cells = [
             _pre_post(row, "rewrite_acc"), _pre_post(row, "rephrase_acc"),
-            _num(row["locality_post"]), _pre_post(row, "portability"),
+            number(row["locality_post"], 3), _pre_post(row, "portability"),
         ]
-        seconds = "—" if row["seconds_per_edit"] is None else f"{row['seconds_per_edit']:.1f}"
         flag = "" if row["complete"] else " (incomplete)"
+        seconds = number(row["seconds_per_edit"], 1)
         lines.append(f"| {row['method']}{flag} | {protocol} | {row['n']} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines) + "\n"
 
@@ -68,8 +58,4 @@ def _pre_post(row: dict[str, Any], metric: str) -> str:
     pre, post = row[f"{metric}_pre"], row[f"{metric}_post"]
     if post is None:
         return "—"
-    return f"{_num(pre)} → {_num(post)}" if pre is not None else _num(post)
-
-
-def _num(value: Any) -> str:
-    return "—" if value is None else f"{value:.3f}"
+    return f"{number(pre, 3)} → {number(post, 3)}" if pre is not None else number(post, 3)

@@ -1,0 +1,30 @@
+"""KnowEdit's table from run summaries, printed as KnowEdit prints it."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmedit.reports.knowedit import knowedit_rows, knowedit_table
+
+
+def _run(method: str, data: str, post: dict, pre: dict | None = None, n: int = 10) -> dict:
+    return {"folder": f"/runs/{method}", "config": {"method": method, "data": data, "protocol": "single"},
+            "summary": {"n": n, "pre": pre or {}, "post": post, "complete": True}}
+
+
+def test_knowedit_table_as_knowedit_prints_it():
+    runs = [
+        _run("FT-M", "/d/ZsRE-test-all.json", {"rewrite_acc": 0.9, "portability": 0.5, "locality": 0.25, "fluency": 5.5}),
+        _run("ROME", "/d/ZsRE-test-all.json", {"rewrite_acc": 0.8, "locality": 0.5}),
+        _run("FT-M", "/d/blender_test.json", {"convsent_es": 0.4, "convsent_kl": 0.123, "rewrite_acc": 1.0}),
+    ]
+    rows = knowedit_rows(runs)
+    assert rows[0]["Edit Succ."] == pytest.approx(90.0) and rows[0]["Fluency"] == pytest.approx(550.0)
+    assert rows[2]["dataset"] == "ConvSent" and rows[2]["Edit Succ."] == pytest.approx(40.0)
+    assert rows[2]["Locality"] == pytest.approx(0.123)  # KL is shown as is
+    table = knowedit_table(rows)
+    assert table.splitlines()[0] == "| Dataset | Metric | FT-M | ROME |"
+    assert "| ZsRE (n=10) | Edit Succ. | 90.00 | 80.00 |" in table
+    assert "|  | Portability | 50.00 | — |" in table
+    assert "|  | Locality (KL ↓) | 0.1230 | — |" in table
+    assert "Portability" not in table.split("ConvSent")[1]
