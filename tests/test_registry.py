@@ -41,3 +41,35 @@ def test_check_requests_for_subject_methods():
         info.check_requests([EditRequest("a", "b"), EditRequest("c", "d")])
     with pytest.raises(ValueError, match="needs the subject"):
         info.check_requests([EditRequest("a", "b")])
+
+
+def test_method_facts_live_in_the_registry():
+    from lmedit.registry import list_methods, trainable_methods
+
+    by_name = {info.name: info for info in list_methods()}
+    assert {m.name for m in trainable_methods()} == {"MEND", "SERAC"}
+    assert {n for n, i in by_name.items() if i.generation_scored} == {"GRACE", "DEFER", "WISE"}
+    assert all(info.tiny_setup is not None for info in list_methods())  # the contract test can run every method
+
+
+def test_contract_declarations_must_say_why():
+    from lmedit.registry import Contract, MethodError
+
+    with pytest.raises(MethodError, match="must say why"):
+        Contract(effect="output")
+    with pytest.raises(MethodError, match="effect must be"):
+        Contract(effect="sometimes", why="x")
+
+
+def test_load_edit_refuses_broken_and_unknown_folders(tmp_path, tiny_llama):
+    from lmedit.handles import EditHandleError
+    from lmedit.registry import load_edit
+
+    with pytest.raises(EditHandleError, match="edit.json is missing"):
+        load_edit(tiny_llama, tmp_path)
+    (tmp_path / "edit.json").write_text("{not json")
+    with pytest.raises(EditHandleError, match="not valid JSON"):
+        load_edit(tiny_llama, tmp_path)
+    (tmp_path / "edit.json").write_text('{"format": "x", "method": "NOPE"}')
+    with pytest.raises(EditHandleError, match="known methods"):
+        load_edit(tiny_llama, tmp_path)

@@ -96,3 +96,18 @@ def test_missing_data_and_unknown_settings_are_refused(tiny_folder, tmp_path):
     unknown = runner.invoke(app, ["train", "mend", "--model", str(tiny_folder), "--train-data", str(train),
                                   "--val-data", str(train), "--set", "rnak=4"])
     assert unknown.exit_code == 2 and "did you mean 'rank'" in _flat(unknown.output)
+
+
+def test_a_method_without_networks_is_refused_by_name():
+    result = runner.invoke(app, ["train", "rome"])
+    assert result.exit_code == 2
+    assert "ROME has no networks to train; trainable: MEND, SERAC" in " ".join(result.output.split())
+
+
+def test_every_sub_command_is_registered_before_main():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lmedit.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("run", "edit", "report", "stats", "trace", "train", "reproduce", "methods", "models"):
+        assert f" {command} " in out, command
