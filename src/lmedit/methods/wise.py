@@ -478,8 +478,9 @@ def _keep_random(delta: torch.Tensor, density: float, rescale: bool, generator: 
 @register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
           generation_scored=True, load_edit=load_adapter_edit,
           contract=Contract(no_tiny_effect_on=("gemma3_text",), why=(
-              "on a random 3-layer Gemma 3 the side memory's activation deviation never passes the routing "
-              "threshold, so the edited prompt is still answered by the main memory (not investigated further)")),
+              "on a random 3-layer Gemma 3, which normalises every MLP output again, 15 steps lower the target's NLL "
+              "by only 0.3 nats and the scored probe's activation deviation stays under the routing threshold, "
+              "so the main memory still answers")),
           tiny_setup=lambda model, tok, workdir: {
               "layer": -1, "n_iter": 15, "edit_lr": 30.0, "template_lengths": [2], "act_margin": [0.01, 0.02, 0.01],
               "norm_constraint": None, "irrelevant_file": str(write_edit_file(tok, workdir, "irrelevant.json", 8, seed=2))})
