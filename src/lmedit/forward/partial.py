@@ -63,12 +63,7 @@ class UpperForward:
             hook.remove()
         if captured.hidden is None or captured.kwargs is None:
             return None
-        upper = cls(model, spec, first, captured, read)
-        with torch.no_grad():
-            shortcut = upper()
-        if shortcut.shape != reference.shape or not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
-            return None
-        return upper
+        return _agreeing(cls(model, spec, first, captured, read), reference)
 
     def __call__(self) -> torch.Tensor:
         hidden = self.captured.hidden
@@ -148,15 +143,19 @@ class SuffixForward:
         inputs = {"input_ids": input_ids[:, split:], "attention_mask": attention_mask,
                   "position_ids": positions[:, split:]}
         suffix_read = (read // width) * (width - split) + (read % width - split)
-        upper = cls(model, [(k.detach(), v.detach()) for k, v in kv], inputs, suffix_read)
-        with torch.no_grad():
-            shortcut = upper()
-        if shortcut.shape != reference.shape or not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
-            return None
-        return upper
+        return _agreeing(cls(model, [(k.detach(), v.detach()) for k, v in kv], inputs, suffix_read), reference)
 
     def __call__(self) -> torch.Tensor:
         cache = build_cache(self.model, self.kv)
         logits, _ = forward_reading(self.model, self.read, use_cache=True, **self.inputs,
                                     **{cache_keyword(self.model): cache})
         return logits
+
+
+def _agreeing(shortcut: Any, reference: torch.Tensor) -> Any:
+    """``shortcut`` when its logits match the full forward pass (else None: the caller falls back to full passes)."""
+    with torch.no_grad():
+        logits = shortcut()
+    if logits.shape != reference.shape or not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
+        return None
+    return shortcut
