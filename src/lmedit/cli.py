@@ -9,8 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, err_console, fail as _fail, parse_overrides as _parse_overrides
-from lmedit.commands.common import setup_logging as _setup_logging
+from lmedit.commands.common import console, fail, parse_overrides, setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit knowledge in language models and measure it.")
 
@@ -61,7 +60,7 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a benchmark: edit every request under a protocol, evaluate, write a run folder."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from lmedit.data import load_requests
     from lmedit.evaluation import EvalConfig
     from lmedit.experiment import RetentionSettings, make_spec, run_experiment
@@ -70,13 +69,13 @@ def run(
     try:
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
         if not requests:
-            _fail("the data selection is empty; check --data, --offset and --limit")
+            fail("the data selection is empty; check --data, --offset and --limit")
         from lmedit.evaluation.suites import required_specs  # --suite hook: selected + data-required suites
 
         retention = None  # held-out probes from the records after the edited ones, in <run folder>/held_out.json
         if retention_every:
             retention = RetentionSettings(every=retention_every, items=retention_items, data=data, data_format=data_format)
-        editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_),
+        editor = _make_editor(method, model, preset, hparams, parse_overrides(set_),
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
                                          max_batch_tokens=eval_max_tokens, packing=packing,
                                          suites=required_specs(requests, suite)))
@@ -85,7 +84,7 @@ def run(
                          offset=offset, limit=limit)
         summary, folder = run_experiment(editor, requests, spec, out, retention=retention, show_progress=progress)
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_summary(summary, f"{editor.method.name} on {model}, {protocol}" + (f" T={T}" if T else "") + f", {eval_mode} scoring")
     console.print(f"results: [bold]{folder}[/]")
 
@@ -139,13 +138,13 @@ def edit(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Make one edit and show the model's greedy answers before and after."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     from lmedit.evaluation import EvalConfig
     from lmedit.requests import EditRequest
     from lmedit.routing import generate_routed  # greedy answers as the (possibly routed) model is really fed
 
     try:
-        editor = _make_editor(method, model, preset, hparams, _parse_overrides(set_), EvalConfig())
+        editor = _make_editor(method, model, preset, hparams, parse_overrides(set_), EvalConfig())
         shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (
             [("locality", locality_prompt)] if locality_prompt else [])
         before = _answers(editor, [p for _, p in shown], max_new_tokens, generate_routed)
@@ -161,7 +160,7 @@ def edit(
         if save:
             handle.save(save)
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     table = Table(title=f"{editor.method.name} on {model}: greedy answers")
     for column in ("probe", "prompt", "before", "after"):
         table.add_column(column)
@@ -230,14 +229,14 @@ def report(
         typer.echo("\n".join(f"{name}: {describe_layout(name)}" for name in list_layouts()))
         return
     if not folders:
-        _fail("give at least one run folder, e.g. `lmedit report runs/a runs/b`")
+        fail("give at least one run folder, e.g. `lmedit report runs/a runs/b`")
     try:
         chosen = get_layout(layout)
         runs = [load_run(folder) for folder in expand_run_folders(folders)]
         rows = chosen.rows(runs)
         text = chosen.table(rows)
     except ReportError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(text, nl=not text.endswith("\n"))  # plain text: markdown is never wrapped or read as rich markup
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

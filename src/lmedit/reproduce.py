@@ -32,8 +32,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lmedit.data.shared import find_shared_file  # noqa: F401  (re-exported for the commands)
-from lmedit.evaluation.evaluator import EvalConfig
+from lmedit.evaluation.evaluator import EVAL_MODES, EvalConfig
+from lmedit.registry import get_method, list_presets
 from lmedit.reports.wise_table import TABLE_COLUMNS, TABLE_NAME, WISE_TABLE_METHODS, WiseTable
 from lmedit.requests import EditRequest
 
@@ -73,8 +73,6 @@ class WiseTableConfig:
     layout: str | None = None  # a key of TABLE_COLUMNS ("zsre", "hallucination"); None: detected from the data
 
     def __post_init__(self) -> None:
-        from lmedit.evaluation.evaluator import EVAL_MODES
-        from lmedit.registry import get_method
 
         self.data = Path(self.data)
         self.out = Path(self.out)
@@ -112,8 +110,6 @@ class WiseTableConfig:
     def eval_mode_for(self, method: str) -> str:
         """Methods registered with ``generation_scored`` (GRACE, DEFER, WISE) are also scored by generation
         (both modes in one run); others use ``eval_mode``."""
-        from lmedit.registry import get_method
-
         if get_method(method).generation_scored and self.eval_mode == "teacher":
             return "both"
         return self.eval_mode
@@ -232,7 +228,6 @@ def _run_method(
 ) -> None:
     from lmedit.editor import Editor
     from lmedit.experiment import make_spec, run_experiment
-    from lmedit.registry import get_method, list_presets
     from lmedit.runner import file_sha256
 
     if config.model not in list_presets(method):

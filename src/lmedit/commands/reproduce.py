@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from lmedit.commands.common import console, fail as _fail, setup_logging as _setup_logging
+from lmedit.commands.common import console, fail, setup_logging
 
 reproduce_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Re-run published result tables on a model (resumable).")
@@ -53,16 +53,17 @@ def wise_table(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run FT-L, FT-M, ROME, MEMIT, AlphaEdit, GRACE, DEFER and WISE sequentially at each T; write the table."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if table_only and not out.is_dir():
-        _fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
+        fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
     try:
+        from lmedit.data.shared import find_shared_file
         from lmedit.reproduce import (DEFAULT_TS, WISE_IRRELEVANT_FILE, WISE_TABLE_METHODS, ZSRE_FILE, ReproduceError,
-                                      WiseTableConfig, find_shared_file, run_wise_table, write_table)
+                                      WiseTableConfig, run_wise_table, write_table)
 
         data = data or find_shared_file(ZSRE_FILE)
         if data is None:
-            _fail(f"no zsRE file found at shared/data/{ZSRE_FILE}; pass it with --data")
+            fail(f"no zsRE file found at shared/data/{ZSRE_FILE}; pass it with --data")
         Ts = tuple(T) or DEFAULT_TS
         if all_T:
             Ts = tuple(sorted(set(Ts) | {1, 10, 100, 1000}))
@@ -82,9 +83,9 @@ def wise_table(
     except typer.Exit:
         raise  # already reported by _fail (click's Exit is a RuntimeError)
     except ReproduceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo((out / "wise-table.md").read_text(), nl=False)  # plain text: markdown is never wrapped or read as markup
     failed = [o for o in payload.get("outcomes", []) if o["status"] == "failed"]
     for outcome in failed:

@@ -51,14 +51,14 @@ def stats_command(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute or load the second moment E(k kᵀ) of the MLP down-projection input (one pass, cached)."""
-    from lmedit.commands.common import fail as _fail, setup_logging as _setup_logging
+    from lmedit.commands.common import fail, setup_logging
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if list_cache:
         _print_entries(cache_dir)
         return
     if layers is None:
-        _fail("pass --layers, e.g. --layers 4-8 (or --list to show the cache)")
+        fail("pass --layers, e.g. --layers 4-8 (or --list to show the cache)")
     try:
         chosen = parse_layers(layers)
         from lmedit.locate.stats import StatsConfig, layer_stats
@@ -77,7 +77,7 @@ def stats_command(
         found = layer_stats(loaded, tok, chosen, config, progress=progress, cache_dir=cache_dir)
         total = time.perf_counter() - start
     except (ValueError, RuntimeError, OSError, IndexError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _print_stats(found, model, config, total, load_seconds)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, fail as _fail, setup_logging as _setup_logging
+from lmedit.commands.common import console, fail, setup_logging
 
 DEFAULT_DATA_NAME = "counterfact/counterfact_portability_gpt4.json"
 """The CounterFact file in ROME's layout (``requested_rewrite``) among the shared benchmark data."""
@@ -33,7 +33,7 @@ def _parse_kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
     unknown = [k for k in kinds if k not in KINDS]
     if not kinds or unknown:
-        _fail(f"--kinds got {text!r}; give a comma-separated subset of {','.join(KINDS)}")
+        fail(f"--kinds got {text!r}; give a comma-separated subset of {','.join(KINDS)}")
     return tuple(dict.fromkeys(kinds))
 
 
@@ -56,24 +56,24 @@ def trace_command(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Causal tracing (ROME §2.1): which layers carry facts; suggests layers for ROME/MEMIT."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     kind_list = _parse_kinds(kinds)
     if limit < 1 or samples < 1 or window < 1 or noise_multiplier < 0 or max_batch_tokens < 1 or offset < 0:
-        _fail("--limit, --samples, --window and --max-batch-tokens must be positive; --noise-multiplier and --offset non-negative")
+        fail("--limit, --samples, --window and --max-batch-tokens must be positive; --noise-multiplier and --offset non-negative")
     if plots:
         from lmedit.analysis.plots import PlotDependencyError, require_matplotlib
 
         try:
             require_matplotlib()
         except PlotDependencyError as exc:
-            _fail(f"{exc}; or pass --no-plots to write only trace.json")
+            fail(f"{exc}; or pass --no-plots to write only trace.json")
     data_path = data or default_data_path()
     if data_path is None:
         from lmedit.data.shared import shared_hint
 
-        _fail(f"{shared_hint(DEFAULT_DATA_NAME)}; pass --data <CounterFact JSON>")
+        fail(f"{shared_hint(DEFAULT_DATA_NAME)}; pass --data <CounterFact JSON>")
     if not data_path.is_file():
-        _fail(f"data file {data_path} not found; pass --data <CounterFact JSON>")
+        fail(f"data file {data_path} not found; pass --data <CounterFact JSON>")
     folder = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-trace"
 
     from lmedit.analysis import tracing
@@ -97,7 +97,7 @@ def trace_command(
             window=window, seed=seed, max_batch_tokens=max_batch_tokens, show_progress=progress,
         )
     except (ValueError, RuntimeError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     report.extra.update({"model": model, "data": str(data_path), "offset": offset, "limit": limit, "known_only": known_only,
                          "records_scanned_for_known": scanned})
     written = _write(report, folder, model_name=model, plots=plots, examples=examples)
