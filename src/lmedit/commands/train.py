@@ -84,7 +84,7 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
         val = load_examples(val_path, limit=params.val_examples)
     identity = {"model": model_name, "train_data": {"path": str(train_path), "sha256": file_sha256(train_path)},
                 "val_data": {"path": str(val_path), "sha256": file_sha256(val_path)}}
-    console.print(f"training {method} on {model_name}: {len(train)} training edits, {len(val)} validation edits → {out}")
+    console.print(f"training {method} ({entry.summary}) on {model_name}: {len(train)} training edits, {len(val)} validation edits → {out}")
     return entry.train(model, tok, params, train, val, out, identity=identity, show_progress=show_progress)
 
 
