@@ -50,9 +50,9 @@ LAYOUTS: dict[str, Callable[..., torch.nn.Module]] = {
     "gemma3": build_tiny_gemma3,
 }
 METHODS = [info.name for info in list_methods()]
-# Per-model state that is a cache of the unedited model (its spec, its weights' fingerprint) or a locate-then-edit
+# Per-model state that is a cache of the unedited model (its weights' fingerprint) or a locate-then-edit
 # session (AlphaEdit's accumulated keys are documented to live as long as the model object): not edit state.
-CACHES_THAT_OUTLIVE_AN_EDIT = {"spec", "stats-fingerprint", "locate"}
+CACHES_THAT_OUTLIVE_AN_EDIT = {"stats-fingerprint", "locate"}
 
 # The subject ends each prompt: in a tiny random model attention carries little from one
 # position to the next, so an edit at the subject's last token must show at the last position.

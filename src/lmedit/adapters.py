@@ -98,7 +98,7 @@ class AdapterSite(HyperParams):
                 "say which layer to edit: layer: 27 (with module: mlp_out, the MLP down-projection), "
                 "or EasyEdit's inner_params: [model.layers[27].mlp.down_proj.weight]"
             )
-        spec = ModelSpec.of(model)
+        spec = spec_of(model)  # an adapter already in the model must not hide the layout
         try:
             return ADAPTER_ROLES[self.module](spec, int(self.layer))
         except IndexError as exc:

@@ -320,17 +320,6 @@ class ModelSpec:
     # ----------------------------------------------------------------- detection
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelSpec":
-        """The spec of ``model``, detected once per model object and remembered (:mod:`lmedit.model_state`).
-
-        Methods that wrap modules in place (GRACE, DEFER, WISE adapters, LoRA) change what
-        detection would see on a later call; the first detection describes the model itself.
-        """
-        from lmedit import model_state
-
-        return model_state.slot(model, "spec", lambda: cls.from_model(model))
-
-    @classmethod
     def from_model(cls, model: nn.Module) -> "ModelSpec":
         """Derive the map from the module tree and config (no model-name checks)."""
         cls_name = type(model).__name__
