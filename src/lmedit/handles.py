@@ -73,6 +73,10 @@ class WeightSnapshotHandle(EditHandle):
             for name, original in self._originals.items():
                 params[name].copy_(original)
 
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The exact values of the touched parameters before this edit (the stored copies: do not modify them)."""
+        return dict(self._originals)
+
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of the change of each touched parameter (useful for reports)."""
         params = dict(self.model.named_parameters())
