@@ -156,3 +156,80 @@ def test_shared_enwiki2015_resolves_by_name_from_the_project(monkeypatch):
     corpus = resolve_corpus("enwiki2015")
     first = next(corpus.documents())
     assert corpus.name == "enwiki2015" and first.startswith("Anarchism is a political philosophy")
+
+
+def test_compressed_wikiextractor_file_reads_like_the_plain_one(tmp_path):
+    import gzip
+    import lzma
+
+    plain = _wiki_folder(tmp_path / "plain")
+    expected = list(resolve_corpus(plain).documents())
+    text = "".join((plain / rel).read_text() for rel in ("AA/wiki_00", "AA/wiki_12", "AB/wiki_00"))
+    for suffix, compress in ((".xz", lzma.compress), (".gz", gzip.compress)):
+        folder = tmp_path / f"packed{suffix.strip('.')}"
+        folder.mkdir()
+        (folder / f"articles{suffix}").write_bytes(compress(text.encode()))
+        corpus = resolve_corpus(folder)
+        assert corpus.kind.startswith("wikiextractor") and list(corpus.documents()) == expected
+
+
+def test_packaged_sample_resolves_by_its_name_and_keeps_attribution(tmp_path, monkeypatch):
+    from lmedit.locate.corpus import packaged_sample
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LMEDIT_CORPUS_DIR", raising=False)
+    corpus = resolve_corpus("enwiki2015-sample")
+    assert corpus.name == "enwiki2015-sample"
+    documents = list(corpus.documents())
+    assert len(documents) == 1000 and all(len(d) < 4096 for d in documents)
+    folder = packaged_sample("enwiki2015")
+    assert folder is not None and "CC BY-SA 3.0" in (folder / "SOURCES.md").read_text()
+
+
+def test_a_missing_full_corpus_falls_back_to_its_packaged_sample_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # no shared/ above a temporary folder
+    monkeypatch.delenv("LMEDIT_CORPUS_DIR", raising=False)
+    with caplog.at_level("WARNING", logger="lmedit.locate.corpus"):
+        corpus = resolve_corpus("enwiki2015")
+    assert corpus.name == "enwiki2015-sample" and "packaged sample" in caplog.text
+    with pytest.raises(CorpusError, match="not found"):
+        resolve_corpus("enwiki2015", packaged_fallback=False)
+
+
+def test_packaged_sample_gives_the_full_corpus_token_samples(word_tok, monkeypatch):
+    """The sample is the full corpus's first 1,000 articles cut where a 256-token sample ends."""
+    full = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "enwiki2015"
+    if not full.is_dir():
+        pytest.skip("the shared enwiki2015 corpus is not beside this checkout")
+    length = 64
+    ours = [s.input_ids for s in tokenize_samples(word_tok, resolve_corpus("enwiki2015-sample").documents(), length)]
+    theirs = tokenize_samples(word_tok, resolve_corpus(full).documents(), length)
+    assert ours == [next(theirs).input_ids for _ in ours]
+
+
+class _FakeDatasets:
+    """Stands in for the optional `datasets` package: records the call, streams given rows."""
+
+    def __init__(self, rows):
+        self.rows, self.calls = rows, []
+
+    def load_dataset(self, name, config, split, streaming):
+        self.calls.append((name, config, split, streaming))
+        return iter(self.rows)
+
+
+def test_hub_corpora_stream_documents_through_datasets(monkeypatch):
+    wikitext = [{"text": ""}, {"text": " = Paris = \n"}, {"text": " Paris is a city . \n"}, {"text": " = = History = = \n"},
+                {"text": " It is old . \n"}, {"text": " = Rome = \n"}, {"text": " Rome is too . \n"}]
+    fake = _FakeDatasets(wikitext)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    corpus = resolve_corpus("wikitext:wikitext-2-raw-v1")
+    assert list(corpus.documents()) == ["Paris is a city .\n= = History = =\nIt is old .", "Rome is too ."]
+    assert fake.calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "train", True)]
+    assert corpus.identity == "wikitext:Salesforce/wikitext:wikitext-2-raw-v1"
+    fake = _FakeDatasets([{"text": "one"}, {"text": " "}, {"text": "two"}])
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    rows = resolve_corpus("hf:someone/texts:cfg")
+    assert list(rows.documents()) == ["one", "two"] and fake.calls[0][:2] == ("someone/texts", "cfg")
+    with pytest.raises(CorpusError, match="name the dataset"):
+        resolve_corpus("hf:")

@@ -283,3 +283,22 @@ def test_embedded_model_statistics_are_a_valid_second_moment(embedded, tmp_path)
         assert eig[0] > -1e-9 * eig[-1] and eig[-1] > 0
     assert not torch.allclose(found[3].mom2, found[5].mom2)
     clear_memory_cache()
+
+
+def test_cached_statistics_are_reused_where_their_corpus_is_absent(tiny_llama, word_tok, tmp_path, cache, monkeypatch):
+    """A machine without the corpus (a user outside the checkout) still finds statistics cached for it by name."""
+    corpora = tmp_path / "corpora"
+    _write_corpus(corpora / "mini")
+    monkeypatch.setenv("LMEDIT_CORPUS_DIR", str(corpora))
+    config = StatsConfig(corpus="mini", n_samples=6, sample_length=40, batch_tokens=256)
+    computed = layer_stats(tiny_llama, word_tok, [0, 1], config, cache_dir=cache, progress=False)
+    clear_memory_cache()
+    monkeypatch.delenv("LMEDIT_CORPUS_DIR")
+    monkeypatch.chdir(tmp_path)
+    reused = layer_stats(tiny_llama, word_tok, [0, 1], config, cache_dir=cache, progress=False)
+    assert all(torch.equal(reused[k].mom2, computed[k].mom2) and reused[k].source == "disk" for k in (0, 1))
+    with pytest.raises(Exception, match="'mini' not found"):  # other settings: nothing to reuse, nothing to compute from
+        layer_stats(tiny_llama, word_tok, [0], StatsConfig(corpus="mini", n_samples=5, sample_length=40), cache_dir=cache,
+                    progress=False)
+    with pytest.raises(Exception, match="'mini' not found"):  # a layer never computed
+        layer_stats(tiny_llama, word_tok, [2], config, cache_dir=cache, progress=False)

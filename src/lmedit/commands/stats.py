@@ -41,7 +41,7 @@ def parse_layers(text: str) -> list[int]:
 def stats_command(
     model: str = typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
     layers: Optional[str] = typer.Option(None, help="Layers, e.g. '5', '5,6,7' or '4-8'."),
-    corpus: str = typer.Option("enwiki2015", help="Corpus folder or file, a name under $LMEDIT_CORPUS_DIR or shared/corpus/, or 'wikipedia'."),
+    corpus: str = typer.Option("enwiki2015", help="Corpus folder or file, a name under $LMEDIT_CORPUS_DIR or shared/corpus/, the packaged enwiki2015-sample (used when enwiki2015 is absent), or a hub corpus: wikipedia[:config], wikitext[:config], hf:DATASET[:config]."),
     n_samples: int = typer.Option(1000, help="Documents to average over."),
     sample_length: int = typer.Option(256, help="Tokens taken from the start of each document."),
     batch_tokens: int = typer.Option(2048, help="Most tokens per forward pass (padding included)."),

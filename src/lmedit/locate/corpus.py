@@ -14,7 +14,16 @@ Sources (see `resolve_corpus`):
 * a single ``.txt`` file: one document per paragraph (paragraphs are separated
   by blank lines), since a single document would make a single sample;
 * ``"wikipedia"`` (or ``"wikipedia:<config>"``): the Hugging Face Wikipedia dump
-  that ROME uses, streamed through the optional ``datasets`` package.
+  that ROME uses, streamed through the optional ``datasets`` package;
+  ``"wikitext[:<config>]"`` (WikiText, one document per article) and
+  ``"hf:<dataset>[:<config>]"`` (any hub dataset with a ``text`` column, one
+  document per row) likewise, for users who have the hub;
+* the packaged sample ``enwiki2015-sample`` (the first 1,000 articles of
+  ``enwiki2015``, each cut where a 256-token sample ends; CC BY-SA 3.0, see its
+  SOURCES.md), which a bare ``enwiki2015`` falls back to when the full corpus is
+  not beside the user, so the embedded model's presets work from any folder.
+
+A WikiExtractor file may be compressed (``.gz``, ``.xz``).
 
 Files are always read in sorted relative-path order, so the document order is
 the same on every run and machine.
@@ -22,7 +31,10 @@ the same on every run and machine.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import logging
+import lzma
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,17 +48,27 @@ __all__ = [
     "Corpus",
     "CorpusError",
     "DEFAULT_WIKIPEDIA",
+    "PACKAGED_SAMPLES",
     "MIN_ARTICLE_WORDS",
     "Sample",
     "TokenBatch",
     "batch_samples",
+    "iter_wikiextractor_articles",
+    "packaged_sample",
     "read_wikiextractor",
     "resolve_corpus",
     "tokenize_samples",
 ]
 
+LOG = logging.getLogger(__name__)
+
 MIN_ARTICLE_WORDS = 50
 DEFAULT_WIKIPEDIA = ("wikimedia/wikipedia", "20231101.en")
+DEFAULT_WIKITEXT = ("Salesforce/wikitext", "wikitext-103-raw-v1")
+# Bare corpus names that fall back to a sample shipped inside the package when the full corpus is absent.
+PACKAGED_SAMPLES = {"enwiki2015": "enwiki2015-sample"}
+_PACKAGED_DIR = Path(__file__).resolve().parent.parent / "data" / "corpus"
+_OPENERS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".xz": lzma.open}
 _CHECKSUM_FILE = "SHA256SUMS"
 _IGNORED_NAMES = {_CHECKSUM_FILE, "SOURCES.md", "README.md", "README", "LICENSE"}
 _DOC_TITLE = re.compile(r'\btitle="(?P<title>[^"]*)"')
@@ -106,32 +128,46 @@ def _content_hash(root: Path, files: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _open_text(path: Path) -> Any:
+    """A text handle on a plain, gzip or xz file (chosen by suffix)."""
+    opener = _OPENERS.get(path.suffix)
+    if opener is None:
+        return path.open("r", encoding="utf-8", errors="replace")
+    return opener(path, "rt", encoding="utf-8", errors="replace")
+
+
 def _starts_with_doc_tag(path: Path) -> bool:
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
+    with _open_text(path) as handle:
         for line in handle:
             if line.strip():
                 return line.lstrip().startswith("<doc ")
     return False
 
 
-def read_wikiextractor(lines: Iterable[str], min_words: int = MIN_ARTICLE_WORDS) -> Iterator[str]:
-    """Article texts from WikiExtractor lines: title line dropped, stubs under `min_words` skipped."""
-    title: str | None = None
+def iter_wikiextractor_articles(lines: Iterable[str], min_words: int = MIN_ARTICLE_WORDS) -> Iterator[tuple[str, str, str]]:
+    """(header line, title, text) per kept article: title line dropped, stubs under `min_words` skipped."""
+    header = title = None
     body: list[str] = []
     for raw in lines:
         line = raw.rstrip("\n")
         if title is None:
             if line.lstrip().startswith("<doc "):
                 match = _DOC_TITLE.search(line)
-                title, body = (match.group("title") if match else ""), []
+                header, title, body = line.strip(), (match.group("title") if match else ""), []
             continue
         if line.strip() == "</doc>":
             text = _article_text(title, body)
-            title = None
             if len(text.split()) >= min_words:
-                yield text
+                yield header or "", title, text
+            title = None
             continue
         body.append(line)
+
+
+def read_wikiextractor(lines: Iterable[str], min_words: int = MIN_ARTICLE_WORDS) -> Iterator[str]:
+    """Article texts from WikiExtractor lines: title line dropped, stubs under `min_words` skipped."""
+    for _, _, text in iter_wikiextractor_articles(lines, min_words):
+        yield text
 
 
 def _article_text(title: str, body: list[str]) -> str:
@@ -146,7 +182,7 @@ def _article_text(title: str, body: list[str]) -> str:
 def _wikiextractor_corpus(root: Path, files: list[Path]) -> Corpus:
     def reader() -> Iterator[str]:
         for path in files:
-            with path.open("r", encoding="utf-8", errors="replace") as handle:
+            with _open_text(path) as handle:
                 yield from read_wikiextractor(handle)
 
     kind = f"wikiextractor-v1-min{MIN_ARTICLE_WORDS}"
@@ -196,39 +232,99 @@ def _local_corpus(path: Path) -> Corpus:
     )
 
 
-def _wikipedia_corpus(config: str | None) -> Corpus:
-    """The Hugging Face Wikipedia dump ROME samples from, streamed (no full download)."""
-    dataset, default_config = DEFAULT_WIKIPEDIA
-    config = config or default_config
-    hint = "pass a local corpus path instead, e.g. --corpus ../shared/corpus/enwiki2015 (or a name under $LMEDIT_CORPUS_DIR)"
+def _datasets_module(hint: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise CorpusError(f"the 'wikipedia' corpus needs the optional 'datasets' package, which is not installed; {hint}") from None
+        raise CorpusError(f"hub corpora need the optional 'datasets' package, which is not installed; {hint}") from None
+    return datasets
 
+
+def _hub_documents(dataset: str, config: str | None, hint: str) -> Iterator[Any]:
+    """Rows of a Hugging Face dataset's train split, streamed (no full download)."""
+    datasets = _datasets_module(hint)
+    try:
+        yield from datasets.load_dataset(dataset, config, split="train", streaming=True)
+    except CorpusError:
+        raise
+    except Exception as exc:  # offline, hub changes: all end in the same advice
+        raise CorpusError(f"could not stream {dataset} ({config}) from the Hugging Face hub: {exc}; {hint}") from None
+
+
+_HUB_HINT = ("pass a local corpus path instead, e.g. --corpus ../shared/corpus/enwiki2015 (or a name under "
+             "$LMEDIT_CORPUS_DIR), or the packaged sample --corpus enwiki2015-sample")
+_WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def _rows_as_documents(rows: Iterable[Any]) -> Iterator[str]:
+    for row in rows:
+        text = (row.get("text") or "").strip()
+        if text:
+            yield text
+
+
+def _wikitext_articles(rows: Iterable[Any]) -> Iterator[str]:
+    """WikiText stores one line per row; an article starts at each top-level `` = Title = `` heading."""
+    current: list[str] = []
+    for row in rows:
+        line = (row.get("text") or "").rstrip("\n")
+        if _WIKITEXT_HEADING.match(line) and current:
+            text = "\n".join(current).strip()
+            if text:
+                yield text
+            current = []
+        elif not _WIKITEXT_HEADING.match(line):
+            current.append(line.strip())
+    text = "\n".join(current).strip()
+    if text:
+        yield text
+
+
+def _hub_corpus(name: str, dataset: str, config: str | None, kind: str,
+                documents: Callable[[Iterable[Any]], Iterator[str]]) -> Corpus:
     def reader() -> Iterator[str]:
-        try:
-            stream = datasets.load_dataset(dataset, config, split="train", streaming=True)
-            for row in stream:
-                text = (row.get("text") or "").strip()
-                if text:
-                    yield text
-        except Exception as exc:  # offline, hub changes: all end in the same advice
-            raise CorpusError(f"could not stream {dataset} ({config}) from the Hugging Face hub: {exc}; {hint}") from None
+        return documents(_hub_documents(dataset, config, _HUB_HINT))
 
-    return Corpus("wikipedia", "hf-wikipedia-v1", f"wikipedia:{dataset}:{config}", f"hf://{dataset}/{config}", reader)
+    _datasets_module(_HUB_HINT)  # fail before any work when the package is missing
+    return Corpus(name, kind, f"{name}:{dataset}:{config}", f"hf://{dataset}/{config}", reader)
 
 
-def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None) -> Corpus:
-    """Turn a path, a bare name or ``"wikipedia[:config]"`` into a `Corpus`.
+def _parse_hub_spec(text: str) -> Corpus | None:
+    """``wikipedia[:config]``, ``wikitext[:config]`` or ``hf:dataset[:config]``; None for anything else."""
+    head, _, rest = text.partition(":")
+    if head == "wikipedia":
+        dataset, default = DEFAULT_WIKIPEDIA
+        return _hub_corpus("wikipedia", dataset, rest or default, "hf-wikipedia-v1", _rows_as_documents)
+    if head == "wikitext":
+        dataset, default = DEFAULT_WIKITEXT
+        return _hub_corpus("wikitext", dataset, rest or default, "hf-wikitext-articles-v1", _wikitext_articles)
+    if head == "hf":
+        dataset, _, config = rest.partition(":")
+        if not dataset:
+            raise CorpusError(f"corpus {text!r}: name the dataset, e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1")
+        return _hub_corpus(dataset.replace("/", "--"), dataset, config or None, "hf-text-rows-v1", _rows_as_documents)
+    return None
+
+
+def packaged_sample(name: str) -> Path | None:
+    """The folder of a corpus sample shipped inside the package (by its own name or the full corpus's), or None."""
+    folder = _PACKAGED_DIR / PACKAGED_SAMPLES.get(name, name)
+    return folder if folder.is_dir() and _data_files(folder) else None
+
+
+def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None, packaged_fallback: bool = True) -> Corpus:
+    """Turn a path, a bare name or a hub spec (``wikipedia[:config]``, ``wikitext[:config]``, ``hf:...``) into a `Corpus`.
 
     A bare name is looked up as: an existing path; ``$LMEDIT_CORPUS_DIR/<name>``;
     ``shared/corpus/<name>`` in the current directory or any parent (so
-    ``enwiki2015`` works from inside the project checkout).
+    ``enwiki2015`` works from inside the project checkout); a sample shipped in
+    the package under that name. With `packaged_fallback`, a full corpus that is
+    not found (``enwiki2015``) is replaced by its packaged sample, with a warning.
     """
     text = os.fspath(spec)
-    if text == "wikipedia" or text.startswith("wikipedia:"):
-        return _wikipedia_corpus(text.partition(":")[2] or None)
+    hub = _parse_hub_spec(text)
+    if hub is not None:
+        return hub
     candidate = Path(text).expanduser()
     if candidate.exists():
         return _local_corpus(candidate)
@@ -237,9 +333,17 @@ def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None) -> 
         found = find_shared(text, kind="corpus", cwd=cwd)
         if found is not None:
             return _local_corpus(found)
+        sample = packaged_sample(text) if text in PACKAGED_SAMPLES.values() else None
+        if sample is not None:
+            return _local_corpus(sample)
         env_dir = os.environ.get(CORPUS_DIR_ENV)
         env = str(Path(env_dir).expanduser() / text) if env_dir else f"${CORPUS_DIR_ENV}/{text} (${CORPUS_DIR_ENV} is not set)"
         tried += [env, f"shared/corpus/{text} in {(cwd or Path.cwd()).resolve()} and its parents"]
+        sample = packaged_sample(text) if packaged_fallback and text in PACKAGED_SAMPLES else None
+        if sample is not None:
+            LOG.warning("corpus %r is not here (looked at: %s); using the packaged sample %r, which gives the same "
+                        "statistics for up to 1,000 samples of up to 256 tokens", text, "; ".join(tried), sample.name)
+            return _local_corpus(sample)
     raise CorpusError(
         f"corpus {text!r} not found; looked at: {'; '.join(tried)}. Pass the corpus folder with --corpus PATH "
         f"(library: StatsConfig(corpus=PATH)) or set {CORPUS_DIR_ENV} to the folder that holds {text!r}"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lmedit import model_state
-from lmedit.locate.corpus import Corpus, batch_samples, resolve_corpus, tokenize_samples
+from lmedit.locate.corpus import Corpus, CorpusError, batch_samples, resolve_corpus, tokenize_samples
 from lmedit.progress import progress_bar
 from lmedit.spec import ModelSpec, get_module
 
@@ -321,9 +321,16 @@ def layer_stats(
     explicit = fingerprint is not None
     remembered = model_state.slot(model, _OWNER) is not None
     model_fp = fingerprint if explicit else model_fingerprint(model)
-    folder = Path(cache_dir) if cache_dir is not None else default_stats_dir()
-    plan = _Plan(model_fp, tokenizer_fingerprint(tok), resolve_corpus(config.corpus), config,
-                 folder / model_fp[:16], modules)
+    folder = (Path(cache_dir) if cache_dir is not None else default_stats_dir()) / model_fp[:16]
+    tok_fp = tokenizer_fingerprint(tok)
+    try:
+        corpus = resolve_corpus(config.corpus, packaged_fallback=False)
+    except CorpusError:
+        cached = _cached_from_absent_corpus(folder, model_fp, tok_fp, config, modules)
+        if cached is not None:
+            return cached
+        corpus = resolve_corpus(config.corpus)  # the packaged sample, or the same error
+    plan = _Plan(model_fp, tok_fp, corpus, config, folder, modules)
 
     results: dict[int, LayerStats] = {}
     for layer, module in modules.items():
@@ -359,6 +366,49 @@ def layer_stats(
                 _MEMORY[plan.key(stats.module)] = stats
                 results[layer] = stats
     return {layer: results[layer] for layer in modules}
+
+
+def _cached_from_absent_corpus(folder: Path, model_fp: str, tok_fp: str, config: StatsConfig,
+                               modules: dict[int, str]) -> dict[int, LayerStats] | None:
+    """Every requested layer from cache entries of a corpus that is not on this machine, or None.
+
+    A corpus's identity (its content hash) needs its files, so a machine without
+    them cannot rebuild the cache key. Entries whose key matches in everything
+    else (model, tokenizer, module, sample count and length, dtype) and whose
+    corpus has the requested name are the statistics asked for; several
+    candidates for one module (two different corpora of that name) are refused.
+    """
+    if not folder.is_dir() or len(Path(config.corpus).parts) != 1:
+        return None
+    identities: set[str] = set()
+    for side in folder.glob("*.json"):
+        try:
+            key = json.loads(side.read_text()).get("key", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        corpus = str(key.get("corpus", ""))
+        if corpus.split(":")[0] == config.corpus and key.get("module") in modules.values():
+            identities.add(corpus)
+    if len(identities) != 1:
+        return None
+    identity = identities.pop()
+    stand_in = Corpus(config.corpus, identity.split(":")[1] if ":" in identity else "", identity,
+                      f"(not on this machine; cached statistics of {identity})", _absent_documents)
+    plan = _Plan(model_fp, tok_fp, stand_in, config, folder, modules)
+    found = {}
+    for layer, module in modules.items():
+        hit = _from_memory(plan, layer, module) or _load_entry(plan, layer, module)
+        if hit is None:
+            return None
+        _MEMORY.setdefault(plan.key(module), hit)
+        found[layer] = hit
+    LOG.info("corpus %r is not on this machine; using its cached statistics (%s) for %s",
+             config.corpus, identity, ", ".join(sorted(modules.values())))
+    return found
+
+
+def _absent_documents() -> Iterator[str]:
+    raise StatsError("internal: a corpus known only from cached statistics cannot be read")
 
 
 def _from_memory(plan: _Plan, layer: int, module: str) -> LayerStats | None:
