@@ -121,8 +121,8 @@ class EasyEditHyperParams:
 
     @property
     def batch_size(self) -> int | None:
-        """EasyEdit's edit batch size (``batch_edit`` chunks); None when the file sets none."""
-        value = self.__dict__.get("batch_size", self.raw.get("batch_size"))
+        """EasyEdit's edit batch size (``batch_edit`` chunks); None when neither the file nor the method sets one."""
+        value = self.__dict__.get("batch_size", self.raw.get("batch_size", getattr(self.hparams, "batch_size", None)))
         return int(value) if value is not None else None
 
     def __getattr__(self, name: str) -> Any:
@@ -136,11 +136,11 @@ class EasyEditHyperParams:
 
     def __setattr__(self, name: str, value: Any) -> None:
         hparams = self.__dict__["config"].hparams
-        if name in {f for f in getattr(hparams, "__dataclass_fields__", {})}:
+        if name == "batch_size" or name not in getattr(hparams, "__dataclass_fields__", {}):
+            self.__dict__[name] = value
+        if name in getattr(hparams, "__dataclass_fields__", {}):
             setattr(hparams, name, value)
             hparams.validate()
-        else:
-            self.__dict__[name] = value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(method={self.method!r}, model_name={self.model_name!r}, hparams={self.hparams!r})"
@@ -845,8 +845,9 @@ class BaseEditor:
                 started = time.perf_counter()
                 handle = self._apply(plan, requests, step)
                 handles.append(handle)
+                elapsed = time.perf_counter() - started  # EasyEdit gives each request its edit call's time
                 for i in step:
-                    times[i] = time.perf_counter() - started
+                    times[i] = elapsed
                 if not plan.sequential or plan.eval_each:
                     self._score(plan, requests, step, pre, scoring, metrics)
                 if not plan.sequential:
