@@ -24,7 +24,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
@@ -641,7 +641,6 @@ class _Plan:
     eval_each: bool = False
     test_generation: bool = False
     loc_prompts: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class BaseEditor:
@@ -702,23 +701,29 @@ class BaseEditor:
         prompts: str | Sequence[str],
         target_new: str | Sequence[str],
         ground_truth: str | Sequence[str] | None = None,
+        target_neg: str | Sequence[str] | None = None,
         rephrase_prompts: str | Sequence[str] | None = None,
         locality_inputs: Mapping[str, Any] | None = None,
         portability_inputs: Mapping[str, Any] | None = None,
-        subject: str | Sequence[str] | None = None,
         sequential_edit: bool = False,
+        verbose: bool = True,
+        *,
+        subject: str | Sequence[str] | None = None,
         keep_original_weight: bool | None = None,
         train_ds: Any = None,
         test_generation: bool = False,
-        verbose: bool = True,
         **kwargs: Any,
     ) -> tuple[list[dict[str, Any]], torch.nn.Module, WeightsCopy]:
-        """Edit each request on its own (or one after another with ``sequential_edit``) and score it."""
+        """Edit each request on its own (or one after another with ``sequential_edit``) and score it.
+
+        The positional order is EasyEdit's. Options beyond EasyEdit's: ``eval_each=True`` scores each
+        request of a sequential call right after its own edit instead of after the last one.
+        """
         if "requests" in kwargs:
             requests = list(kwargs.pop("requests"))
         else:
             requests = prepare_requests(prompts, target_new, ground_truth, rephrase_prompts, locality_inputs,
-                                        portability_inputs, subject, kwargs.pop("target_neg", None))
+                                        portability_inputs, subject, target_neg)
         return self.edit_requests(requests, sequential_edit, verbose, test_generation=test_generation,
                                   keep_original_weight=keep_original_weight, train_ds=train_ds, **kwargs)
 
@@ -741,6 +746,7 @@ class BaseEditor:
         prompts: Sequence[str],
         target_new: Sequence[str],
         ground_truth: Sequence[str] | None = None,
+        target_neg: Sequence[str] | None = None,
         rephrase_prompts: Sequence[str] | None = None,
         locality_inputs: Mapping[str, Any] | None = None,
         portability_inputs: Mapping[str, Any] | None = None,
@@ -751,7 +757,7 @@ class BaseEditor:
         """Edit ``hparams.batch_size`` requests per call (all at once when the file sets no batch size)."""
         self._require_batch()
         requests = prepare_requests(prompts, target_new, ground_truth, rephrase_prompts, locality_inputs,
-                                    portability_inputs, kwargs.pop("subject", None), kwargs.pop("target_neg", None))
+                                    portability_inputs, kwargs.pop("subject", None), target_neg)
         size = self.hparams.batch_size or len(requests)
         steps = [list(range(s, min(s + size, len(requests)))) for s in range(0, len(requests), size)]
         plan = _Plan(requests, list(range(len(requests))), steps, sequential_edit,
@@ -794,7 +800,7 @@ class BaseEditor:
         pre_fluency = self._fluency(requests) if plan.test_generation else None
         pre_file = kwargs.pop("pre_file", None)
         _warn_unused(kwargs)
-        metrics = [{"pre": self._phase(scoring, pre, i, None, pre_fluency)} for i in range(len(requests))]
+        metrics = [{"pre": self._pre_phase(scoring, pre, i, pre_fluency)} for i in range(len(requests))]
         if pre_file:
             Path(pre_file).write_text(json.dumps(metrics, indent=4))
         handles, times = self._edit_and_score(plan, requests, pre, scoring, metrics)
@@ -889,9 +895,9 @@ class BaseEditor:
             if fluency is not None:
                 metrics[i]["post"]["fluency"] = {"ngram_entropy": fluency[local]}
 
-    def _phase(self, scoring: _Scoring, pre: Snapshot, index: int, reference: Any, fluency: list[float] | None) -> dict[str, Any]:
+    def _pre_phase(self, scoring: _Scoring, pre: Snapshot, index: int, fluency: list[float] | None) -> dict[str, Any]:
         mine = [k for k, p in enumerate(pre.probes) if p.request == index]
-        result = scoring.phase([pre.probes[k] for k in mine], [pre.outcomes[k] for k in mine], reference)
+        result = scoring.phase([pre.probes[k] for k in mine], [pre.outcomes[k] for k in mine], None)
         if fluency is not None:
             result["fluency"] = {"ngram_entropy": fluency[index]}
         return result
