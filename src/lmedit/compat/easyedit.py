@@ -122,7 +122,9 @@ class EasyEditHyperParams:
     @property
     def batch_size(self) -> int | None:
         """EasyEdit's edit batch size (``batch_edit`` chunks); None when neither the file nor the method sets one."""
-        value = self.__dict__.get("batch_size", self.raw.get("batch_size", getattr(self.hparams, "batch_size", None)))
+        value = self.__dict__.get("batch_size", getattr(self.config, "batch_size", None))
+        if value is None:
+            value = self.raw.get("batch_size", getattr(self.hparams, "batch_size", None))
         return int(value) if value is not None else None
 
     def __getattr__(self, name: str) -> Any:
@@ -683,7 +685,11 @@ class BaseEditor:
         from lmedit.models import load_model
 
         device = _usable_device(hparams.device)
-        model, tok = load_model(str(name), dtype=hparams.dtype or torch.float32, device=device)
+        dtype = hparams.dtype or "float32"
+        if device == "cpu" and dtype == "float16":
+            LOG.warning("fp16 asks for float16 weights, which are slow and imprecise on the CPU; loading float32")
+            dtype = "float32"
+        model, tok = load_model(str(name), dtype=dtype, device=device)
         return model, tok, str(name)
 
     def _check_templates(self, hparams: EasyEditHyperParams) -> None:
