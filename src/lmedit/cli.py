@@ -31,10 +31,20 @@ def _make_editor(method: str, model: str, preset: Optional[str], hparams: Option
                   eval_config=eval_config, model_name=model)
 
 
+def _run_settings(hparams: Optional[Path], method: Optional[str], model: Optional[str]) -> tuple[str, str]:
+    """Method and model as given, else as an EasyEdit --hparams file names them, else the defaults."""
+    from lmedit.compat.easyedit_hparams import run_settings
+
+    try:
+        return run_settings(hparams, method, model, default_method="FT-M", default_model="smollm2-135m")
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+
+
 @app.command()
 def run(
-    method: str = typer.Option("FT-M", "--method", "-m", help="Editing method (see `lmedit methods`)."),
-    model: str = typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Editing method (see `lmedit methods`); default: an EasyEdit --hparams file's alg_name, else FT-M."),
+    model: Optional[str] = typer.Option(None, help="Model preset, Hugging Face id or local folder; default: an EasyEdit --hparams file's model_name, else smollm2-135m."),
     data: Optional[Path] = typer.Option(None, help="Benchmark file (zsRE, CounterFact, KnowEdit, WISE, lmedit JSON); default: the demo set."),
     data_format: Optional[str] = typer.Option(None, "--format", help="Data format; detected from the file when omitted."),
     limit: Optional[int] = typer.Option(None, help="Use only this many requests (after --offset)."),
@@ -43,7 +53,7 @@ def run(
     T: Optional[int] = typer.Option(None, "--T", "-T", help="Sequential: edits per chunk before evaluation."),
     batch_size: int = typer.Option(1, help="Requests per edit call (batch protocol, or sequential batches)."),
     preset: Optional[str] = typer.Option(None, help="Packaged hyperparameter preset (default: the model's, if any)."),
-    hparams: Optional[Path] = typer.Option(None, help="Hyperparameter YAML file."),
+    hparams: Optional[Path] = typer.Option(None, help="Hyperparameter YAML file (lmedit's, or EasyEdit's as it is)."),
     set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value (repeatable)."),
     eval_mode: str = typer.Option("teacher", help="teacher | generate | both."),
     eval_batch_size: int = typer.Option(128, help="Most prompts per evaluation forward pass."),
@@ -66,6 +76,7 @@ def run(
     from lmedit.experiment import RetentionSettings, make_spec, run_experiment
     from lmedit.runner import file_sha256
 
+    method, model = _run_settings(hparams, method, model)
     try:
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
         if not requests:
@@ -128,8 +139,8 @@ def edit(
     rephrase: Optional[str] = typer.Option(None, help="A paraphrase of the prompt, to check generalisation."),
     locality_prompt: Optional[str] = typer.Option(None, help="An unrelated prompt that should not change."),
     locality_answer: Optional[str] = typer.Option(None, help="Its answer (defaults to the model's own greedy answer)."),
-    method: str = typer.Option("FT-M", "--method", "-m"),
-    model: str = typer.Option("smollm2-135m"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Default: an EasyEdit --hparams file's alg_name, else FT-M."),
+    model: Optional[str] = typer.Option(None, help="Default: an EasyEdit --hparams file's model_name, else smollm2-135m."),
     preset: Optional[str] = typer.Option(None),
     hparams: Optional[Path] = typer.Option(None),
     set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value."),
@@ -143,6 +154,7 @@ def edit(
     from lmedit.requests import EditRequest
     from lmedit.routing import generate_routed  # greedy answers as the (possibly routed) model is really fed
 
+    method, model = _run_settings(hparams, method, model)
     try:
         editor = _make_editor(method, model, preset, hparams, parse_overrides(set_), EvalConfig())
         shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (
@@ -258,6 +270,9 @@ app.command("train")(train_command)
 from lmedit.commands.trace import trace_command  # noqa: E402  (causal tracing; torch loads only when run)
 
 app.command("trace")(trace_command)
+from lmedit.commands.hparams import hparams_app  # noqa: E402  (EasyEdit hyperparameter files; cheap)
+
+app.add_typer(hparams_app, name="hparams")
 
 
 def main() -> None:

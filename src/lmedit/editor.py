@@ -44,7 +44,7 @@ class Editor:
         self.method: MethodInfo = get_method(method)
         self.preset = preset
         self.hparams_file = str(hparams_file) if hparams_file else None
-        self.hparams = hparams if hparams is not None else self.method.load_hparams(preset, hparams_file, overrides)
+        self.hparams = hparams if hparams is not None else self.method.load_hparams(preset, hparams_file, overrides, model)
         config = eval_config or EvalConfig()
         if not self.method.packed_evaluation:
             config = dataclasses.replace(config, packing=False)

@@ -119,11 +119,24 @@ class MethodInfo:
         preset: str | None = None,
         path: str | Path | None = None,
         overrides: Mapping[str, Any] | None = None,
+        model: Any = None,
     ) -> HyperParams:
-        """Hyperparameters from a YAML file, else a packaged preset, else the dataclass defaults."""
+        """Hyperparameters from a YAML file, else a packaged preset, else the dataclass defaults.
+
+        An EasyEdit file (recognised by its keys) is translated by :mod:`lmedit.compat.easyedit_hparams`;
+        ``model``, when given, is what its module templates are checked against.
+        """
         if path is not None and preset is not None:
             raise MethodError("give either a hyperparameter file or a preset name, not both")
         if path is not None:
+            from lmedit.compat.easyedit_hparams import read_if_easyedit
+
+            easyedit = read_if_easyedit(path, model=model, overrides=overrides)
+            if easyedit is not None and easyedit.method != self.name:
+                raise MethodError(f"{path} is an EasyEdit file for {easyedit.method}, not {self.name}; "
+                                  f"use method {easyedit.method} or a file for {self.name}")
+            if easyedit is not None:
+                return easyedit.hparams
             return self.hparams_class.from_yaml(path, overrides)
         if preset is not None:
             return self.hparams_class.from_yaml(preset_path(self.name, preset), overrides)

@@ -763,3 +763,42 @@ def _yaml_line(name: str, value: Any) -> str:
 def _flow(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return text[: -len("...")].strip() if text.endswith("...") else text
+
+
+# --------------------------------------------------------------------------- loading a --hparams file
+
+
+def read_if_easyedit(
+    path: str | Path, model: Any = None, overrides: Mapping[str, Any] | None = None
+) -> EasyEditConfig | None:
+    """The translated file when ``path`` is an EasyEdit hyperparameter file (recognised by its keys), else None
+    (an lmedit file, which lmedit's strict loader reads)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return None  # the strict loader names the YAML error
+    if not isinstance(values, dict) or not is_easyedit_hparams(values):
+        return None
+    return read_easyedit_hparams(path, model=model, overrides=overrides)
+
+
+def run_settings(
+    hparams_file: str | Path | None, method: str | None, model: str | None, *, default_method: str, default_model: str
+) -> tuple[str, str]:
+    """The method and model of a run: given explicitly, else named by an EasyEdit ``--hparams`` file, else the
+    defaults. An explicit method that disagrees with the file's ``alg_name`` is an error; a device or dtype the
+    file asks for and this run cannot give is a warning."""
+    from lmedit.registry import get_method
+
+    config = read_if_easyedit(hparams_file) if hparams_file is not None else None
+    if config is None:
+        return method or default_method, model or default_model
+    if method is not None and get_method(method).name != config.method:
+        raise EasyEditHparamsError(
+            f"--method {method} disagrees with {config.source}, an EasyEdit file for {config.method} "
+            f"(alg_name {config.mapping_of('alg_name').value}); drop --method or use a file for {method}"
+        )
+    for note in config.runtime_warnings():
+        _warn_once(f"{note} (lmedit run edits on CPU in float32)")
+    return config.method, model or config.model_name or default_model

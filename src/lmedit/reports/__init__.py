@@ -24,6 +24,8 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 __all__ = ["Layout", "ReportError", "describe_layout", "expand_run_folders", "get_layout", "list_layouts", "load_run",
            "register_layout"]
 
+from lmedit.reports.easyedit_results import is_easyedit_results, load_easyedit_results  # noqa: E402  (json only)
+
 BUILTIN_MODULES = ("default", "knowedit", "counterfact", "wise_table")
 
 
@@ -99,6 +101,8 @@ def load_run(folder: str | Path) -> dict[str, Any]:
     from lmedit.runner import CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, read_records, summarize
 
     folder = Path(folder)
+    if is_easyedit_results(folder):  # an EasyEdit *_results.json, shown beside lmedit runs
+        return load_easyedit_results(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ReportError(f"{folder} is not a run folder ({CONFIG_FILE} is missing); pass folders made by lmedit run")
     config = json.loads((folder / CONFIG_FILE).read_text())
@@ -116,7 +120,8 @@ def expand_run_folders(folders: Sequence[str | Path]) -> list[Path]:
     """Run folders as given, with a folder of run folders (e.g. a reproduction's ``runs/wise-table``) replaced by
     the run folders directly inside it, in name order.
 
-    Plain files are left out: a shell glob over a reproduction (``runs/wise-table/*``) also passes its table and
+    Plain files are left out, except EasyEdit results files (``*_results.json``, read by
+    :mod:`lmedit.reports.easyedit_results`): a shell glob over a reproduction (``runs/wise-table/*``) also passes its table and
     plan files. A path that does not exist is kept, so that :func:`load_run` names it.
     """
     from lmedit.runner import CONFIG_FILE
@@ -124,6 +129,8 @@ def expand_run_folders(folders: Sequence[str | Path]) -> list[Path]:
     expanded: list[Path] = []
     for folder in map(Path, folders):
         if folder.is_file():
+            if is_easyedit_results(folder):
+                expanded.append(folder)
             continue
         inner = sorted(p for p in folder.iterdir() if (p / CONFIG_FILE).is_file()) if folder.is_dir() else []
         expanded.extend(inner if inner and not (folder / CONFIG_FILE).is_file() else [folder])
