@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from lmedit.protocols import Chunk
 from lmedit.requests import EditRequest
-from lmedit.runner import RunSpec, default_out_dir, run_benchmark
+from lmedit.runner import RunSpec, check_run, default_out_dir, hold_run_folder, run_benchmark
 
 if TYPE_CHECKING:
     from lmedit.editor import Editor
@@ -101,18 +101,21 @@ def run_experiment(
 ) -> tuple[dict[str, Any], Path]:
     """Run ``spec`` with ``editor`` over ``requests`` into ``out_dir`` (None: ``runs/<time>-<method>``).
 
-    Returns the summary and the run folder. A folder holding the same run resumes.
+    Returns the summary and the run folder. A folder holding the same run resumes; a folder another
+    process is writing raises :class:`lmedit.runner.RunFolderBusy` before anything is written.
     ``retention`` also records retention curves (``retention.jsonl``, ``lifelong.json``,
     ``lifelong.png``); ``after_step`` is any other hook called after each edit step,
     which must not change the model.
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir(spec.method)
-    tracker = _retention_tracker(editor, requests, spec, out, retention) if retention is not None else None
     session = editor.session(seed=spec.seed, eval_each=spec.eval_each)
-    summary = run_benchmark(session, requests, spec, out, show_progress=show_progress,
-                            after_step=_chain(tracker, after_step))
-    if tracker is not None:
-        _write_curves(out, tracker, spec, retention)
+    chunks = check_run(session, requests, spec)  # bad input fails before the folder is touched
+    with hold_run_folder(out):  # the whole run, retention files included: a second writer stops at once
+        tracker = _retention_tracker(editor, requests, spec, out, retention) if retention is not None else None
+        summary = run_benchmark(session, requests, spec, out, show_progress=show_progress,
+                                after_step=_chain(tracker, after_step), chunks=chunks)
+        if tracker is not None:
+            _write_curves(out, tracker, spec, retention)
     return summary, out
 
 

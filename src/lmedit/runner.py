@@ -5,6 +5,14 @@ A run folder holds ``config.json`` (the resolved configuration),
 and ``summary.json`` (means of every pre and post metric, per chunk and
 overall). Re-running into the same folder with the same configuration
 resumes: finished chunks are kept and skipped.
+
+Kill safety: the folder is held (:func:`lmedit.safe_files.hold_folder`) for the
+whole run, so a second process writing into it stops at once. ``config.json``
+and ``summary.json`` are replaced atomically; a chunk's records are appended in
+one write and fsynced. A kill can leave part of a chunk's records, or half a
+line, at the end of ``results.jsonl``; resuming first rewrites the file with
+only the complete chunks, then runs the rest, so a run killed any number of
+times ends with the same records as an uninterrupted one (each request once).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections import defaultdict
@@ -24,6 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
 from lmedit.requests import EditRequest
+from lmedit.safe_files import (FolderBusy, atomic_write_json, atomic_write_text, ensure_folder_free, hold_folder,
+                               remove_stale_temp_files)
 
 LOG = logging.getLogger(__name__)
 
@@ -34,6 +45,19 @@ CONFIG_FILE = "config.json"
 
 class RunError(RuntimeError):
     """A run cannot start or resume; the message says why and what to do."""
+
+
+RunFolderBusy = FolderBusy  # another process is writing the same run folder
+
+
+def hold_run_folder(out: str | Path) -> Any:
+    """Hold ``out`` for this process while a run writes it (a context manager; nested holds are free)."""
+    return hold_folder(out, "run folder", "wait for it or choose another --out")
+
+
+def ensure_run_folder_free(out: str | Path) -> None:
+    """Raise :class:`RunFolderBusy` if another process is running into ``out`` (writes nothing)."""
+    ensure_folder_free(out, "run folder", "wait for it or choose another --out")
 
 
 @dataclass
@@ -84,17 +108,33 @@ def run_benchmark(
     *,
     show_progress: bool = True,
     after_step: Callable[[Chunk, int], None] | None = None,
+    chunks: Sequence[Chunk] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol over ``requests`` and return the summary (also written to ``out_dir``).
 
     ``after_step`` is passed to :func:`lmedit.protocols.run_chunk` (called after each edit step).
+    ``chunks``: the plan :func:`check_run` already made and checked (None: make and check it here).
     """
     out = Path(out_dir)
+    chunks = check_run(session, requests, spec) if chunks is None else chunks
+    with hold_run_folder(out):
+        return _run_held(session, requests, spec, out, chunks, show_progress, after_step)
+
+
+def check_run(session: EditSession, requests: Sequence[EditRequest], spec: RunSpec) -> list[Chunk]:
+    """Plan the chunks and validate every edit call, before anything is written."""
     chunks = plan_chunks(len(requests), spec.protocol, T=spec.T, batch_size=spec.batch_size)
     session.check(requests, chunks)
     # suites hook: record each metric suite's resolved settings (those the data switches on included)
     spec.extra.setdefault("suites", session.evaluator.suite_settings(requests))
-    done = _prepare_folder(out, spec)
+    return chunks
+
+
+def _run_held(session: EditSession, requests: Sequence[EditRequest], spec: RunSpec, out: Path,
+              chunks: Sequence[Chunk], show_progress: bool, after_step: Callable[[Chunk, int], None] | None
+              ) -> dict[str, Any]:
+    """The run itself, while this process holds ``out``."""
+    done = _prepare_folder(out, spec, chunks)
     todo = [c for c in chunks if c.index not in done]
     if done:
         LOG.info("resuming %s: %d of %d chunks already done", out, len(done), len(chunks))
@@ -112,7 +152,7 @@ def run_benchmark(
     summary = summarize(read_records(out / RESULTS_FILE), chunks)
     summary["timing"]["pre_eval_seconds_this_session"] = pre_seconds
     summary["timing"]["wall_seconds_this_session"] = time.perf_counter() - started
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
     return summary
 
 
@@ -120,12 +160,17 @@ def _passes(session: EditSession) -> int:
     return 2 if session.evaluator.config.mode == "both" else 1
 
 
-def _prepare_folder(out: Path, spec: RunSpec) -> set[int]:
-    """Create the folder, or check it belongs to the same run; return the chunks already done."""
+def _prepare_folder(out: Path, spec: RunSpec, chunks: Sequence[Chunk]) -> set[int]:
+    """Create the folder, or check it belongs to the same run; return the chunks already done.
+
+    Called while holding the folder: temp files and records of a chunk that a
+    kill interrupted are dropped here, so the chunk runs again and is recorded once.
+    """
     config_path = out / CONFIG_FILE
     payload = {**spec.identity(), "extra": spec.extra, "environment": _environment()}
+    remove_stale_temp_files(out)
     if config_path.is_file():
-        previous = json.loads(config_path.read_text())
+        previous = _read_config(config_path)
         previous["eval"] = _with_eval_defaults(previous.get("eval"))
         # compared as JSON, the form config.json stores (a tuple setting reads back as a list)
         mismatched = [k for k, v in spec.identity().items() if previous.get(k) != json.loads(json.dumps(v))]
@@ -134,12 +179,47 @@ def _prepare_folder(out: Path, spec: RunSpec) -> set[int]:
                 f"{out} holds a different run (differs in {', '.join(mismatched)}); "
                 "choose another --out folder, or delete this one to start again"
             )
-        return {r["chunk"] for r in read_records(out / RESULTS_FILE)}
+        return _keep_complete_chunks(out / RESULTS_FILE, chunks)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / RESULTS_FILE).exists():
+    results = out / RESULTS_FILE
+    if results.is_file() and results.stat().st_size > 0:
         raise RunError(f"{out} has results but no {CONFIG_FILE}; choose another --out folder")
-    config_path.write_text(json.dumps(payload, indent=2))
+    results.unlink(missing_ok=True)  # empty: a kill before the first record, nothing to keep
+    atomic_write_json(config_path, payload, indent=2)
     return set()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        previous = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is damaged ({exc}); delete the run folder to start again, "
+                       "or choose another --out folder") from None
+    if not isinstance(previous, dict):
+        raise RunError(f"{path} is not a run configuration (a JSON object); choose another --out folder")
+    return previous
+
+
+def _keep_complete_chunks(path: Path, chunks: Sequence[Chunk]) -> set[int]:
+    """The chunks whose every request has a record; rewrite ``path`` (atomically) to hold exactly those.
+
+    A kill while a chunk's records were appended can leave some of them, or a
+    torn last line: both are dropped, and the chunk counts as not done.
+    """
+    records = read_records(path)
+    present: dict[int, set[int]] = defaultdict(set)
+    for record in records:
+        present[record["chunk"]].add(record["index"])
+    done = {c.index for c in chunks if c.requests and present.get(c.index, set()) >= set(c.requests)}
+    wanted = {i for c in chunks if c.index in done for i in c.requests}
+    kept = [r for r in records if r["chunk"] in done and r["index"] in wanted]
+    canonical = "".join(json.dumps(r) + "\n" for r in kept)
+    current = path.read_text() if path.is_file() else ""
+    if current != canonical:
+        dropped = len(current.splitlines()) - len(kept)
+        LOG.warning("%s: dropping %d record line(s) of interrupted chunks; those chunks run again", path, dropped)
+        atomic_write_text(path, canonical)
+    return done
 
 
 def _with_eval_defaults(stored: Any) -> Any:
@@ -169,15 +249,16 @@ def _environment() -> dict[str, str]:
 
 
 def _append_records(path: Path, records: Iterable[dict[str, Any]], eval_seconds: float) -> None:
+    """Append one chunk's records in a single write, then fsync: the chunk is on disk before the next starts."""
     records = list(records)
     torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
-    with path.open("a") as handle:
-        if torn:  # an interrupted write left half a line: end it, or the next record would join it
-            handle.write("\n")
-        for record in records:
-            record = {**record, "eval_seconds": eval_seconds / max(len(records), 1)}
-            handle.write(json.dumps(record) + "\n")
+    lines = "".join(json.dumps({**r, "eval_seconds": eval_seconds / max(len(records), 1)}) + "\n" for r in records)
+    # an interrupted write left half a line: end it, or the next record would join it
+    data = ("\n" if torn else "") + lines
+    with path.open("ab") as handle:
+        handle.write(data.encode("utf-8"))
         handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _last_byte(path: Path) -> bytes:
