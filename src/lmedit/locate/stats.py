@@ -25,8 +25,8 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from lmedit import model_state
+from lmedit.forward.tokens import context_length
 from lmedit.locate.corpus import Corpus, CorpusError, batch_samples, resolve_corpus, tokenize_samples
 from lmedit.progress import progress_bar
 from lmedit.spec import ModelSpec, get_module
@@ -59,6 +60,7 @@ STATS_FORMAT = 1  # bump when the meaning of a cache entry changes
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _PARTIAL_PREFIX = "partial."
 _DEFAULT_CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_SECONDS_ENV = "LMEDIT_STATS_CHECKPOINT_SECONDS"
 
 # Filled lazily, one entry per model object seen by model_fingerprint.
 _OWNER = "stats-fingerprint"  # this module's slot in lmedit.model_state (models and tokenizers)
@@ -226,15 +228,10 @@ def _sidecar(path: Path) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Temp file, fsync, rename: a kill leaves the old entry or the new one, never a torn one."""
+    from lmedit.safe_files import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -244,8 +241,23 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     _atomic_write_bytes(path, save(data, metadata=metadata))
 
 
+def _entry_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _load_entry(plan: _Plan, layer: int, module: str) -> LayerStats | None:
-    """The cached statistics of one layer, or None when absent or not for this key."""
+    """The cached statistics of one layer, or None when absent, not for this key, changed or unreadable.
+
+    An entry is untrusted input: its bytes must still hash to the sha256 its
+    sidecar recorded when it was written (entries from before that record are
+    only checked for a readable, square, finite matrix); a failed check is
+    logged and the statistics are computed again, never used.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = plan.entry_path(module)
@@ -258,8 +270,15 @@ def _load_entry(plan: _Plan, layer: int, module: str) -> LayerStats | None:
         if meta.get("key") != plan.key_fields(module):
             LOG.warning("ignoring %s: its sidecar describes different statistics", path)
             return None
+        recorded = meta.get("sha256")
+        if recorded is not None and recorded != _entry_sha256(path):
+            LOG.warning("ignoring statistics cache entry %s: its bytes changed since they were written (sha256 "
+                        "differs from its sidecar); the statistics are computed again", path)
+            return None
         mom2 = load_file(str(path))["mom2"]
-    except (OSError, ValueError, KeyError) as exc:
+        if mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1] or not bool(torch.isfinite(mom2).all()):
+            raise ValueError(f"mom2 has shape {tuple(mom2.shape)} or non-finite values")
+    except (OSError, ValueError, KeyError, AttributeError, SafetensorError) as exc:
         LOG.warning("ignoring unreadable statistics cache entry %s: %s", path, exc)
         return None
     return LayerStats(layer, module, mom2, int(meta["tokens"]), int(meta["n_samples_used"]), "disk",
@@ -303,19 +322,23 @@ def layer_stats(
     cache_dir: Path | None = None,
     spec: ModelSpec | None = None,
     checkpoint_every: int | None = None,
-    checkpoint_seconds: float = _DEFAULT_CHECKPOINT_SECONDS,
+    checkpoint_seconds: float | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> dict[int, LayerStats]:
     """Like `second_moments`, with provenance (source, token count, timing, cache file) per layer.
 
     A partial checkpoint is written every `checkpoint_every` batches when given,
-    else every `checkpoint_seconds`, and when the pass is interrupted by an
-    exception; the next call with the same inputs continues from it.
+    else every `checkpoint_seconds` (None: ``$LMEDIT_STATS_CHECKPOINT_SECONDS``,
+    default 60), and when the pass is interrupted by an exception; the next call
+    with the same inputs continues from it. A kill (SIGKILL, power loss) loses
+    at most the batches since the last checkpoint; the resumed pass adds the
+    same batches in the same order, so its statistics are bit-identical.
     `on_batch(batches_done, samples_done)` is called after each batch
     (a progress hook; raising from it interrupts the pass).
     """
     if not layers:
         raise ValueError("no layers requested; pass e.g. layers=[5]")
+    checkpoint_seconds = _checkpoint_seconds() if checkpoint_seconds is None else checkpoint_seconds
     spec = spec or ModelSpec.from_model(model)
     modules = {layer: spec.mlp_out(layer) for layer in layers}
     explicit = fingerprint is not None
@@ -340,6 +363,7 @@ def layer_stats(
             results[layer] = hit
     missing = {layer: module for layer, module in modules.items() if layer not in results}
     if not missing:
+        _drop_finished_partial(plan, modules)
         return results
     if not explicit and remembered and _hash_weights(model) != model_fp:
         raise StatsError(
@@ -348,10 +372,7 @@ def layer_stats(
             "from it. Compute them before editing (call second_moments first, or run `lmedit stats`), restore "
             "the weights, or pass fingerprint= explicitly (forget_fingerprint(model) to start over)."
         )
-    from filelock import FileLock
-
-    plan.folder.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(plan.folder / ".lock")):
+    with _cache_lock(plan.folder):
         for layer, module in list(missing.items()):  # another process may have finished them meanwhile
             hit = _load_entry(plan, layer, module)
             if hit is not None:
@@ -366,6 +387,38 @@ def layer_stats(
                 _MEMORY[plan.key(stats.module)] = stats
                 results[layer] = stats
     return {layer: results[layer] for layer in modules}
+
+
+@contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Hold a model's cache folder while computing: a second process computing the same statistics waits,
+    then finds the entries the first one wrote. The OS drops the lock of a killed process; the temp files
+    such a process left are removed here (only a lock holder writes in the folder)."""
+    from filelock import FileLock, Timeout
+
+    from lmedit.safe_files import remove_stale_temp_files
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        LOG.warning("another process is computing statistics in %s; waiting for it to finish", folder)
+        lock.acquire()
+    try:
+        for stale in remove_stale_temp_files(folder):
+            LOG.info("removed %s, left by an interrupted write", stale)
+        yield
+    finally:
+        lock.release()
+
+
+def _drop_finished_partial(plan: _Plan, modules: dict[int, str]) -> None:
+    """A kill between writing the last entry and deleting the checkpoint leaves a partial nobody needs."""
+    partial = plan.partial_path(sorted(set(modules.values())))
+    if partial.is_file():
+        with _cache_lock(plan.folder):
+            partial.unlink(missing_ok=True)
 
 
 def _cached_from_absent_corpus(folder: Path, model_fp: str, tok_fp: str, config: StatsConfig,
@@ -514,15 +567,6 @@ def _save_partial(path: Path, acc: _Accumulator, group: dict[str, Any], batch_to
     _atomic_save_tensors(path, {f"sum.{k}": v for k, v in acc.sums.items()}, acc.state(group, batch_tokens, seconds))
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _compute(
     model: nn.Module,
     tok: Any,
@@ -536,7 +580,7 @@ def _compute(
     on_batch: Callable[[int, int], None] | None,
 ) -> dict[int, LayerStats]:
     config = plan.config
-    limit = _max_positions(model)
+    limit = context_length(model)
     if limit is not None and config.sample_length > limit:
         raise StatsError(f"sample_length {config.sample_length} exceeds the model's {limit} positions; "
                          f"use StatsConfig(sample_length<={limit})")
@@ -594,6 +638,7 @@ def _finish_layer(plan: _Plan, layer: int, module: str, acc: _Accumulator, compu
         "statistic": "uncentred second moment E[k k^T] of the down-projection input, padding excluded",
     }
     _atomic_save_tensors(path, {"mom2": mom2}, {"tokens": str(tokens), "module": module})
+    meta["sha256"] = _entry_sha256(path)  # checked on every load: changed bytes are never used
     _atomic_write_bytes(_sidecar(path), json.dumps(meta, indent=2).encode())  # written last: marks completion
     return LayerStats(layer, module, mom2, tokens, acc.samples_done, "computed", seconds, path, meta)
 
@@ -658,6 +703,21 @@ def _run_pass(model: nn.Module, tok: Any, plan: _Plan, acc: _Accumulator, names:
             handle.remove()
         for module, training in modes.items():
             module.training = training
+
+
+def _checkpoint_seconds() -> float:
+    """Seconds between partial checkpoints: ``$LMEDIT_STATS_CHECKPOINT_SECONDS`` (0: after every batch), default 60."""
+    text = os.environ.get(CHECKPOINT_SECONDS_ENV, "").strip()
+    if not text:
+        return _DEFAULT_CHECKPOINT_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise StatsError(f"{CHECKPOINT_SECONDS_ENV}={text!r} is not a number of seconds >= 0; "
+                         "unset it or set e.g. 30 (0 saves after every batch)")
+    return value
 
 
 def _limited(documents: Iterator[str], n: int) -> Iterator[str]:
