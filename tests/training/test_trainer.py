@@ -144,5 +144,7 @@ def test_checkpoints_hold_no_pickle(tmp_path):
     examples = _examples(32)
     Trainer(_config(max_steps=5), show_progress=False).fit(ToyTask(), examples, examples[:8], tmp_path)
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
-    assert files == ["config.json", "model.safetensors", "state.json", "state.safetensors", "training.json"]
+    # .lmedit.lock: the empty OS lock file that keeps a second writer out (see lmedit.safe_files)
+    assert files == [".lmedit.lock", "config.json", "model.safetensors", "state.json", "state.safetensors",
+                     "training.json"]
     assert "optimizer.0.exp_avg" in load_file(str(tmp_path / "resume" / "state.safetensors"))

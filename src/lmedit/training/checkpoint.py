@@ -3,17 +3,24 @@
 Nothing is pickled. Optimizer state (Adam's moments and step counts) and the
 random-number state are flattened into named tensors, so a resumed run
 continues exactly where the interrupted one stopped.
+
+Every file is replaced atomically (temp file, fsync, rename). The deliverable
+checkpoint is two files, so ``config.json`` (written second) records the
+sha256 of ``model.safetensors``: a kill between the two, or a changed weights
+file, is caught on load instead of pairing weights with the wrong description.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from lmedit.safe_files import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -30,23 +37,31 @@ class CheckpointError(RuntimeError):
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a torn file would make a resume fail or lie)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of ``tensors`` (moved to the CPU), as bytes."""
+    return save({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, metadata=metadata)
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file atomically; return the sha256 of its bytes."""
+    data = tensor_bytes(tensors, metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """The deliverable checkpoint: ``model.safetensors`` + ``config.json`` (format, method, network, training)."""
+    """The deliverable checkpoint: ``model.safetensors`` + ``config.json`` (format, method, network, training).
+
+    ``config.json`` is written last and names the weights' sha256, so the pair is checked on load.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_tensors(folder / WEIGHTS_FILE, tensors)
-    write_json(folder / CONFIG_FILE, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config})
+    digest = write_tensors(folder / WEIGHTS_FILE, tensors)
+    write_json(folder / CONFIG_FILE, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **config,
+                                      "weights_sha256": digest})
     return folder
 
 
@@ -65,7 +80,21 @@ def load_checkpoint(folder: str | Path, method: str, train_command: str) -> tupl
             f"{folder} holds a {config.get('method')!r} checkpoint of format {config.get('format')!r}, "
             f"not a {method} checkpoint; train one with `{train_command}`"
         )
+    recorded = config.get("weights_sha256")
+    if recorded is not None and recorded != file_sha256(weights_path):
+        raise CheckpointError(
+            f"{weights_path} does not match {config_path} (an interrupted save, or a changed file); "
+            f"run `{train_command}` again to finish the checkpoint, or restore both files"
+        )
     return load_file(str(weights_path)), config
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- optimizer state

@@ -10,10 +10,14 @@ What it guarantees, and what EasyEdit's ``BaseTrainer`` does not (study §1.5):
   the run stops (EasyEdit's stopper is never updated).
 * **Resumable.** Every ``save_every`` steps, and when a call ends (step or time
   budget, early stop), the trainable state, the optimizer state, the step and
-  the validation history go to ``resume/``; a crash or Ctrl-C loses at most
-  ``save_every`` steps, and calling again continues. The batches of a step are a
-  pure function of (seed, step), and each step runs under its own seeded RNG,
-  so a resumed run gives the same weights as an uninterrupted one.
+  the validation history go to ``resume/state.safetensors`` (one file, the state
+  in its metadata, replaced atomically; ``state.json`` mirrors it for reading).
+  A crash, Ctrl-C or SIGKILL loses at most ``save_every`` steps, and calling
+  again continues. The batches of a step are a pure function of (seed, step),
+  and each step runs under its own seeded RNG, so a resumed run gives the same
+  weights as an uninterrupted one (on the same machine and thread count).
+* **One writer.** The output folder is held for the whole call: a second
+  ``lmedit train`` into it stops at once, naming the first one's pid.
 * **Bounded.** ``max_steps`` and ``max_minutes`` (per call) bound the work;
   a progress bar shows it.
 """
@@ -33,6 +37,7 @@ from safetensors.torch import load_file
 
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.progress import progress_bar
+from lmedit.safe_files import hold_folder
 from lmedit.training.checkpoint import (
     CONFIG_FILE,
     RESUME_DIR,
@@ -50,6 +55,7 @@ from lmedit.training.data import EditExample, batch_indices
 LOG = logging.getLogger(__name__)
 
 TRAINING_FILE = "training.json"
+STATE_KEY = "lmedit_resume_state"  # the safetensors metadata entry holding the loop state
 
 
 @dataclass
@@ -150,15 +156,20 @@ class Trainer:
         on_step: StepCallback | None = None,
     ) -> TrainResult:
         """Train, or continue a run found in ``out_dir`` with the same ``identity`` (method, settings, data)."""
+        with hold_folder(out_dir, "training folder", "wait for it or choose another --out"):
+            return self._fit_held(task, train, val, Path(out_dir), identity=identity, on_step=on_step)
+
+    def _fit_held(self, task: TrainingTask, train: Sequence[EditExample], val: Sequence[EditExample], out: Path, *,
+                  identity: dict[str, Any] | None, on_step: StepCallback | None) -> TrainResult:
         cfg = self.config
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         val = list(val)[: cfg.val_examples]
         identity = {"method": task.method, "trainer": _identity_config(cfg), **(identity or {})}
         module = task.module()
         optimizer = torch.optim.Adam(task.param_groups())
         state = self._resume(out, identity, module, optimizer)
         started = time.perf_counter()
+        if state["status"] == "new":  # marks the folder as this run's before any checkpoint exists
+            self._save_resume(out, identity, module, optimizer, 0, state, started, "running")
         result = TrainResult(out, state["status"], state["step"], state["best_step"], state["best_metric"],
                              state["curve"], state["seconds"], resumed_from=state["step"])
         if state["status"] == "stopped_early" or (state["status"] == "finished" and state["step"] >= cfg.max_steps):
@@ -254,20 +265,19 @@ class Trainer:
                 optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         fresh = {"status": "new", "step": 0, "best_step": None, "best_metric": None, "bad_validations": 0,
                  "curve": [], "seconds": 0.0}
-        state_path = out / RESUME_DIR / STATE_FILE
-        if not state_path.is_file():
+        weights_path = out / RESUME_DIR / STATE_WEIGHTS
+        if not weights_path.is_file():
             if (out / CONFIG_FILE).is_file():
                 raise CheckpointError(
                     f"{out} holds a checkpoint but no resume state; pass another --out or delete the folder"
                 )
             return fresh
-        saved = json.loads(state_path.read_text())
+        saved, tensors = _read_resume_state(out / RESUME_DIR)
         if saved.get("identity") != _jsonable(identity):
             raise CheckpointError(
                 f"{out} holds a different training run (other method, settings or data); "
                 "pass another --out, or delete the folder to start over"
             )
-        tensors = load_file(str(out / RESUME_DIR / STATE_WEIGHTS))
         module_state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
         module.load_state_dict(module_state)
         restore_optimizer(optimizer, tensors, saved["optimizer"])
@@ -281,13 +291,15 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         opt_tensors, opt_meta = optimizer_tensors(optimizer)
         tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
-        write_tensors(folder / STATE_WEIGHTS, {**tensors, **opt_tensors})
         seconds = state["seconds"] + time.perf_counter() - started
-        write_json(folder / STATE_FILE, {
+        saved = {
             "identity": _jsonable(identity), "step": step, "status": status, "optimizer": opt_meta,
             "best_step": state["best_step"], "best_metric": state["best_metric"],
             "bad_validations": state["bad_validations"], "curve": state["curve"], "seconds": seconds,
-        })
+        }
+        # tensors and state in one file, replaced in one step: a kill cannot pair weights with another step
+        write_tensors(folder / STATE_WEIGHTS, {**tensors, **opt_tensors}, {STATE_KEY: json.dumps(saved)})
+        write_json(folder / STATE_FILE, saved)  # a readable copy; resuming reads the metadata above
 
 
 def fit_method_task(
@@ -305,6 +317,22 @@ def fit_method_task(
     cap = getattr(params, "train_examples", None)
     examples = list(train)[:cap] if cap is not None else list(train)
     return trainer.fit(task, examples, val, out_dir, identity={"settings": settings, **(identity or {})})
+
+
+def _read_resume_state(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The saved loop state and tensors; folders from before the state lived in the metadata read state.json."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / STATE_WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            text = (handle.metadata() or {}).get(STATE_KEY)
+        saved = json.loads(text) if text is not None else json.loads((folder / STATE_FILE).read_text())
+        tensors = load_file(str(path))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read the resume state in {folder} ({exc}); "
+                              f"delete {folder.parent} to train from the start, or pass another --out") from None
+    return saved, tensors
 
 
 def _identity_config(cfg: TrainerConfig) -> dict[str, Any]:
