@@ -9,14 +9,19 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, fail, parse_overrides, setup_logging
+from lmedit.commands.common import (console, discard_new_folder, fail, first_missing, parse_overrides, setup_logging,
+                                    writable_folder)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit knowledge in language models and measure it.")
 
 MAIN_METRICS = ("rewrite_acc", "rephrase_acc", "locality", "portability", "locality_acc", "rewrite_ppl")
 
 
-def _make_editor(method: str, model: str, preset: Optional[str], hparams: Optional[Path], overrides: dict, eval_config: Any) -> Any:
+TRUST_REMOTE_CODE_HELP = "Run the Python code a model folder or hub repository ships (only for code you trust)."
+
+
+def _make_editor(method: str, model: str, preset: Optional[str], hparams: Optional[Path], overrides: dict, eval_config: Any,
+                 trust_remote_code: bool = False) -> Any:
     from lmedit.editor import Editor
     from lmedit.registry import get_method, list_presets
 
@@ -26,7 +31,7 @@ def _make_editor(method: str, model: str, preset: Optional[str], hparams: Option
     with console.status(f"loading {model}..."):
         from lmedit.models import load_model
 
-        loaded, tok = load_model(model)
+        loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
     return Editor(loaded, tok, info.name, preset=preset, hparams_file=hparams, overrides=overrides,
                   eval_config=eval_config, model_name=model)
 
@@ -67,6 +72,7 @@ def run(
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a benchmark: edit every request under a protocol, evaluate, write a run folder."""
@@ -74,10 +80,15 @@ def run(
     from lmedit.data import load_requests
     from lmedit.evaluation import EvalConfig
     from lmedit.experiment import RetentionSettings, make_spec, run_experiment
-    from lmedit.runner import file_sha256
+    from lmedit.runner import RunFolderBusy, default_out_dir, ensure_run_folder_free, file_sha256
 
     method, model = _run_settings(hparams, method, model)
+    if retention_every < 0 or (retention_every and retention_items < 1):
+        fail("--retention-every must be 0 (off) or positive, and --retention-items at least 1")
+    folder = writable_folder(out or default_out_dir(_canonical_method(method)), "--out")
+    created = first_missing(folder)  # what a run that fails before its first record must not leave behind
     try:
+        ensure_run_folder_free(folder)  # another process's run: stop before loading anything
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
         if not requests:
             fail("the data selection is empty; check --data, --offset and --limit")
@@ -89,15 +100,28 @@ def run(
         editor = _make_editor(method, model, preset, hparams, parse_overrides(set_),
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
                                          max_batch_tokens=eval_max_tokens, packing=packing,
-                                         suites=required_specs(requests, suite)))
+                                         suites=required_specs(requests, suite)), trust_remote_code)
         spec = make_spec(editor, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
                          data=str(data) if data else "demo", data_sha256=file_sha256(data) if data else None,
                          offset=offset, limit=limit)
-        summary, folder = run_experiment(editor, requests, spec, out, retention=retention, show_progress=progress)
-    except (ValueError, RuntimeError) as exc:
+        summary, folder = run_experiment(editor, requests, spec, folder, retention=retention, show_progress=progress)
+    except RunFolderBusy as exc:  # the folder is another process's: leave it alone
+        fail(str(exc))
+    except (ValueError, RuntimeError, OSError) as exc:
+        discard_new_folder(created, folder)
         fail(str(exc))
     _print_summary(summary, f"{editor.method.name} on {model}, {protocol}" + (f" T={T}" if T else "") + f", {eval_mode} scoring")
     console.print(f"results: [bold]{folder}[/]")
+
+
+def _canonical_method(name: str) -> str:
+    """The registered spelling of a method name (for the default run folder); an unknown name is kept for the error."""
+    from lmedit.registry import MethodError, get_method
+
+    try:
+        return get_method(name).name
+    except MethodError:
+        return name
 
 
 def _print_summary(summary: dict[str, Any], title: str) -> None:
@@ -146,17 +170,19 @@ def edit(
     set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value."),
     max_new_tokens: int = typer.Option(8, help="Tokens to generate for the before/after answers."),
     save: Optional[Path] = typer.Option(None, help="Save the edit to this folder (re-apply with the library's load_edit)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Make one edit and show the model's greedy answers before and after."""
     setup_logging(verbose)
+    writable_folder(save, "--save")
     from lmedit.evaluation import EvalConfig
     from lmedit.requests import EditRequest
     from lmedit.routing import generate_routed  # greedy answers as the (possibly routed) model is really fed
 
     method, model = _run_settings(hparams, method, model)
     try:
-        editor = _make_editor(method, model, preset, hparams, parse_overrides(set_), EvalConfig())
+        editor = _make_editor(method, model, preset, hparams, parse_overrides(set_), EvalConfig(), trust_remote_code)
         shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (
             [("locality", locality_prompt)] if locality_prompt else [])
         before = _answers(editor, [p for _, p in shown], max_new_tokens, generate_routed)
@@ -171,7 +197,7 @@ def edit(
         metrics = editor.evaluate([request], pre)[0]
         if save:
             handle.save(save)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
     table = Table(title=f"{editor.method.name} on {model}: greedy answers")
     for column in ("probe", "prompt", "before", "after"):
@@ -242,6 +268,8 @@ def report(
         return
     if not folders:
         fail("give at least one run folder, e.g. `lmedit report runs/a runs/b`")
+    if out is not None:
+        writable_folder(out.parent, "--out")
     try:
         chosen = get_layout(layout)
         runs = [load_run(folder) for folder in expand_run_folders(folders)]
