@@ -234,3 +234,38 @@ def test_macro_f1_matches_sklearn_definition() -> None:
     # labels {1, 2, 3, 4}: 1 -> P=1/2, R=1 (F1 2/3); 2 and 3 never predicted, 4 never right: F1 0
     assert macro_f1([1, 2, 3], [1, 1, 4]) == pytest.approx((2 / 3) / 4)
     assert macro_f1([5, 6], [5, 6]) == 1.0
+
+
+def test_from_hparams_reads_easyedit_values_and_refuses_another_method(word_tok: Any) -> None:
+    model = build_tiny_llama(len(word_tok))
+    values = {"alg_name": "FT", "model_name": "unused", "device": 0, "layers": [2], "num_steps": 5, "lr": "5e-2",
+              "objective_optimization": "target_new", "batch_size": 2,
+              "rewrite_module_tmp": "model.layers.{}.mlp.down_proj.weight", "model_parallel": False}
+    hparams = FTHyperParams.from_hparams(values)
+    assert (hparams.method, hparams.layers, hparams.lr, hparams.batch_size) == ("FT-M", [2], 5e-2, 2)
+    hparams.model_name = (model, word_tok)  # EasyEdit's way to pass a loaded model
+    metrics, _, _ = BaseEditor.from_hparams(hparams).edit(PROMPTS[0], TARGETS[0])
+    assert metrics[0]["post"]["rewrite_acc"] == [1.0]
+    with pytest.raises(ValueError, match="EasyEdit file for GRACE.*GraceHyperParams.from_hparams"):
+        FTHyperParams.from_hparams({"alg_name": "GRACE", "model_name": "x", "device": 0,
+                                    "inner_params": ["model.layers[2].mlp.down_proj.weight"]})
+
+
+@pytest.mark.embedded
+def test_easyedit_style_script_writes_easyedit_results(embedded: Any, shared_data: Path, tmp_path: Path) -> None:
+    """docs/examples/run_zsre_easyedit_style.py (EasyEdit's zsRE script, import changed) on two zsRE records."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "docs/examples/run_zsre_easyedit_style.py"), "--editing_method", "FT-M",
+                    "--hparams_dir", str(root / "docs/examples/easyedit-hparams/FT-M.yaml"),
+                    "--data_dir", str(shared_data / "zsre"), "--ds_size", "2", "--metrics_save_dir", str(tmp_path)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    written = json.loads((tmp_path / "FT-M_results.json").read_text())
+    assert len(written) == 2
+    example = json.loads(json.dumps(EASYEDIT_EXAMPLE))
+    for entry in written:  # EasyEdit's script passes no ground_truth: the request's is None
+        assert set(entry["requested_rewrite"]) == set(example["requested_rewrite"])
+        assert _structure({k: v for k, v in entry.items() if k != "requested_rewrite"}) == \
+            _structure({k: v for k, v in example.items() if k != "requested_rewrite"})

@@ -1,7 +1,7 @@
 """EasyEdit's examples/run_zsre_llama2.py, run on lmedit: the import is the only lmedit-specific line.
 
     python docs/examples/run_zsre_easyedit_style.py --editing_method ROME \
-        --hparams_dir docs/examples/easyedit-hparams/ROME-smollm2-135m.yaml \
+        --hparams_dir docs/examples/easyedit-hparams/ROME.yaml \
         --data_dir ../shared/data/zsre --ds_size 20 --metrics_save_dir /tmp/out
 
 Differences from EasyEdit's script, none of them in the calls: ``--ds_size`` takes the first
