@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -177,19 +178,25 @@ def edit(
     setup_logging(verbose)
     writable_folder(save, "--save")
     from lmedit.evaluation import EvalConfig
+    from lmedit.forward.tokens import check_fits_context
     from lmedit.requests import EditRequest
     from lmedit.routing import generate_routed  # greedy answers as the (possibly routed) model is really fed
 
     method, model = _run_settings(hparams, method, model)
     try:
-        editor = _make_editor(method, model, preset, hparams, parse_overrides(set_), EvalConfig(), trust_remote_code)
+        # The request is built (and so checked: empty prompt or target) before the model loads, and checked
+        # against the method and the model's context before anything is generated.
+        request = EditRequest(prompt, target, subject=subject, rephrase=(rephrase,) if rephrase else (),
+                              locality={"neighborhood": [(locality_prompt, locality_answer or "?")]} if locality_prompt else {})
+        overrides = parse_overrides(set_)
+        editor = _make_editor(method, model, preset, hparams, overrides, EvalConfig(), trust_remote_code)
+        editor.method.check_requests([request])
+        check_fits_context(editor.model, editor.tok, [request])
         shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (
             [("locality", locality_prompt)] if locality_prompt else [])
         before = _answers(editor, [p for _, p in shown], max_new_tokens, generate_routed)
-        locality = {}
-        if locality_prompt:
-            locality = {"neighborhood": [(locality_prompt, locality_answer or before[-1].strip() or "?")]}
-        request = EditRequest(prompt, target, subject=subject, rephrase=(rephrase,) if rephrase else (), locality=locality)
+        if locality_prompt and not locality_answer:  # the model's own answer is what must not move
+            request = dataclasses.replace(request, locality={"neighborhood": [(locality_prompt, before[-1].strip() or "?")]})
         pre = editor.capture([request])
         with console.status(f"editing with {editor.method.name}..."):
             handle = editor.apply(request)

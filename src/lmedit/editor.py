@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator, Snapshot
+from lmedit.forward.tokens import check_fits_context
 from lmedit.handles import EditHandle
 from lmedit.models import DEFAULT_MODEL, load_model
 from lmedit.protocols import Chunk, EditSession
@@ -69,10 +70,12 @@ class Editor:
         """Edit the model in place; ``handle.restore()`` undoes it exactly."""
         batch = [requests] if isinstance(requests, EditRequest) else list(requests)
         self.method.check_requests(batch)
+        check_fits_context(self.model, self.tok, batch)
         return self.method.apply(self.model, self.tok, batch, self.hparams)
 
     def capture(self, requests: Sequence[EditRequest]) -> Snapshot:
         """Pre-edit reference for :meth:`evaluate`; call it before editing."""
+        check_fits_context(self.model, self.tok, requests)
         return self.evaluator.capture(self.model, list(requests))
 
     def evaluate(self, requests: Sequence[EditRequest], pre: Snapshot) -> list[dict[str, float]]:

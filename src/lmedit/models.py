@@ -72,21 +72,34 @@ def load_model(
     *,
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """Return ``(model, tokenizer)`` in eval mode, with a pad token set."""
+    """Return ``(model, tokenizer)`` in eval mode, with a pad token set.
+
+    ``trust_remote_code`` stays off unless the caller turns it on: a model
+    folder or hub repository that ships its own Python code is refused with
+    a message instead of running that code.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = _as_dtype(dtype)
     source = resolve_model_path(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {name_or_path!r}: {exc}\n"
             "Pass a local folder, a Hugging Face id reachable from this machine, or one of the presets "
             f"({', '.join(PRESETS)})."
         ) from None
+    except ValueError as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise ModelLoadError(
+                f"model {name_or_path!r} ships its own Python code, which lmedit does not run by default; "
+                "pass --trust-remote-code (trust_remote_code=True) only if you trust that code"
+            ) from None
+        raise ModelLoadError(f"could not load model {name_or_path!r}: {exc}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(device)
@@ -130,11 +143,29 @@ def find_gguf(preset: ModelPreset) -> Path:
 
 
 def ensure_converted(preset: ModelPreset) -> Path:
-    """Convert the preset's GGUF into a Hugging Face folder once; reuse it while the GGUF is unchanged."""
-    from filelock import FileLock
+    """Convert the preset's GGUF into a Hugging Face folder once; reuse it while the GGUF is unchanged.
 
+    A current conversion is read without the lock (reading writes nothing), so
+    a read-only ``$LMEDIT_HOME`` still serves a model converted earlier; only a
+    conversion needs a writable home, and an unwritable one is one clear error.
+    """
     gguf = find_gguf(preset)
     target = lmedit_home() / "models" / preset.name
+    if _conversion_is_current(target, gguf):
+        return target
+    try:
+        return _convert_locked(preset, gguf, target)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot convert model preset {preset.name!r} into LMEDIT_HOME={lmedit_home()}: "
+            f"{exc.strerror or exc}; set LMEDIT_HOME to a writable folder (e.g. export LMEDIT_HOME=/tmp/lmedit) "
+            "or make it writable"
+        ) from None
+
+
+def _convert_locked(preset: ModelPreset, gguf: Path, target: Path) -> Path:
+    from filelock import FileLock
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if _conversion_is_current(target, gguf):
@@ -146,9 +177,12 @@ def ensure_converted(preset: ModelPreset) -> Path:
 
 def _conversion_is_current(target: Path, gguf: Path) -> bool:
     marker = target / CONVERSION_MARKER
-    if not marker.is_file():
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):  # absent, unreadable or torn: convert again
         return False
-    recorded = json.loads(marker.read_text())
+    if not isinstance(recorded, dict):
+        return False
     stat = gguf.stat()
     if recorded.get("gguf_size") != stat.st_size:
         return False

@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from lmedit.evaluation.evaluator import Evaluator, Snapshot
+from lmedit.forward.tokens import ContextLengthError, check_fits_context
 from lmedit.handles import EditHandle, restore_all
 from lmedit.registry import MethodError, MethodInfo
 from lmedit.requests import EditRequest
@@ -92,6 +93,10 @@ class EditSession:
 
     def check(self, requests: Sequence[EditRequest], chunks: Sequence[Chunk]) -> None:
         """Validate every edit call up front, so bad input fails before hours of editing."""
+        try:
+            check_fits_context(self.model, self.tok, requests)
+        except ContextLengthError as exc:
+            raise ProtocolError(str(exc)) from None
         for chunk in chunks:
             for step in chunk.steps:
                 try:

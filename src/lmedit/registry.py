@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from lmedit.handles import EditHandle, EditHandleError, WEIGHT_EDIT_FORMAT, load_weight_edit
+from lmedit.handles import EditHandle, EditHandleError, WEIGHT_EDIT_FORMAT, check_saved_edit, load_weight_edit
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.requests import EditRequest
 
@@ -227,7 +227,11 @@ def trainable_methods() -> list[MethodInfo]:
 def load_edit(model: Any, path: str | Path) -> EditHandle:
     """Apply an edit saved with ``handle.save(path)`` to ``model``; the returned handle undoes it.
 
-    The saved ``edit.json`` names its method, whose registered loader re-applies it.
+    The saved ``edit.json`` names its method, whose registered loader re-applies it. A saved edit is
+    untrusted input: one made on another model, with a changed or truncated tensor file, or whose
+    tensors do not match what ``edit.json`` declares is refused (:func:`lmedit.handles.check_saved_edit`)
+    before the model is touched, and a loader that trips over a malformed file reports an
+    :class:`EditHandleError`, never a raw KeyError.
     """
     path = Path(path)
     meta_path = path / "edit.json"
@@ -240,15 +244,23 @@ def load_edit(model: Any, path: str | Path) -> EditHandle:
     if not isinstance(meta, dict):
         raise EditHandleError(f"{meta_path} does not hold a saved lmedit edit")
     if meta.get("format") == WEIGHT_EDIT_FORMAT:
-        return load_weight_edit(model, path, meta)
+        loader: EditLoader = load_weight_edit
+    else:
+        try:
+            loader = get_method(str(meta.get("method"))).load_edit
+        except MethodError:
+            raise EditHandleError(
+                f"{meta_path} is not an lmedit edit this version can read (format {meta.get('format')!r}, "
+                f"method {meta.get('method')!r}; known methods: {', '.join(sorted(_REGISTRY))})"
+            ) from None
+    check_saved_edit(model, path, meta)
     try:
-        info = get_method(str(meta.get("method")))
-    except MethodError:
-        raise EditHandleError(
-            f"{meta_path} is not an lmedit edit this version can read (format {meta.get('format')!r}, "
-            f"method {meta.get('method')!r}; known methods: {', '.join(sorted(_REGISTRY))})"
-        ) from None
-    return info.load_edit(model, path, meta)
+        return loader(model, path, meta)
+    except EditHandleError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise EditHandleError(f"{meta_path} is not a valid saved {meta.get('method')} edit "
+                              f"({type(exc).__name__}: {exc}); save the edit again") from None
 
 
 def preset_path(method: str, preset: str) -> Path:

@@ -100,7 +100,7 @@ def test_load_edit_onto_a_different_model_fails_clearly(tiny_llama, word_tok, tm
 
     info, hparams = _ft_m()
     info.apply(tiny_llama, word_tok, [FACT_A], hparams).save(tmp_path / "edit")
-    with pytest.raises(EditHandleError, match="does not have"):
+    with pytest.raises(EditHandleError, match="not on this model"):
         load_edit(build_tiny_gpt2(len(word_tok)), tmp_path / "edit")
 
 

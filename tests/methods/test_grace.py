@@ -260,7 +260,7 @@ def test_save_then_load_in_a_new_process_gives_identical_outputs(tiny_llama, wor
 def test_loaded_edit_onto_a_model_without_that_layer_fails_clearly(tiny_llama, tiny_gpt2, word_tok, tmp_path):
     (handle,) = _edit_all(tiny_llama, word_tok, FACTS[:1])
     handle.save(tmp_path / "grace")
-    with pytest.raises(EditHandleError, match="does not have"):
+    with pytest.raises(EditHandleError, match="not on this model: its type is gpt2"):
         load_edit(tiny_gpt2, tmp_path / "grace")
     with pytest.raises(EditHandleError, match="already holds a GRACE adapter"):
         load_edit(tiny_llama, tmp_path / "grace")

@@ -7,18 +7,31 @@ the library loads inside each command when it runs.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
 
 
+class CommandFailed(SystemExit):
+    """What :func:`fail` raises once its line is printed.
+
+    A ``SystemExit`` (exit status 2), not click's ``Exit``: that one is a
+    ``RuntimeError``, so the commands' ``except (ValueError, RuntimeError)``
+    blocks caught it and printed its status as a second ``error: 2`` line.
+    """
+
+
 def setup_logging(verbose: bool) -> None:
-    """Library log records to stderr through rich; transformers' own chatter only with ``--verbose``."""
+    """Library log records to stderr through rich; transformers' own chatter (and progress bars) only with ``--verbose``."""
     from rich.logging import RichHandler
 
     logging.basicConfig(
@@ -31,20 +44,92 @@ def setup_logging(verbose: bool) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def yaml_value(option: str, item: str, text: str) -> Any:
+    """One ``--set`` value read as YAML, so numbers and lists work; broken YAML is one error line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or "not valid YAML")
+        fail(f"{option} {item!r}: the value {text!r} is not valid YAML ({problem}); "
+             f"quote text values, e.g. {option} 'key=\"text\"', and close lists, e.g. {option} 'key=[1, 2]'")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``--set key=value`` pairs; values are read as YAML so numbers and lists work."""
     overrides = {}
     for item in items:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--set expects key=value (e.g. --set lr=0.001), got {item!r}")
+        overrides[key.strip()] = yaml_value("--set", item, value)
     return overrides
 
 
+def writable_folder(path: Path | None, option: str) -> Path | None:
+    """Fail with one line, before any model loads, when ``path`` cannot become an output folder.
+
+    An existing file, a read-only folder or a folder whose nearest existing
+    parent is read-only (or a file) would otherwise surface as a raw OSError
+    from deep inside the run, after minutes of work. ``None`` (the command
+    picks its default folder) passes through.
+    """
+    if path is None:
+        return None
+    if path.exists() and not path.is_dir():
+        fail(f"{option} {path} is a file, not a folder; pass a new or existing folder")
+    if path.is_dir():
+        if not _writable(path):
+            fail(f"{option} {path} is not writable; pass a folder you can write to, or change its permissions")
+        return path
+    parent = _nearest_existing(path)
+    if not parent.is_dir():
+        fail(f"{option} {path} cannot be created: {parent} is a file, not a folder")
+    if not _writable(parent):
+        fail(f"{option} {path} cannot be created: {parent} is not writable; pass a folder you can write to")
+    return path
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what a command would create), or None."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def discard_new_folder(created: Path | None, run_folder: Path) -> None:
+    """Remove what a failed run created, unless it recorded results (then it resumes on the next call)."""
+    if created is None or not created.is_dir():
+        return
+    results = run_folder / "results.jsonl"
+    if results.is_file() and results.stat().st_size > 0:
+        return
+    shutil.rmtree(created, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")  # pragma: no cover - the root always exists
+
+
+def _writable(folder: Path) -> bool:
+    """Whether new entries can be made in ``folder`` (a read-only mount is refused even to root)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def one_line(message: str) -> str:
+    """A message as one line: its own lines joined with '; ', surrounding blanks dropped."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "unknown error"
+
+
 def fail(message: str) -> NoReturn:
-    """Print one readable error line and exit with status 2 (click's usage-error code)."""
-    err_console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
+    """Print one readable error line (never wrapped, never read as markup) and exit with status 2."""
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True)
+    raise CommandFailed(2)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from lmedit.commands.common import console, fail, setup_logging
+from lmedit.commands.common import console, fail, setup_logging, writable_folder, yaml_value
 
 reproduce_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Re-run published result tables on a model (resumable).")
@@ -56,6 +56,7 @@ def wise_table(
     setup_logging(verbose)
     if table_only and not out.is_dir():
         fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
+    writable_folder(out, "--out")
     try:
         from lmedit.data.shared import find_shared_file
         from lmedit.reproduce import (DEFAULT_TS, WISE_IRRELEVANT_FILE, WISE_TABLE_METHODS, ZSRE_FILE, ReproduceError,
@@ -80,8 +81,6 @@ def wise_table(
             console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} at T = {', '.join(map(str, config.Ts))}; "
                           f"{limit} items from {data}", soft_wrap=True)
             payload = run_wise_table(config, show_progress=progress, on_run=_report_run)
-    except typer.Exit:
-        raise  # already reported by _fail (click's Exit is a RuntimeError)
     except ReproduceError as exc:
         fail(str(exc))
     except (ValueError, RuntimeError) as exc:
@@ -95,15 +94,13 @@ def wise_table(
 
 def parse_method_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``--set WISE.n_iter=50`` -> {"WISE": {"n_iter": 50}}; values are read as YAML."""
-    import yaml
-
     overrides: dict[str, dict[str, Any]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         method, dot, name = key.strip().partition(".")
         if not sep or not dot or not method or not name:
             raise ValueError(f"--set expects METHOD.key=value (e.g. WISE.n_iter=50), got {item!r}")
-        overrides.setdefault(method, {})[name] = yaml.safe_load(value)
+        overrides.setdefault(method, {})[name] = yaml_value("--set", item, value)
     return overrides
 
 

@@ -48,10 +48,11 @@ def stats_command(
     cache_dir: Optional[Path] = typer.Option(None, help="Statistics cache (default $LMEDIT_HOME/stats)."),
     list_cache: bool = typer.Option(False, "--list", help="List the cache entries instead of computing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute or load the second moment E(k kᵀ) of the MLP down-projection input (one pass, cached)."""
-    from lmedit.commands.common import fail, setup_logging
+    from lmedit.commands.common import fail, setup_logging, writable_folder
 
     setup_logging(verbose)
     if list_cache:
@@ -59,6 +60,9 @@ def stats_command(
         return
     if layers is None:
         fail("pass --layers, e.g. --layers 4-8 (or --list to show the cache)")
+    if min(n_samples, sample_length, batch_tokens) < 1:
+        fail("--n-samples, --sample-length and --batch-tokens must be at least 1")
+    writable_folder(cache_dir, "--cache-dir")
     try:
         chosen = parse_layers(layers)
         from lmedit.locate.stats import StatsConfig, layer_stats
@@ -71,7 +75,7 @@ def stats_command(
         with console.status(f"loading {model}..."):
             from lmedit.models import load_model
 
-            loaded, tok = load_model(model)
+            loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
         load_seconds = time.perf_counter() - start
         start = time.perf_counter()
         found = layer_stats(loaded, tok, chosen, config, progress=progress, cache_dir=cache_dir)

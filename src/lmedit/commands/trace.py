@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, fail, setup_logging
+from lmedit.commands.common import console, fail, setup_logging, writable_folder
 
 DEFAULT_DATA_NAME = "counterfact/counterfact_portability_gpt4.json"
 """The CounterFact file in ROME's layout (``requested_rewrite``) among the shared benchmark data."""
@@ -53,6 +53,7 @@ def trace_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write heatmap PNGs (needs matplotlib, the 'plot' extra)."),
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<time>-trace."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Causal tracing (ROME §2.1): which layers carry facts; suggests layers for ROME/MEMIT."""
@@ -74,7 +75,7 @@ def trace_command(
         fail(f"{shared_hint(DEFAULT_DATA_NAME)}; pass --data <CounterFact JSON>")
     if not data_path.is_file():
         fail(f"data file {data_path} not found; pass --data <CounterFact JSON>")
-    folder = out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-trace"
+    folder = writable_folder(out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-trace", "--out")
 
     from lmedit.analysis import tracing
 
@@ -84,7 +85,7 @@ def trace_command(
         with console.status(f"loading {model}..."):
             from lmedit.models import load_model
 
-            loaded, tok = load_model(model)
+            loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
         if known_only:
             with console.status("keeping the facts the model knows..."):
                 candidates = facts

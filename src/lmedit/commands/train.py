@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, fail, parse_overrides, setup_logging
+from lmedit.commands.common import console, fail, parse_overrides, setup_logging, writable_folder
 
 
 def train_command(
@@ -29,10 +29,12 @@ def train_command(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop this call after about this many minutes (run again to continue)."),
     set_: list[str] = typer.Option([], "--set", help="Override a training setting, key=value (repeatable; e.g. max_steps=200)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a meta-learned editor's networks (MEND's hypernetwork, SERAC's classifier and counterfactual model); resumable."""
     setup_logging(verbose)
+    writable_folder(out, "--out")
     try:
         from lmedit.registry import MethodError, get_method, trainable_methods
         from lmedit.training.paths import default_checkpoint_dir
@@ -46,8 +48,9 @@ def train_command(
             overrides["max_minutes"] = max_minutes
         train_path = _data_file(train_data, info.trainer.train_data, "--train-data")
         val_path = _data_file(val_data, info.trainer.val_data, "--val-data")
-        folder = out or default_checkpoint_dir(info.name, model)
-        result = run_training(info.name, model, train_path, val_path, folder, overrides, show_progress=progress)
+        folder = writable_folder(out or default_checkpoint_dir(info.name, model), "--out")
+        result = run_training(info.name, model, train_path, val_path, folder, overrides, show_progress=progress,
+                              trust_remote_code=trust_remote_code)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
     _print_result(info.name, result)
@@ -67,7 +70,7 @@ def _data_file(given: Optional[Path], default: str, option: str) -> Path:
 
 
 def run_training(method: str, model_name: str, train_path: Path, val_path: Path, out: Path,
-                 overrides: dict[str, Any], *, show_progress: bool = True) -> Any:
+                 overrides: dict[str, Any], *, show_progress: bool = True, trust_remote_code: bool = False) -> Any:
     """Load the model and the data, then train (or continue) ``method``'s networks into ``out``."""
     from lmedit.models import load_model
     from lmedit.registry import get_method
@@ -79,7 +82,7 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
         raise ValueError(f"{method} has no networks to train")
     params = entry.params.from_dict(overrides, source=f"lmedit train {method.lower()} --set")
     with console.status(f"loading {model_name} and the training data..."):
-        model, tok = load_model(model_name)
+        model, tok = load_model(model_name, trust_remote_code=trust_remote_code)
         train = load_examples(train_path, limit=params.train_examples)
         val = load_examples(val_path, limit=params.val_examples)
     identity = {"model": model_name, "train_data": {"path": str(train_path), "sha256": file_sha256(train_path)},

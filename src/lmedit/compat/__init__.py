@@ -1,4 +1,4 @@
-"""Small shims over transformers API changes, so the rest of the code names one spelling.
+"""Compatibility layers: small shims over transformers API changes (here) and, in submodules, EasyEdit's formats and API.
 
 transformers 5.2x renamed the key/value cache argument and output field from
 ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40). Both

@@ -7,7 +7,7 @@ the methods' own losses all slice the same tokens (EasyEdit's slicing).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 
 @dataclass(frozen=True)
@@ -37,3 +37,54 @@ def pad_id_of(tok: Any) -> int:
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; set tok.pad_token")
     return int(pad)
+
+
+class ContextLengthError(ValueError):
+    """An edit's text does not fit the model's context; the message names the request and the limit."""
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions the model can attend over (its config's limit), or None when it states none."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _request_texts(request: Any) -> Iterator[tuple[str, str]]:
+    """(what, text) for every text the edit and its evaluation feed the model, answer appended."""
+    yield "prompt + target_new", f"{request.prompt} {request.target_new}"
+    for index, rephrase in enumerate(request.rephrase):
+        yield f"rephrase {index} + target_new", f"{rephrase} {request.target_new}"
+    for kind in ("locality", "portability"):
+        for group, probes in getattr(request, kind).items():
+            for index, probe in enumerate(probes):
+                yield f"{kind} {group!r} probe {index}", f"{probe.prompt} {probe.answer}"
+
+
+def check_fits_context(model: Any, tok: Any, requests: Sequence[Any], *, reserve: int = 0,
+                       first_index: int = 0) -> None:
+    """Refuse, before any work, a request whose texts are longer than the model's context.
+
+    A prompt past the context is not an edit any method can make: the
+    position embeddings run out, and on a CPU the attention over ten
+    thousand tokens would run for many minutes before failing. `reserve`
+    keeps room for what a method or the evaluation adds (context prefixes,
+    generated tokens).
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    for offset, request in enumerate(requests):
+        for what, text in _request_texts(request):
+            if len(text.encode("utf-8")) + 4 + reserve <= limit:  # byte-level and byte-fallback tokenizers make
+                continue  # at most one token per byte (plus special tokens): most texts need no tokenising
+            count = len(tok(text).input_ids)
+            if count + reserve > limit:
+                name = f" (case_id {request.case_id})" if getattr(request, "case_id", None) else ""
+                raise ContextLengthError(
+                    f"request {first_index + offset}{name}: {what} is {count:,} tokens, longer than the model's "
+                    f"context of {limit:,} tokens{f' less {reserve} reserved' if reserve else ''}; shorten it")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 __all__ = ["Layout", "ReportError", "describe_layout", "expand_run_folders", "get_layout", "list_layouts", "load_run",
-           "register_layout"]
+           "read_run_records", "register_layout"]
 
 from lmedit.reports.easyedit_results import is_easyedit_results, load_easyedit_results  # noqa: E402  (json only)
 
@@ -98,22 +98,68 @@ def _load_builtins() -> None:
 
 def load_run(folder: str | Path) -> dict[str, Any]:
     """A run's config and summary; a run still in progress is summarised from the chunks written so far."""
-    from lmedit.runner import CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, read_records, summarize
+    from lmedit.runner import CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, summarize
 
     folder = Path(folder)
     if is_easyedit_results(folder):  # an EasyEdit *_results.json, shown beside lmedit runs
         return load_easyedit_results(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise ReportError(f"{folder} is not a run folder ({CONFIG_FILE} is missing); pass folders made by lmedit run")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config = read_json_object(folder / CONFIG_FILE)
     if (folder / SUMMARY_FILE).is_file():
-        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        summary = read_json_object(folder / SUMMARY_FILE)
     else:
-        records = read_records(folder / RESULTS_FILE) if (folder / RESULTS_FILE).is_file() else []
+        records = read_run_records(folder / RESULTS_FILE)
         if not records:
             raise ReportError(f"{folder} has no finished chunk yet")
         summary = {**summarize(records), "complete": False}
     return {"folder": str(folder), "config": config, "summary": summary}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A run folder's JSON file, which must hold one object; a damaged one is a ReportError naming file and line."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path} is damaged: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); "
+                          "run the command that wrote it again, or leave this run folder out") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not a JSON object; "
+                          "run the command that wrote it again, or leave this run folder out")
+    return value
+
+
+def read_run_records(path: Path) -> list[dict[str, Any]]:
+    """A run's ``results.jsonl`` (newest record per request), checked line by line.
+
+    A torn last line (a run stopped mid-write) is skipped, as the runner does;
+    any other line that is not a JSON object with an integer ``index`` is a
+    ReportError naming the file and the line number, never an AttributeError.
+    """
+    from lmedit.runner import read_records
+
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"cannot read {path}: {exc}") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if position == len(numbered) - 1:
+                continue  # torn by an interrupted write; the runner skips it too
+            raise ReportError(f"{path} line {number} is damaged: not valid JSON ({exc.msg}); "
+                              "run the command that wrote it again, or leave this run folder out") from None
+        if not isinstance(record, dict) or not isinstance(record.get("index"), int):
+            kind = "an object without an integer 'index'" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+            raise ReportError(f"{path} line {number} is damaged: {kind}, not a result record; "
+                              "run the command that wrote it again, or leave this run folder out")
+    return read_records(path)
 
 
 def expand_run_folders(folders: Sequence[str | Path]) -> list[Path]:

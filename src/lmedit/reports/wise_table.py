@@ -210,12 +210,13 @@ def cost_along_chunk(runs: Sequence[dict[str, Any]], table: WiseTable) -> dict[s
     the chunk-wide average in ``seconds_per_edit`` hides it. Each record's own step time is read
     (``step_seconds``; older runs: the method's own ``edit_info.seconds``).
     """
-    from lmedit.runner import RESULTS_FILE, read_records
+    from lmedit.reports import read_run_records
+    from lmedit.runner import RESULTS_FILE
 
     cost: dict[str, Any] = {}
     for method in table.methods:
         for T, run in _finished_largest_first(runs, table, method):
-            curve = _mean_step_seconds_by_position(read_records(Path(run["folder"]) / RESULTS_FILE), T)
+            curve = _mean_step_seconds_by_position(read_run_records(Path(run["folder"]) / RESULTS_FILE), T)
             if len(curve) >= COST_BINS:
                 cost[method] = {"T": T, "bins": _bin_means(curve, COST_BINS), "curve": curve}
                 break
