@@ -86,6 +86,8 @@ CASES = [
     case("eval-batch-size-zero", RUN_OUT + " --eval-batch-size 0", "eval batch size must be at least 1"),
     case("eval-batch-size-negative", RUN_OUT + " --eval-batch-size -4", "eval batch size must be at least 1"),
     case("eval-max-tokens-zero", RUN_OUT + " --eval-max-tokens 0", "max_batch_tokens must be at least 1"),
+    case("eval-max-tokens-beyond-memory", RUN_OUT + " --eval-max-tokens 1000000000000", "--eval-max-tokens 1,000,000,000,000",
+         "free", "use --eval-max-tokens 2,048 or less"),
     case("suite-unknown", RUN_OUT + " --suite telepathy", "telepathy"),
     case("retention-every-negative", RUN_OUT + " --retention-every -1", "retention"),
     case("retention-items-zero", RUN_OUT + " --retention-every 1 --retention-items 0", "retention"),

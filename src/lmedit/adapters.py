@@ -106,6 +106,20 @@ class AdapterSite(HyperParams):
                                "(or a negative index from the top)") from None
 
 
+def site_layer(model: nn.Module, site: AdapterSite) -> tuple[str, nn.Module]:
+    """The path and the original linear layer an adapter method edits (seen through an adapter already there)."""
+    path = site.site_path(model)
+    module = get_module(model, path)
+    return path, getattr(module, "original", module) if isinstance(module, AdapterLayer) else module
+
+
+def site_sizes(model: nn.Module, site: AdapterSite) -> tuple[str, int, int, int]:
+    """``(path, in_features, out_features, bytes per weight value)`` of the layer ``site`` names (for memory estimates)."""
+    path, layer = site_layer(model, site)
+    d_in, d_out = in_out_features(layer)
+    return path, d_in, d_out, layer.weight.element_size()
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(get_module(model, parent_path), name, module)

@@ -16,6 +16,7 @@ import torch
 from lmedit.evaluation.evaluator import EvalConfig, Evaluator, Snapshot
 from lmedit.forward.tokens import check_fits_context
 from lmedit.handles import EditHandle
+from lmedit.limits import check_eval_memory_for
 from lmedit.models import DEFAULT_MODEL, load_model
 from lmedit.protocols import Chunk, EditSession
 from lmedit.registry import MethodInfo, get_method, load_edit
@@ -76,6 +77,7 @@ class Editor:
     def capture(self, requests: Sequence[EditRequest]) -> Snapshot:
         """Pre-edit reference for :meth:`evaluate`; call it before editing."""
         check_fits_context(self.model, self.tok, requests)
+        check_eval_memory_for(self.model, self.tok, self.evaluator.config, requests)
         return self.evaluator.capture(self.model, list(requests))
 
     def evaluate(self, requests: Sequence[EditRequest], pre: Snapshot) -> list[dict[str, float]]:

@@ -97,6 +97,7 @@ class WeightSnapshotHandle(EditHandle):
         if missing:
             raise EditHandleError(f"{method}: the model has no parameter(s) {missing}")
         self._originals = {n: params[n].detach().clone() for n in names}
+        self._released: set[str] = set()
 
     @property
     def param_names(self) -> list[str]:
@@ -108,8 +109,34 @@ class WeightSnapshotHandle(EditHandle):
             for name, original in self._originals.items():
                 params[name].copy_(original)
 
+    @property
+    def released_names(self) -> list[str]:
+        """Parameters whose copies :meth:`release_copies` dropped (an older handle of the chain holds them)."""
+        return sorted(self._released)
+
+    def release_copies(self, names: Iterable[str]) -> None:
+        """Drop the stored copies of ``names``, because an older handle in the same chain holds their originals.
+
+        Only for a chain restored newest first (:func:`restore_all`): this
+        handle then restores its other parameters and the older one puts the
+        released ones back. A sequential chunk of T edits so keeps one copy of
+        each touched weight instead of T. Such a handle restores exactly only as
+        part of that chain, and can no longer be saved.
+        """
+        for name in names:
+            if self._originals.pop(name, None) is not None:
+                self._released.add(name)
+
+    def _check_complete(self, action: str) -> None:
+        if self._released:
+            raise EditHandleError(f"this {self.method} edit cannot {action}: its copies of {sorted(self._released)} were "
+                                  "released to an older edit of the same chain")
+
     def originals(self) -> dict[str, torch.Tensor]:
-        """The exact values of the touched parameters before this edit (the stored copies: do not modify them)."""
+        """The exact values of the touched parameters before this edit (the stored copies: do not modify them).
+
+        Copies given up by :meth:`release_copies` are not here: the older handle of the chain has them.
+        """
         return dict(self._originals)
 
     def delta_norms(self) -> dict[str, float]:
@@ -120,6 +147,7 @@ class WeightSnapshotHandle(EditHandle):
 
     def save(self, path: str | Path) -> Path:
         """Store the edited values of the touched parameters (safetensors + a JSON sidecar, no pickle)."""
+        self._check_complete("be saved")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         params = dict(self.model.named_parameters())
@@ -268,6 +296,24 @@ def _check_declared_shapes(tensors_file: Path, meta: dict[str, Any]) -> None:
             raise EditHandleError(f"{tensors_file} does not hold what edit.json declares (differs at {', '.join(differ[:3])}: "
                                   f"declared {[declared.get(k) for k in differ[:3]]}, found {[held.get(k) for k in differ[:3]]}); "
                                   "save the edit again")
+
+
+def keep_first_copies(chain: Iterable[EditHandle], handle: EditHandle) -> None:
+    """Before ``handle`` joins ``chain``: release its weight copies that an older handle of the chain holds.
+
+    Restoring the chain newest first ends with each parameter's oldest copy,
+    its value before the chunk, so later copies of the same parameter are
+    never the last word. Dropping them keeps one copy per touched weight for
+    the whole chunk instead of one per edit (T=1000 MEMIT edits of five layers
+    would otherwise keep 5,000 layer copies). Only when every handle in the
+    chain is a weight snapshot: other handles may rewire the model between.
+    """
+    chain = list(chain)
+    if not isinstance(handle, WeightSnapshotHandle) or not all(isinstance(h, WeightSnapshotHandle) for h in chain):
+        return
+    held = {name for older in chain for name in older.param_names} | {
+        name for older in chain for name in older.released_names}
+    handle.release_copies(held & set(handle.param_names))
 
 
 def restore_all(handles: list[EditHandle]) -> None:

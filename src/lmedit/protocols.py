@@ -25,7 +25,8 @@ import torch
 
 from lmedit.evaluation.evaluator import Evaluator, Snapshot
 from lmedit.forward.tokens import ContextLengthError, check_fits_context
-from lmedit.handles import EditHandle, restore_all
+from lmedit.handles import EditHandle, keep_first_copies, restore_all
+from lmedit.limits import MemoryLimitError, check_eval_memory_for, check_state_memory
 from lmedit.registry import MethodError, MethodInfo
 from lmedit.requests import EditRequest
 
@@ -95,7 +96,9 @@ class EditSession:
         """Validate every edit call up front, so bad input fails before hours of editing."""
         try:
             check_fits_context(self.model, self.tok, requests)
-        except ContextLengthError as exc:
+            check_eval_memory_for(self.model, self.tok, self.evaluator.config, requests)
+            self.check_kept_state(chunks)
+        except (ContextLengthError, MemoryLimitError) as exc:
             raise ProtocolError(str(exc)) from None
         for chunk in chunks:
             for step in chunk.steps:
@@ -103,6 +106,15 @@ class EditSession:
                     self.method.check_requests([requests[i] for i in step])
                 except MethodError as exc:
                     raise ProtocolError(str(exc)) from None
+
+    def check_kept_state(self, chunks: Sequence[Chunk]) -> None:
+        """Refuse chunks whose edits the method could not keep in memory (its ``kept_state`` estimate)."""
+        estimate = self.method.kept_state
+        edits = max((len(chunk.requests) for chunk in chunks), default=0)
+        if estimate is None or edits < 2:
+            return
+        needed, what, fix = estimate(self.model, self.hparams, edits)
+        check_state_memory(self.method.name, needed, edits, self.model, what=what, fix=fix)
 
 
 @dataclass
@@ -140,6 +152,7 @@ def run_chunk(
         for done, step in enumerate(chunk.steps, start=1):
             started = time.perf_counter()
             handle = session.method.apply(session.model, session.tok, [requests[i] for i in step], session.hparams)
+            keep_first_copies(handles, handle)
             handles.append(handle)
             elapsed = time.perf_counter() - started
             result.edit_seconds += elapsed

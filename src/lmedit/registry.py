@@ -79,6 +79,11 @@ class Contract:
             raise MethodError("a Contract that declares a point off must say why (why=...)")
 
 
+KeptState = Callable[[Any, Any, int], tuple[int, str, str]]
+"""``kept(model, hparams, edits) -> (bytes, what, fix)``: the memory a method keeps for ``edits`` sequential
+edits in one chunk (undo records, memories, codebook rows), what it is, and what setting lowers it. The
+protocol checks it against the free memory before the first edit (:mod:`lmedit.limits`)."""
+
 TinySetup = Callable[[Any, Any, Path], dict[str, Any]]
 """``setup(model, tok, workdir) -> overrides``: hyperparameters that make the method run on a tiny random
 model of any layout (a layer that exists, few steps, a tiny trained checkpoint written under ``workdir``).
@@ -102,6 +107,7 @@ class MethodInfo:
     trainer: TrainingEntry | None = None
     contract: Contract = Contract()
     tiny_setup: TinySetup | None = None
+    kept_state: KeptState | None = None
 
     def check_requests(self, requests: Sequence[EditRequest]) -> None:
         """Fail before any model time is spent when the requests cannot be edited by this method."""
@@ -159,6 +165,7 @@ def register(
     trainer: TrainingEntry | None = None,
     contract: Contract | None = None,
     tiny_setup: TinySetup | None = None,
+    kept_state: KeptState | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply`` under ``name``; its docstring's first line becomes the summary.
 
@@ -175,7 +182,8 @@ def register(
     format of :class:`lmedit.handles.WeightSnapshotHandle`); ``trainer``
     makes ``lmedit train <name>`` exist; ``contract`` declares contract
     points the method cannot meet; ``tiny_setup`` gives the contract test
-    settings for a tiny model.
+    settings for a tiny model. ``kept_state`` estimates the memory the method keeps per chunk of
+    sequential edits beyond weight copies (which the protocol keeps once per parameter).
     """
 
     def decorator(apply: ApplyFn) -> ApplyFn:
@@ -184,7 +192,7 @@ def register(
         summary = (apply.__doc__ or "").strip().splitlines()[0] if apply.__doc__ else ""
         _REGISTRY[name] = MethodInfo(
             name, apply, hparams, batch, needs_subject, summary, packed_evaluation, cached_generation,
-            generation_scored, load_edit or load_weight_edit, trainer, contract or Contract(), tiny_setup,
+            generation_scored, load_edit or load_weight_edit, trainer, contract or Contract(), tiny_setup, kept_state,
         )
         return apply
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import torch
 
 from lmedit.evaluation.evaluator import EvalConfig, ProbeOutcome, ProbeRef, Snapshot, locality_agreement
-from lmedit.handles import EditHandle, WeightSnapshotHandle, restore_all
+from lmedit.handles import EditHandle, WeightSnapshotHandle, keep_first_copies, restore_all
 from lmedit.requests import EditRequest
 
 LOG = logging.getLogger(__name__)
@@ -856,6 +856,8 @@ class BaseEditor:
             for step in plan.steps:
                 started = time.perf_counter()
                 handle = self._apply(plan, requests, step)
+                if plan.sequential:
+                    keep_first_copies(handles, handle)  # one copy per weight for the whole sequence
                 handles.append(handle)
                 elapsed = time.perf_counter() - started  # EasyEdit gives each request its edit call's time
                 for i in step:

@@ -54,7 +54,7 @@ def context_length(model: Any) -> int | None:
     return None
 
 
-def _request_texts(request: Any) -> Iterator[tuple[str, str]]:
+def request_texts(request: Any) -> Iterator[tuple[str, str]]:
     """(what, text) for every text the edit and its evaluation feed the model, answer appended."""
     yield "prompt + target_new", f"{request.prompt} {request.target_new}"
     for index, rephrase in enumerate(request.rephrase):
@@ -79,7 +79,7 @@ def check_fits_context(model: Any, tok: Any, requests: Sequence[Any], *, reserve
     if limit is None:
         return
     for offset, request in enumerate(requests):
-        for what, text in _request_texts(request):
+        for what, text in request_texts(request):
             if len(text.encode("utf-8")) + 4 + reserve <= limit:  # byte-level and byte-fallback tokenizers make
                 continue  # at most one token per byte (plus special tokens): most texts need no tokenising
             count = len(tok(text).input_ids)

@@ -41,10 +41,12 @@ from lmedit.adapters import (
     frozen_model,
     register_adapter_kind,
     remove_adapter,
+    site_sizes,
     target_nll,
 )
 from lmedit.forward import tokenize_pair
 from lmedit.hparams import HyperParamsError
+from lmedit.limits import size
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
@@ -140,8 +142,16 @@ class DeferAdapter(AdapterLayer):
                 params[name].copy_(tensor.to(params[name]))
 
 
+def defer_kept_state(model: nn.Module, hparams: DeferHyperParams, edits: int) -> tuple[int, str, str]:
+    """Each edit's undo record holds the gate and value network as they were (DEFER re-fits them every edit)."""
+    path, d_in, d_out, value_bytes = site_sizes(model, hparams)
+    per_edit = value_bytes * (d_in + 1 + d_in * d_out + d_out)
+    return (edits * per_edit, f"a copy of its gate and value network at {path} ({size(per_edit)}) per edit "
+            "for its undo record", "run on a machine with more memory")
+
+
 @register("DEFER", hparams=DeferHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
-          generation_scored=True, load_edit=load_adapter_edit,
+          generation_scored=True, load_edit=load_adapter_edit, kept_state=defer_kept_state,
           tiny_setup=lambda model, tok, workdir: {"layer": -1, "n_iter": 40, "edit_lr": 1e-2})
 def apply_defer(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: DeferHyperParams) -> AdapterEditHandle:
     """DEFER: a learned gate and value network on one layer's last-token input (GRACE's baseline)."""

@@ -54,10 +54,12 @@ from lmedit.adapters import (
     frozen_model,
     register_adapter_kind,
     remove_adapter,
+    site_sizes,
     target_nll,
 )
 from lmedit.forward import tokenize_pair
 from lmedit.hparams import HyperParamsError
+from lmedit.limits import size
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
@@ -322,8 +324,16 @@ def _replace(out: torch.Tensor, hit: torch.Tensor, row: torch.Tensor, table: tor
 # --------------------------------------------------------------------------- the method
 
 
+def grace_kept_state(model: nn.Module, hparams: GraceHyperParams, edits: int) -> tuple[int, str, str]:
+    """A codebook row per edit at most (a float32 key of the layer's input, a value of its output, a radius),
+    and its undo record, which may hold a copy of one earlier row."""
+    path, d_in, d_out, value_bytes = site_sizes(model, hparams)
+    per_edit = 2 * (4 * d_in + value_bytes * d_out + 64)
+    return edits * per_edit, f"a codebook row at {path} per edit ({size(per_edit)})", "run on a machine with more memory"
+
+
 @register("GRACE", hparams=GraceHyperParams, batch=True, packed_evaluation=False, generation_scored=True,
-          load_edit=load_adapter_edit,
+          load_edit=load_adapter_edit, kept_state=grace_kept_state,
           tiny_setup=lambda model, tok, workdir: {"layer": -1, "n_iter": 25, "edit_lr": 1.0, "eps": 1.0})
 def apply_grace(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: GraceHyperParams) -> AdapterEditHandle:
     """GRACE: a codebook of keys, trained values and deferral radii around one layer (lifelong editing)."""

@@ -63,9 +63,11 @@ from lmedit.adapters import (
     frozen_model,
     register_adapter_kind,
     remove_adapter,
+    site_sizes,
 )
 from lmedit.forward import build_inputs, generate_greedy, pad_id_of, tokenize_pair
 from lmedit.hparams import HyperParamsError
+from lmedit.limits import size
 from lmedit.registry import Contract, register
 from lmedit.smoke import write_edit_file
 from lmedit.requests import EditRequest
@@ -475,8 +477,20 @@ def _keep_random(delta: torch.Tensor, density: float, rescale: bool, generator: 
 # --------------------------------------------------------------------------- the method
 
 
+def wise_kept_state(model: nn.Module, hparams: WiseHyperParams, edits: int) -> tuple[int, str, str]:
+    """Each edit's undo record holds a copy of the side memory (so any edit can be rolled back); each shard
+    adds a copy of the layer and its gradient mask, each merge one more copy (kept while undo records name it)."""
+    path, d_in, d_out, value_bytes = site_sizes(model, hparams)
+    numel = d_in * d_out
+    weight = numel * value_bytes
+    shards, merges = -(-edits // hparams.save_freq), -(-edits // hparams.merge_freq)
+    needed = edits * weight + shards * (weight + numel) + merges * weight
+    return (needed, f"a copy of {path}.weight ({size(weight)}) per edit for its undo record, and one per "
+            f"shard of save_freq={hparams.save_freq} edits", "run on a machine with more memory")
+
+
 @register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
-          generation_scored=True, load_edit=load_adapter_edit,
+          generation_scored=True, load_edit=load_adapter_edit, kept_state=wise_kept_state,
           contract=Contract(no_tiny_effect_on=("gemma3_text",), why=(
               "on a random 3-layer Gemma 3, which normalises every MLP output again, 15 steps lower the target's NLL "
               "by only 0.3 nats and the scored probe's activation deviation stays under the routing threshold, "
