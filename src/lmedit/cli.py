@@ -81,7 +81,8 @@ def run(
     from lmedit.data import load_requests
     from lmedit.evaluation import EvalConfig
     from lmedit.experiment import RetentionSettings, make_spec, run_experiment
-    from lmedit.runner import RunFolderBusy, default_out_dir, ensure_run_folder_free, file_sha256
+    from lmedit.runner import RunFolderBusy, default_out_dir, ensure_run_folder_free
+    from lmedit.safe_files import file_sha256
 
     method, model = _run_settings(hparams, method, model)
     if retention_every < 0 or (retention_every and retention_items < 1):

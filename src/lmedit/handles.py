@@ -9,7 +9,6 @@ them, which would accumulate rounding error across sequential edits).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -20,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lmedit.safe_files import atomic_write_json
+from lmedit.safe_files import atomic_write_json, file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -236,20 +235,13 @@ def identity_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | N
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def stamp_saved_edit(folder: Path, model: torch.nn.Module) -> None:
     """Add to ``edit.json`` the model the edit was made on and the sha256 of every tensor file beside it."""
     meta_path = folder / EDIT_META
     meta = json.loads(meta_path.read_text())
     meta["model"] = model_identity(model)
-    meta["files"] = {p.name: _sha256(p) for p in sorted(folder.glob("*.safetensors"))}
+    meta["files"] = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
     atomic_write_json(meta_path, meta, indent=2)  # a kill leaves the unstamped edit.json, never half of one
 
 
@@ -273,7 +265,7 @@ def check_saved_edit(model: torch.nn.Module, folder: Path, meta: dict[str, Any])
         file = folder / name
         if not file.is_file():
             raise EditHandleError(f"{file} is missing; the saved edit is incomplete, save it again")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise EditHandleError(f"{file} changed after the edit was saved (truncated or modified: its sha256 "
                                   "differs from edit.json's); save the edit again")
     tensors_file = folder / EDIT_TENSORS

@@ -8,7 +8,6 @@ later loads read that folder in about a second.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lmedit.safe_files import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _conversion_is_current(target: Path, gguf: Path) -> bool:
         return False
     if recorded.get("gguf_mtime_ns") == stat.st_mtime_ns:
         return True
-    return recorded.get("gguf_sha256") == _sha256(gguf)
+    return recorded.get("gguf_sha256") == file_sha256(gguf)
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -210,8 +211,8 @@ def _convert(gguf: Path, target: Path) -> None:
             "source": str(gguf),
             "gguf_size": gguf.stat().st_size,
             "gguf_mtime_ns": gguf.stat().st_mtime_ns,
-            "gguf_sha256": _sha256(gguf),
-            "weights_sha256": {w.name: _sha256(w) for w in weights},
+            "gguf_sha256": file_sha256(gguf),
+            "weights_sha256": {w.name: file_sha256(w) for w in weights},
         }
         (staging / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
         if target.exists():
@@ -222,13 +223,6 @@ def _convert(gguf: Path, target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
     LOG.warning("Converted model saved to %s (weights sha256 %s)", target, marker["weights_sha256"])
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def preset_status() -> list[dict[str, str]]:

@@ -228,7 +228,7 @@ def _run_method(
 ) -> None:
     from lmedit.editor import Editor
     from lmedit.experiment import make_spec, run_experiment
-    from lmedit.runner import file_sha256
+    from lmedit.safe_files import file_sha256
 
     if config.model not in list_presets(method):
         raise ValueError(f"{method} has no preset for {config.model}; add presets/{method}/{config.model}.yaml")

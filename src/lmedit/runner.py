@@ -18,7 +18,6 @@ times ends with the same records as an uninterrupted one (each request once).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -91,13 +90,6 @@ def default_out_dir(method: str, root: Path | str = "runs") -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{stamp}-{method}"
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_benchmark(

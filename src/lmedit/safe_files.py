@@ -14,6 +14,7 @@ run never blocks the next one; the lock file it leaves is harmless.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -33,6 +34,15 @@ _HELD_GUARD = threading.Lock()
 
 class FolderBusy(RuntimeError):
     """Another process holds the folder; the message names it and says what to do."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (files may be model-sized)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -74,7 +74,7 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
     """Load the model and the data, then train (or continue) ``method``'s networks into ``out``."""
     from lmedit.models import load_model
     from lmedit.registry import get_method
-    from lmedit.runner import file_sha256
+    from lmedit.safe_files import file_sha256
     from lmedit.training import load_examples
 
     entry = get_method(method).trainer

@@ -38,6 +38,7 @@ from lmedit import model_state
 from lmedit.forward.tokens import context_length
 from lmedit.locate.corpus import Corpus, CorpusError, batch_samples, resolve_corpus, tokenize_samples
 from lmedit.progress import progress_bar
+from lmedit.safe_files import file_sha256
 from lmedit.spec import ModelSpec, get_module
 
 LOG = logging.getLogger(__name__)
@@ -241,13 +242,6 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     _atomic_write_bytes(path, save(data, metadata=metadata))
 
 
-def _entry_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _load_entry(plan: _Plan, layer: int, module: str) -> LayerStats | None:
     """The cached statistics of one layer, or None when absent, not for this key, changed or unreadable.
@@ -271,7 +265,7 @@ def _load_entry(plan: _Plan, layer: int, module: str) -> LayerStats | None:
             LOG.warning("ignoring %s: its sidecar describes different statistics", path)
             return None
         recorded = meta.get("sha256")
-        if recorded is not None and recorded != _entry_sha256(path):
+        if recorded is not None and recorded != file_sha256(path):
             LOG.warning("ignoring statistics cache entry %s: its bytes changed since they were written (sha256 "
                         "differs from its sidecar); the statistics are computed again", path)
             return None
@@ -638,7 +632,7 @@ def _finish_layer(plan: _Plan, layer: int, module: str, acc: _Accumulator, compu
         "statistic": "uncentred second moment E[k k^T] of the down-projection input, padding excluded",
     }
     _atomic_save_tensors(path, {"mom2": mom2}, {"tokens": str(tokens), "module": module})
-    meta["sha256"] = _entry_sha256(path)  # checked on every load: changed bytes are never used
+    meta["sha256"] = file_sha256(path)  # checked on every load: changed bytes are never used
     _atomic_write_bytes(_sidecar(path), json.dumps(meta, indent=2).encode())  # written last: marks completion
     return LayerStats(layer, module, mom2, tokens, acc.samples_done, "computed", seconds, path, meta)
 

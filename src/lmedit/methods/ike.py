@@ -53,6 +53,7 @@ from lmedit.progress import progress_bar
 from lmedit.registry import Contract, register
 from lmedit.requests import EditRequest
 from lmedit.routing import Route, attach_router, detach_router, router_of
+from lmedit.safe_files import file_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -160,13 +161,6 @@ def resolve_train_file(name: str) -> Path:
         "point train_file at a training set such as counterfact/counterfact-train.json"
     )
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pool_cache_dir() -> Path:

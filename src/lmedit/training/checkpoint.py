@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from lmedit.safe_files import atomic_write_bytes, atomic_write_text
+from lmedit.safe_files import atomic_write_bytes, atomic_write_text, file_sha256
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -88,13 +88,6 @@ def load_checkpoint(folder: str | Path, method: str, train_command: str) -> tupl
         )
     return load_file(str(weights_path)), config
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- optimizer state
