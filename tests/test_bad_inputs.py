@@ -111,6 +111,14 @@ CASES = [
     case("set-no-equals", RUN_OUT + " --set num_steps", "--set expects key=value"),
     case("set-empty-key", RUN_OUT + " --set =3", "--set expects key=value"),
     case("layer-beyond-model", RUN_OUT + " --set layers=[99]", "layer 99", "0..2"),
+    # ---------------------------------------------------------------- EasyEdit hyperparameter files
+    case("easyedit-convert-missing", "hparams convert {ws}/none.yaml", "none.yaml", "does not exist"),
+    case("easyedit-convert-not-easyedit", "hparams convert {ws}/good.yaml", "good.yaml", "not an EasyEdit"),
+    case("easyedit-convert-unknown-method", "hparams convert {ws}/ee_unknown.yaml", "ZAPEDIT", "lmedit's methods"),
+    case("easyedit-run-unknown-method", "run --model {model} --hparams {ws}/ee_unknown.yaml --out {ws}/out",
+         "ZAPEDIT", "lmedit's methods"),
+    case("easyedit-run-template-matches-nothing", "run --model {model} --hparams {ws}/ee_template.yaml --out {ws}/out",
+         "nothing_here"),
     # ---------------------------------------------------------------- models and environment
     case("model-missing-folder", "run --model {ws}/no-model --out {ws}/out", "no-model"),
     case("model-folder-without-config", "run --model {ws}/empty_dir --out {ws}/out", "empty_dir"),
@@ -230,6 +238,9 @@ def write_inputs(ws: Path, good_run: Path, model_dir: Path) -> None:
         "cf.json": [{"requested_rewrite": {"prompt": "{} is in", "subject": "paris", "target_new": {"str": "rome"},
                                            "target_true": {"str": "france"}}}],
         "good.yaml": "layers: [1]\nnum_steps: 1\n",
+        "ee_unknown.yaml": "alg_name: ZAPEDIT\nmodel_name: x\ndevice: 0\n",
+        "ee_template.yaml": "alg_name: FT\nmodel_name: x\nlayers: [1]\nnum_steps: 1\n"
+                            "objective_optimization: target_new\nrewrite_module_tmp: model.layers.{}.mlp.nothing_here\n",
         "long_prompt.json": [{"prompt": " ".join(["the"] * 300), "target_new": "rome"}],
         "long_rephrase.json": [{"prompt": "the capital of france is", "target_new": "rome",
                                 "rephrase": [" ".join(["paris"] * 300)]}],
