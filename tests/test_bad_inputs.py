@@ -112,6 +112,8 @@ CASES = [
     case("set-empty-key", RUN_OUT + " --set =3", "--set expects key=value"),
     case("layer-beyond-model", RUN_OUT + " --set layers=[99]", "layer 99", "0..2"),
     # ---------------------------------------------------------------- EasyEdit hyperparameter files
+    case("hparams-method-disagrees", RUN_OUT + " --method ROME --hparams {ws}/named_ft.yaml", "--method ROME disagrees",
+         "a file for FT-M"),
     case("easyedit-convert-missing", "hparams convert {ws}/none.yaml", "none.yaml", "does not exist"),
     case("easyedit-convert-not-easyedit", "hparams convert {ws}/good.yaml", "good.yaml", "not an EasyEdit"),
     case("easyedit-convert-unknown-method", "hparams convert {ws}/ee_unknown.yaml", "ZAPEDIT", "lmedit's methods"),
@@ -238,6 +240,7 @@ def write_inputs(ws: Path, good_run: Path, model_dir: Path) -> None:
         "cf.json": [{"requested_rewrite": {"prompt": "{} is in", "subject": "paris", "target_new": {"str": "rome"},
                                            "target_true": {"str": "france"}}}],
         "good.yaml": "layers: [1]\nnum_steps: 1\n",
+        "named_ft.yaml": "method: FT-M\nlayers: [1]\nnum_steps: 1\n",
         "ee_unknown.yaml": "alg_name: ZAPEDIT\nmodel_name: x\ndevice: 0\n",
         "ee_template.yaml": "alg_name: FT\nmodel_name: x\nlayers: [1]\nnum_steps: 1\n"
                             "objective_optimization: target_new\nrewrite_module_tmp: model.layers.{}.mlp.nothing_here\n",

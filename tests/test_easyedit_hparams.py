@@ -378,6 +378,22 @@ def test_run_settings_take_method_and_model_from_the_file(tmp_path: Path) -> Non
         run_settings(path, "ROME", None, default_method="FT-M", default_model="m")
 
 
+def test_a_converted_preset_runs_as_its_own_method(tmp_path: Path) -> None:
+    """`lmedit run --hparams rome.yaml` (a converted preset, `method: ROME`) is a ROME run, not FT-M's default."""
+    from lmedit.cli import app
+
+    preset = tmp_path / "rome.yaml"
+    result = CliRunner().invoke(app, ["hparams", "convert", str(write(tmp_path, "ROME")), "--out", str(preset)])
+    assert result.exit_code == 0, result.output
+    assert run_settings(preset, None, None, default_method="FT-M", default_model="m") == ("ROME", "m")
+    assert run_settings(preset, "rome", None, default_method="FT-M", default_model="m") == ("ROME", "m")
+    with pytest.raises(EasyEditHparamsError, match="--method FT-M disagrees with .*a file for ROME"):
+        run_settings(preset, "FT-M", None, default_method="FT-M", default_model="m")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("layers: [1]\n")  # names no method: the default
+    assert run_settings(plain, None, None, default_method="FT-M", default_model="m") == ("FT-M", "m")
+
+
 def test_editor_with_an_easyedit_file(tmp_path: Path, word_tok) -> None:
     from lmedit.editor import Editor
 

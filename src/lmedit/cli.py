@@ -49,7 +49,7 @@ def _run_settings(hparams: Optional[Path], method: Optional[str], model: Optiona
 
 @app.command()
 def run(
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="Editing method (see `lmedit methods`); default: an EasyEdit --hparams file's alg_name, else FT-M."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Editing method (see `lmedit methods`); default: the --hparams file's method (alg_name in EasyEdit's), else FT-M."),
     model: Optional[str] = typer.Option(None, help="Model preset, Hugging Face id or local folder; default: an EasyEdit --hparams file's model_name, else smollm2-135m."),
     data: Optional[Path] = typer.Option(None, help="Benchmark file (zsRE, CounterFact, KnowEdit, WISE, lmedit JSON); default: the demo set."),
     data_format: Optional[str] = typer.Option(None, "--format", help="Data format; detected from the file when omitted."),

@@ -783,6 +783,29 @@ def read_if_easyedit(
     return read_easyedit_hparams(path, model=model, overrides=overrides)
 
 
+def _lmedit_file_method(hparams_file: str | Path | None, method: str | None) -> str | None:
+    """The method of a run with an lmedit ``--hparams`` file: ``--method``, else the file's ``method:`` key.
+
+    A converted preset names its method; running it without ``--method`` must
+    not fall back to FT-M, and a ``--method`` that disagrees with it is an error
+    (the file's keys belong to the other method's dataclass).
+    """
+    from lmedit.registry import get_method
+
+    named = None
+    if hparams_file is not None:
+        try:
+            values = yaml.safe_load(Path(hparams_file).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            values = None  # the strict loader reports the file's problem later, with its own message
+        if isinstance(values, dict) and isinstance(values.get("method"), str):
+            named = get_method(values["method"]).name
+    if method is not None and named is not None and get_method(method).name != named:
+        raise EasyEditHparamsError(f"--method {method} disagrees with {hparams_file}, a file for {named} "
+                                   f"(method: {named}); drop --method or use a file for {method}")
+    return named or method
+
+
 def run_settings(
     hparams_file: str | Path | None, method: str | None, model: str | None, *, default_method: str, default_model: str
 ) -> tuple[str, str]:
@@ -793,7 +816,7 @@ def run_settings(
 
     config = read_if_easyedit(hparams_file) if hparams_file is not None else None
     if config is None:
-        return method or default_method, model or default_model
+        return _lmedit_file_method(hparams_file, method) or default_method, model or default_model
     if method is not None and get_method(method).name != config.method:
         raise EasyEditHparamsError(
             f"--method {method} disagrees with {config.source}, an EasyEdit file for {config.method} "
