@@ -312,6 +312,10 @@ def packaged_sample(name: str) -> Path | None:
     return folder if folder.is_dir() and _data_files(folder) else None
 
 
+_FELL_BACK: set[str] = set()
+"""Corpus names already replaced by their packaged sample in this process (the warning is given once)."""
+
+
 def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None, packaged_fallback: bool = True) -> Corpus:
     """Turn a path, a bare name or a hub spec (``wikipedia[:config]``, ``wikitext[:config]``, ``hf:...``) into a `Corpus`.
 
@@ -341,8 +345,10 @@ def resolve_corpus(spec: str | os.PathLike[str], *, cwd: Path | None = None, pac
         tried += [env, f"shared/corpus/{text} in {(cwd or Path.cwd()).resolve()} and its parents"]
         sample = packaged_sample(text) if packaged_fallback and text in PACKAGED_SAMPLES else None
         if sample is not None:
-            LOG.warning("corpus %r is not here (looked at: %s); using the packaged sample %r, which gives the same "
-                        "statistics for up to 1,000 samples of up to 256 tokens", text, "; ".join(tried), sample.name)
+            log = LOG.warning if text not in _FELL_BACK else LOG.debug  # said once per process, not per layer
+            _FELL_BACK.add(text)
+            log("corpus %r is not here (looked at: %s); using the packaged sample %r, which gives the same "
+                "statistics for up to 1,000 samples of up to 256 tokens", text, "; ".join(tried), sample.name)
             return _local_corpus(sample)
     raise CorpusError(
         f"corpus {text!r} not found; looked at: {'; '.join(tried)}. Pass the corpus folder with --corpus PATH "
