@@ -79,6 +79,7 @@ def run(
     """Run a benchmark: edit every request under a protocol, evaluate, write a run folder."""
     setup_logging(verbose)
     from lmedit.data import load_requests
+    from lmedit.data.loaders import empty_selection_reason
     from lmedit.evaluation import EvalConfig
     from lmedit.experiment import RetentionSettings, make_spec, run_experiment
     from lmedit.runner import RunFolderBusy, default_out_dir, ensure_run_folder_free
@@ -93,7 +94,7 @@ def run(
         ensure_run_folder_free(folder)  # another process's run: stop before loading anything
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
         if not requests:
-            fail("the data selection is empty; check --data, --offset and --limit")
+            fail(empty_selection_reason(data, limit=limit, offset=offset))
         from lmedit.evaluation.suites import required_specs  # --suite hook: selected + data-required suites
 
         retention = None  # held-out probes from the records after the edited ones, in <run folder>/held_out.json

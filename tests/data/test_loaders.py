@@ -18,6 +18,7 @@ from lmedit.data import (
     load_irrelevant_prompts,
     load_requests,
 )
+from lmedit.data.loaders import empty_selection_reason
 from lmedit.requests import EditRequest, Probe
 
 
@@ -111,6 +112,17 @@ def test_zsre_skips_empty_alt_and_logs_count(tmp_path: Path, caplog: pytest.LogC
         requests = load_requests(path)
     assert [(r.case_id, r.target_new) for r in requests] == [("0", "Globex"), ("2", "Initech")]
     assert any("skipped 2" in message for message in caplog.messages)
+
+
+def test_an_empty_selection_names_its_cause(tmp_path: Path) -> None:
+    """Each empty selection says which option to change: --limit 0, an --offset past the end, or only empty alts."""
+    path = _write(tmp_path, [_zsre_record(), _zsre_record(alt=""), _zsre_record(alt="")])
+    assert load_requests(path, offset=1) == []
+    assert "records 1..2 all have an empty target (alt)" in empty_selection_reason(path, limit=None, offset=1)
+    assert "records 1..1 all have" in empty_selection_reason(path, limit=1, offset=1)
+    assert "--offset 3 is past the end" in empty_selection_reason(path, limit=None, offset=3)
+    assert "pass an --offset below 3" in empty_selection_reason(path, limit=None, offset=3)
+    assert "--limit is 0" in empty_selection_reason(path, limit=0, offset=0)
 
 
 def test_zsre_record_without_portability_has_no_groups(tmp_path: Path) -> None:

@@ -567,6 +567,19 @@ def load_requests(
     return requests
 
 
+def empty_selection_reason(path: str | Path | None, *, limit: int | None, offset: int) -> str:
+    """Say why :func:`load_requests` returned nothing, so the user learns which option to change."""
+    records = _read_records(demo_path() if path is None else Path(path))
+    where = f"{len(records)} record(s) in {'the demo set' if path is None else path}"
+    if limit == 0:
+        return f"the data selection is empty: --limit is 0 ({where}); pass a positive --limit"
+    if offset >= len(records):
+        return f"the data selection is empty: --offset {offset} is past the end ({where}); pass an --offset below {len(records)}"
+    last = len(records) if limit is None else min(len(records), offset + limit)
+    return (f"the data selection is empty: records {offset}..{last - 1} all have an empty target (alt) and are skipped, "
+            f"as EasyEdit skips them ({where}); choose other records with --offset and --limit")
+
+
 def _map_record(
     mapper: Callable[[Record, int], EditRequest | None], record: Record, index: int, path: Path, name: str
 ) -> EditRequest | None:
