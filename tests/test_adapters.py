@@ -117,3 +117,46 @@ def test_adapter_site_errors_say_how_to_fix():
         AdapterSite.from_dict({}).site_path(torch.nn.Module())
     with pytest.raises(HyperParamsError, match="module must be one of mlp_out, attn_out"):
         AdapterSite.from_dict({"layer": 1, "module": "mlp"})
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_the_model_spec_reads_through_an_adapter(tiny_llama, layer):
+    """An adapter on block 0 (where detection starts) or any other block leaves the spec as on the plain model."""
+    from lmedit.spec import ModelSpec
+
+    before = ModelSpec.from_model(tiny_llama)
+    path = f"model.layers.{layer}.mlp.down_proj"
+    original = get_module(tiny_llama, path)
+    adapter = ensure_adapter(tiny_llama, path, GraceAdapter, lambda m: GraceAdapter(m, path))
+    assert ModelSpec.from_model(tiny_llama) == before
+    assert get_module(tiny_llama, path) is adapter and adapter.original is original  # the adapter is back in place
+
+
+def _request():
+    from lmedit.requests import EditRequest, Probe
+
+    return EditRequest(prompt="the capital of france is", target_new="rome", subject="france",
+                       locality={"n": (Probe("who wrote hamlet", "shakespeare"),)})
+
+
+def test_a_weight_edit_after_an_adapter_edit_on_another_layer_restores_exactly(tiny_llama, word_tok):
+    """GRACE on layer 1, then FT-M on layer 2: both apply, and restoring both in reverse gives back every weight."""
+    from lmedit.editor import Editor
+
+    reference = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    grace = Editor(tiny_llama, word_tok, "GRACE", overrides={"layer": 1}).apply([_request()])
+    ft = Editor(tiny_llama, word_tok, "FT-M", overrides={"layers": [2], "num_steps": 3}).apply([_request()])
+    assert any(not torch.equal(tiny_llama.state_dict()[k], reference[k]) for k in reference if "layers.2" in k)
+    ft.restore()
+    grace.restore()
+    state = tiny_llama.state_dict()
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_a_weight_edit_inside_an_adapter_edit_names_the_conflict(tiny_llama, word_tok):
+    from lmedit.editor import Editor
+
+    grace = Editor(tiny_llama, word_tok, "GRACE", overrides={"layer": 1}).apply([_request()])
+    with pytest.raises(EditHandleError, match="inside an adapter edit already applied.*restore that edit first"):
+        Editor(tiny_llama, word_tok, "FT-M", overrides={"layers": [1], "num_steps": 1}).apply([_request()])
+    grace.restore()

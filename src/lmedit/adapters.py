@@ -33,7 +33,7 @@ from torch import nn
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.forward import UpperForward, block_of, build_inputs
-from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like
+from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like, set_module
 
 ADAPTER_FORMAT = "lmedit-adapter"
 
@@ -98,7 +98,7 @@ class AdapterSite(HyperParams):
                 "say which layer to edit: layer: 27 (with module: mlp_out, the MLP down-projection), "
                 "or EasyEdit's inner_params: [model.layers[27].mlp.down_proj.weight]"
             )
-        spec = spec_of(model)  # an adapter already in the model must not hide the layout
+        spec = ModelSpec.from_model(model)  # adapters already in the model are read through
         try:
             return ADAPTER_ROLES[self.module](spec, int(self.layer))
         except IndexError as exc:
@@ -118,11 +118,6 @@ def site_sizes(model: nn.Module, site: AdapterSite) -> tuple[str, int, int, int]
     path, layer = site_layer(model, site)
     d_in, d_out = in_out_features(layer)
     return path, d_in, d_out, layer.weight.element_size()
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(get_module(model, parent_path), name, module)
 
 
 # --------------------------------------------------------------------------- the adapter base
@@ -149,6 +144,11 @@ class AdapterLayer(nn.Module):
         self.in_features, self.out_features = in_out_features(original)
         self.edit_log: list[str] = []
         self.edits_made = 0
+
+    @property
+    def wrapped_module(self) -> nn.Module:
+        """The layer this adapter stands in for (how `ModelSpec` reads the model's own layout)."""
+        return self.original
 
     @property
     def weight_device(self) -> torch.device:
@@ -237,7 +237,7 @@ def ensure_adapter(model: nn.Module, path: str, kind: type[A], build: Callable[[
             f"{path!r} already holds a {module.kind} adapter; restore those edits before editing the same module with {kind.kind}"
         )
     adapter = build(module)
-    _set_module(model, path, adapter)
+    set_module(model, path, adapter)
     adapter.on_insert(model)
     return adapter
 
@@ -246,7 +246,7 @@ def remove_adapter(model: nn.Module, adapter: AdapterLayer) -> None:
     """Put the original module object back where the adapter was."""
     if find_adapter(model, adapter.path) is not adapter:
         raise EditHandleError(f"the {adapter.kind} adapter is no longer at {adapter.path!r}; nothing to remove")
-    _set_module(model, adapter.path, adapter.original)
+    set_module(model, adapter.path, adapter.original)
     adapter.on_remove(model)
 
 
@@ -347,7 +347,7 @@ def load_adapter_edit(model: nn.Module, path: Path, meta: dict[str, Any]) -> Loa
     adapter.load_state(tensors, meta["state"])
     adapter.edit_log = list(meta["edit_log"])
     adapter.edits_made = int(meta["edits_made"])
-    _set_module(model, target, adapter)
+    set_module(model, target, adapter)
     adapter.on_insert(model)
     handle = LoadedAdapterHandle(meta["method"], model, adapter)
     handle.info = dict(meta.get("info", {}))
@@ -381,18 +381,6 @@ def frozen_model(model: nn.Module) -> Iterator[None]:
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
-
-
-def spec_of(model: nn.Module) -> ModelSpec:
-    """The model's architecture map, read with every adapter swapped back to its original layer."""
-    adapters = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-    for adapter in adapters:
-        _set_module(model, adapter.path, adapter.original)
-    try:
-        return ModelSpec.from_model(model)
-    finally:
-        for adapter in adapters:
-            _set_module(model, adapter.path, adapter)
 
 
 class SequenceLogits:
@@ -447,7 +435,7 @@ class SequenceLogits:
         return logits.reshape(-1, logits.shape[-1]).index_select(0, self.flat).float()
 
     def _prepare_tail(self, adapter_path: str) -> Callable[[], torch.Tensor] | None:
-        spec = spec_of(self.model)
+        spec = ModelSpec.from_model(self.model)
         block = block_of(spec, adapter_path)
         if block is None:
             return None

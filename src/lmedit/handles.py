@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmedit.safe_files import atomic_write_json, file_sha256
+from lmedit.spec import wrapped_module
 
 LOG = logging.getLogger(__name__)
 
@@ -84,6 +85,16 @@ class EditHandle:
             cls.save = _stamping(own)  # type: ignore[method-assign]
 
 
+def _held_by_adapter(model: torch.nn.Module, param_name: str) -> bool:
+    """True when the module that owned ``param_name`` has been replaced by a wrapper (an adapter edit)."""
+    module_path = param_name.rpartition(".")[0]
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return False
+    return wrapped_module(module) is not None
+
+
 class WeightSnapshotHandle(EditHandle):
     """For methods that change parameters in place: keeps exact copies of the originals."""
 
@@ -94,6 +105,10 @@ class WeightSnapshotHandle(EditHandle):
         names = list(dict.fromkeys(param_names))
         missing = [n for n in names if n not in params]
         if missing:
+            held = [n for n in missing if _held_by_adapter(model, n)]
+            if held:
+                raise EditHandleError(f"{method}: {held} sit inside an adapter edit already applied (GRACE, DEFER, WISE or "
+                                      "similar); restore that edit first, or edit another layer")
             raise EditHandleError(f"{method}: the model has no parameter(s) {missing}")
         self._originals = {n: params[n].detach().clone() for n in names}
         self._released: set[str] = set()

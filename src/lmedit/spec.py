@@ -13,9 +13,10 @@ YAML preset) covers unusual models.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from torch import nn
 
@@ -96,11 +97,45 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         raise ModelSpecError(f"{type(model).__name__} has no submodule {path!r}: {exc}") from None
 
 
+def wrapped_module(module: nn.Module) -> nn.Module | None:
+    """The layer a wrapper (an adapter edit such as GRACE's) holds in its place, or None for a plain module."""
+    inner = getattr(module, "wrapped_module", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+@contextmanager
+def layers_unwrapped(model: nn.Module) -> Iterator[None]:
+    """Put every wrapped layer back in its wrapper's place for the duration, so the model's own layout shows.
+
+    An adapter edit replaces one projection by a wrapper; reading the layout
+    with it in place would find a block unlike the others.
+    """
+    wrappers = [(path, module) for path, module in model.named_modules() if path and wrapped_module(module) is not None]
+    for path, wrapper in wrappers:
+        set_module(model, path, wrapped_module(wrapper))
+    try:
+        yield
+    finally:
+        for path, wrapper in reversed(wrappers):
+            set_module(model, path, wrapper)
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at a dotted path, replacing what is there."""
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(model, parent_path), name, module)
+
+
 def get_parameter(model: nn.Module, path: str) -> nn.Parameter:
     """Parameter at a dotted path such as "model.layers.3.mlp.down_proj.weight"."""
     module_path, _, name = path.rpartition(".")
     module = get_module(model, module_path)
     param = module._parameters.get(name) if name else None
+    if param is None and wrapped_module(module) is not None:
+        raise ModelSpecError(
+            f"{module_path!r} is held by a {type(module).__name__} (an adapter edit is applied there); "
+            "restore that edit first, or edit another layer"
+        )
     if not isinstance(param, nn.Parameter):
         raise ModelSpecError(f"{type(model).__name__} has no parameter {path!r}")
     return param
@@ -321,7 +356,12 @@ class ModelSpec:
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelSpec":
-        """Derive the map from the module tree and config (no model-name checks)."""
+        """Derive the map from the module tree and config (no model-name checks); adapter edits do not hide it."""
+        with layers_unwrapped(model):
+            return cls._from_plain_model(model)
+
+    @classmethod
+    def _from_plain_model(cls, model: nn.Module) -> "ModelSpec":
         cls_name = type(model).__name__
         config = _text_config(model)
         num_layers = _config_int(config, _NUM_LAYERS_KEYS)

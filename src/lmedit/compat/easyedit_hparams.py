@@ -374,11 +374,11 @@ def _model_layout(model: Any) -> tuple[Any, frozenset[str] | None]:
     """The model's ModelSpec (None if it cannot be built) and the names of all its modules."""
     if model is None:
         return None, None
-    from lmedit.adapters import spec_of
+    from lmedit.spec import ModelSpec
 
     names = frozenset(name for name, _ in model.named_modules())
     try:
-        spec = spec_of(model)
+        spec = ModelSpec.from_model(model)
     except ValueError:
         spec = None
     return spec, names
