@@ -149,6 +149,14 @@ def test_every_k_scores_every_k_steps_and_the_last(tiny_llama, word_tok, tmp_pat
         RetentionTracker(tiny_llama, Evaluator(word_tok), EDITS, tmp_path, every=0)
 
 
+def test_a_row_written_after_a_kill_mid_line_is_kept(tiny_llama, word_tok, tmp_path):
+    """A kill leaves half a row; the resumed run's row must start on its own line, not join the half row."""
+    half_row = '{"chunk": 0, "ed'
+    (tmp_path / RETENTION_FILE).write_text(json.dumps({"chunk": 0, "edits": 1, "edit_retention": 0.0}) + "\n" + half_row)
+    RetentionTracker(tiny_llama, Evaluator(word_tok), EDITS, tmp_path, every=1)(Chunk(0, ((0,), (1,))), 2)
+    assert [(r["chunk"], r["edits"]) for r in read_retention(tmp_path / RETENTION_FILE)] == [(0, 1), (0, 2)]
+
+
 def test_retention_file_resumes_newest_rows_and_curves_average_chunks(tmp_path):
     path = tmp_path / RETENTION_FILE
     lines = [

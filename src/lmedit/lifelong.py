@@ -38,6 +38,7 @@ from lmedit.evaluation.evaluator import Evaluator, ProbeOutcome, ProbeRef, local
 from lmedit.forward import generate_greedy, tokenize_pair
 from lmedit.protocols import Chunk
 from lmedit.requests import EditRequest
+from lmedit.safe_files import append_lines
 
 LOG = logging.getLogger(__name__)
 
@@ -328,8 +329,7 @@ class RetentionTracker:
         row["seconds"] = time.perf_counter() - started
         self.seconds += row["seconds"]
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / RETENTION_FILE).open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        append_lines(self.out_dir / RETENTION_FILE, [json.dumps(row)])  # a half line left by a kill is ended first
 
 
 def read_retention(path: str | Path) -> list[dict[str, Any]]:

@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import platform
 import time
 from collections import defaultdict
@@ -32,8 +31,8 @@ from typing import Any, Callable, Iterable, Sequence
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
 from lmedit.requests import EditRequest
-from lmedit.safe_files import (FolderBusy, atomic_write_json, atomic_write_text, ensure_folder_free, hold_folder,
-                               remove_stale_temp_files)
+from lmedit.safe_files import (FolderBusy, append_lines, atomic_write_json, atomic_write_text, ensure_folder_free,
+                               hold_folder, remove_stale_temp_files)
 
 LOG = logging.getLogger(__name__)
 
@@ -243,20 +242,7 @@ def _environment() -> dict[str, str]:
 def _append_records(path: Path, records: Iterable[dict[str, Any]], eval_seconds: float) -> None:
     """Append one chunk's records in a single write, then fsync: the chunk is on disk before the next starts."""
     records = list(records)
-    torn = path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n"
-    lines = "".join(json.dumps({**r, "eval_seconds": eval_seconds / max(len(records), 1)}) + "\n" for r in records)
-    # an interrupted write left half a line: end it, or the next record would join it
-    data = ("\n" if torn else "") + lines
-    with path.open("ab") as handle:
-        handle.write(data.encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _last_byte(path: Path) -> bytes:
-    with path.open("rb") as handle:
-        handle.seek(-1, 2)
-        return handle.read(1)
+    append_lines(path, (json.dumps({**r, "eval_seconds": eval_seconds / max(len(records), 1)}) for r in records))
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 LOCK_FILE = ".lmedit.lock"
 OWNER_FILE = ".lmedit.owner"
@@ -82,6 +82,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any, **dumps: Any) -> None:
     atomic_write_text(path, json.dumps(data, **dumps))
+
+
+def append_lines(path: str | Path, lines: Iterable[str]) -> None:
+    """Append whole lines in one write, then fsync.
+
+    A killed writer can leave half a line at the end of the file; it is ended
+    first, or the next line would join it and both would be unreadable.
+    Readers skip the half line.
+    """
+    path = Path(path)
+    text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+    if path.is_file() and path.stat().st_size > 0 and _last_byte(path) != b"\n":
+        text = "\n" + text
+    with path.open("ab") as handle:
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1)
 
 
 def remove_stale_temp_files(folder: Path) -> list[Path]:
