@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -79,12 +80,17 @@ def test_wise_state_estimate_by_hand(tiny_llama, word_tok):
     needed, what, _fix = wise_kept_state(tiny_llama, hparams, 5)
     weight = tiny_llama.model.layers[1].mlp.down_proj.weight
     value = weight.numel() * 4
-    assert needed == 5 * value + 3 * (value + weight.numel()) + 2 * value  # 5 undo copies, 3 shards, 2 merges
+    masked = math.ceil(0.2 * weight.numel()) * 4  # mask_ratio 0.2 of the entries, float32
+    assert needed == 5 * masked + 3 * (value + weight.numel()) + 2 * value  # 5 undo records, 3 shards, 2 merges
+    assert "masked entries (mask_ratio=0.2" in what
+    every_edit_a_shard = get_method("WISE").load_hparams(overrides={"layer": 1, "save_freq": 1})
+    needed, what, _fix = wise_kept_state(tiny_llama, every_edit_a_shard, 5)
+    assert needed == 5 * (value + weight.numel()) + value and "masked entries" not in what  # 5 shards, 1 merge
     assert "model.layers.1.mlp.down_proj" in what
 
 
 @pytest.mark.parametrize("method, overrides, words", [
-    ("WISE", {"layer": 1}, ("WISE keeps a copy of model.layers.1.mlp.down_proj.weight", "per edit", "lower --T")),
+    ("WISE", {"layer": 1}, ("WISE keeps a copy of model.layers.1.mlp.down_proj.weight and its mask", "per shard", "lower --T")),
     ("DEFER", {"layer": 1}, ("DEFER keeps a copy of its gate and value network",)),
     ("GRACE", {"layer": 1}, ("GRACE keeps a codebook row",)),
 ])

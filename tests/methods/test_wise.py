@@ -82,6 +82,42 @@ def test_sequential_edits_accumulate_in_one_adapter_and_restore_exactly(tiny_lla
     assert not tiny_llama._forward_pre_hooks and not tiny_llama._forward_hooks
 
 
+def test_undo_records_keep_only_the_masked_entries_and_each_undo_is_exact(tiny_llama, word_tok):
+    """After the first edit an undo record holds mask_ratio of the layer, and undoing edits one by one retraces
+    every earlier memory state bit for bit."""
+    info, hparams = _hparams()
+    states, handles = [], []
+    for request in FACTS[:3]:
+        adapter = get_module(tiny_llama, LLAMA_PATH)
+        states.append(_memory_state(adapter) if isinstance(adapter, WiseAdapter) else None)
+        handles.append(info.apply(tiny_llama, word_tok, [request], hparams))
+    adapter = get_module(tiny_llama, LLAMA_PATH)
+    sides = [h._records[0].state["side"] for h in handles]  # the undo record each apply keeps
+    assert sides[0].values is None  # the first edit starts from W: nothing to keep
+    total = adapter.side.numel()
+    for side in sides[1:]:
+        assert side.mask is not None and side.values.numel() == int(side.mask.sum()) < 0.3 * total
+    for handle, state in zip(reversed(handles[1:]), reversed(states[1:])):
+        handle.restore()
+        assert _same(_memory_state(adapter), state)
+    restore_all(handles)
+
+
+def test_a_side_memory_that_differs_from_w_off_the_mask_is_kept_whole():
+    from lmedit.methods.wise import SideUndo
+
+    base = torch.randn(4, 6)
+    mask = torch.rand(4, 6) < 0.3
+    side = torch.where(mask, base + 1.0, base)
+    kept = SideUndo.of(side, mask, base)
+    assert kept.mask is mask and torch.equal(kept.rebuild(base), side)
+    side[~mask] += 1e-7  # off the mask too: only a whole copy restores it
+    whole = SideUndo.of(side, mask, base)
+    assert whole.mask is None and torch.equal(whole.rebuild(base), side)
+    fresh = SideUndo.of(base.clone(), mask, base)  # a fresh shard's side memory is W
+    assert fresh.values is None and torch.equal(fresh.rebuild(base), base)
+
+
 # Facts with no word in common, for the retention test below: on a tiny random model the inputs of prompts that share
 # most of their words ("the ... of ... is") are nearly parallel, so any update for one moves the others.
 DISJOINT = [

@@ -131,6 +131,39 @@ class WiseUndo:
     state: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class SideUndo:
+    """The side memory before an edit, kept as its entries under the gradient mask.
+
+    Edits change the side memory only where the shard's mask is set, so
+    outside it the side memory equals W; keeping the masked entries alone
+    costs ``mask_ratio`` of a full copy (a fifth at 0.2) per undo record.
+    ``mask`` None means ``values`` is the whole side memory; ``values`` None
+    means the side memory was W itself (a fresh shard).
+    """
+
+    values: torch.Tensor | None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, side: torch.Tensor, mask: torch.Tensor, base: torch.Tensor) -> "SideUndo":
+        if torch.equal(side, base):
+            return cls(None)  # a fresh shard (every edit at save_freq 1): W itself, nothing to keep
+        if mask.all() or not torch.equal(torch.where(mask, base, side), base):
+            return cls(side.clone())  # the whole tensor: nothing to save, or it differs from W off the mask
+        return cls(side[mask].clone(), mask)
+
+    def rebuild(self, base: torch.Tensor) -> torch.Tensor:
+        """The side memory as it was, bit for bit."""
+        if self.values is None:
+            return base.clone()
+        if self.mask is None:
+            return self.values
+        side = base.clone()
+        side[self.mask] = self.values
+        return side
+
+
 @register_adapter_kind
 class WiseAdapter(AdapterLayer):
     """Main memory (the original layer, or a merged copy), side memory, saved shards and routing records."""
@@ -269,14 +302,15 @@ class WiseAdapter(AdapterLayer):
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "side": self.side.clone(), "mask": self.mask, "main": self.main, "final_main": self.final_main,
+            "side": SideUndo.of(self.side, self.mask, self.original.weight.detach()), "mask": self.mask,
+            "main": self.main, "final_main": self.final_main,
             "memories": list(self.memories), "memory_min_act": list(self.memory_min_act),
             "side_min_act": self.side_min_act, "edit_count": self.edit_count, "merge_count": self.merge_count,
         }
 
     def restore_snapshot(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
-            setattr(self, name, value)
+            setattr(self, name, value.rebuild(self.original.weight.detach()) if isinstance(value, SideUndo) else value)
 
     def undo(self, record: WiseUndo) -> None:
         if record.edit_id not in self.edit_log:
@@ -295,7 +329,7 @@ class WiseAdapter(AdapterLayer):
         self.side_min_act = min(self.side_min_act, in_scope_deviation)
         self.edit_count += 1
         if self.edit_count % self.config["save_freq"] == 0:
-            self.memories = self.memories + [self.side.clone()]
+            self.memories = self.memories + [self.side]  # the side memory is replaced below, never changed in place
             self.side = self.original.weight.detach().clone()
             if self.config["retrieve"]:
                 self.memory_min_act = self.memory_min_act + [self.side_min_act]
@@ -478,15 +512,19 @@ def _keep_random(delta: torch.Tensor, density: float, rescale: bool, generator: 
 
 
 def wise_kept_state(model: nn.Module, hparams: WiseHyperParams, edits: int) -> tuple[int, str, str]:
-    """Each edit's undo record holds a copy of the side memory (so any edit can be rolled back); each shard
-    adds a copy of the layer and its gradient mask, each merge one more copy (kept while undo records name it)."""
+    """Each shard keeps a copy of the layer and its gradient mask, each merge one more copy; each edit's undo
+    record keeps the side memory's masked entries (``mask_ratio`` of the layer), none when every edit starts
+    a shard (``save_freq`` 1: the side memory before it is W itself)."""
     path, d_in, d_out, value_bytes = site_sizes(model, hparams)
     numel = d_in * d_out
     weight = numel * value_bytes
+    per_edit = 0 if hparams.save_freq == 1 else math.ceil(hparams.mask_ratio * numel) * value_bytes
     shards, merges = -(-edits // hparams.save_freq), -(-edits // hparams.merge_freq)
-    needed = edits * weight + shards * (weight + numel) + merges * weight
-    return (needed, f"a copy of {path}.weight ({size(weight)}) per edit for its undo record, and one per "
-            f"shard of save_freq={hparams.save_freq} edits", "run on a machine with more memory")
+    needed = edits * per_edit + shards * (weight + numel) + merges * weight
+    what = f"a copy of {path}.weight and its mask ({size(weight + numel)}) per shard of save_freq={hparams.save_freq} edits"
+    if per_edit:
+        what += f", and its masked entries (mask_ratio={hparams.mask_ratio}: {size(per_edit)}) per edit for the undo record"
+    return needed, what, "run on a machine with more memory"
 
 
 @register("WISE", hparams=WiseHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
