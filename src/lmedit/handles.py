@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmedit.safe_files import atomic_write_json, file_sha256
-from lmedit.spec import wrapped_module
+from lmedit.spec import held_by_wrapper
 
 LOG = logging.getLogger(__name__)
 
@@ -85,16 +85,6 @@ class EditHandle:
             cls.save = _stamping(own)  # type: ignore[method-assign]
 
 
-def _held_by_adapter(model: torch.nn.Module, param_name: str) -> bool:
-    """True when the module that owned ``param_name`` has been replaced by a wrapper (an adapter edit)."""
-    module_path = param_name.rpartition(".")[0]
-    try:
-        module = model.get_submodule(module_path)
-    except AttributeError:
-        return False
-    return wrapped_module(module) is not None
-
-
 class WeightSnapshotHandle(EditHandle):
     """For methods that change parameters in place: keeps exact copies of the originals."""
 
@@ -105,7 +95,7 @@ class WeightSnapshotHandle(EditHandle):
         names = list(dict.fromkeys(param_names))
         missing = [n for n in names if n not in params]
         if missing:
-            held = [n for n in missing if _held_by_adapter(model, n)]
+            held = [n for n in missing if held_by_wrapper(model, n)]
             if held:
                 raise EditHandleError(f"{method}: {held} sit inside an adapter edit already applied (GRACE, DEFER, WISE or "
                                       "similar); restore that edit first, or edit another layer")

@@ -126,12 +126,21 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(get_module(model, parent_path), name, module)
 
 
+def held_by_wrapper(model: nn.Module, param_path: str) -> bool:
+    """True when the module that owns ``param_path`` has been replaced by a wrapper (an adapter edit)."""
+    try:
+        module = model.get_submodule(param_path.rpartition(".")[0])
+    except AttributeError:
+        return False
+    return wrapped_module(module) is not None
+
+
 def get_parameter(model: nn.Module, path: str) -> nn.Parameter:
     """Parameter at a dotted path such as "model.layers.3.mlp.down_proj.weight"."""
     module_path, _, name = path.rpartition(".")
     module = get_module(model, module_path)
     param = module._parameters.get(name) if name else None
-    if param is None and wrapped_module(module) is not None:
+    if param is None and held_by_wrapper(model, path):
         raise ModelSpecError(
             f"{module_path!r} is held by a {type(module).__name__} (an adapter edit is applied there); "
             "restore that edit first, or edit another layer"
