@@ -1,14 +1,17 @@
-"""The method contract, checked for every registered method on three tiny layouts (Llama, GPT-2, Gemma 3).
+"""The method contract, checked for every registered method on three tiny layouts (Llama, GPT-2, Gemma 3),
+each in float32, bfloat16 and float16.
 
 Nothing here names a method: the matrix is ``list_methods()`` × layouts, each method's
 settings for a tiny model come from its registration (``tiny_setup``), and the points a
 method cannot meet are read from its ``Contract`` declaration, which the test then checks
 instead. A newly registered method is tested here without any change to this file.
 
-Per (method, layout): requests are validated before any work; the edit takes effect;
+Per (method, layout, dtype): requests are validated before any work; the edit takes effect;
 restore is bit-exact (every parameter and buffer, the probe outputs, no per-model state
 left behind); save → load into a fresh model gives the same outputs; three sequential
 edits restore exactly; an evaluation pass changes no state (weights, method state, outputs).
+A method's own set-up (training, for MEND and SERAC) runs in float32, as users train; the
+model it then edits is cast to the dtype under test.
 """
 
 from __future__ import annotations
@@ -97,15 +100,15 @@ def _info(method: str) -> MethodInfo:
     return next(info for info in list_methods() if info.name == method)
 
 
-def _model(layout: str, tok: Any, seed: int = 0) -> torch.nn.Module:
-    return LAYOUTS[layout](len(tok), seed=seed)
+def _model(layout: str, tok: Any, seed: int = 0, dtype: str = "float32") -> torch.nn.Module:
+    return LAYOUTS[layout](len(tok), seed=seed).to(getattr(torch, dtype))
 
 
 def _editor(method: str, layout: str, tok: Any, prepared: Callable[[str, str], dict[str, Any]],
-            model: torch.nn.Module | None = None) -> Editor:
+            dtype: str, model: torch.nn.Module | None = None) -> Editor:
     info = _info(method)
     hparams = info.load_hparams(overrides=prepared(method, layout))
-    return Editor(model if model is not None else _model(layout, tok), tok, method, hparams=hparams,
+    return Editor(model if model is not None else _model(layout, tok, dtype=dtype), tok, method, hparams=hparams,
                   eval_config=EvalConfig(mode="both"))
 
 
@@ -132,6 +135,7 @@ def _single(method: str) -> bool:
 
 
 matrix = pytest.mark.parametrize("layout", list(LAYOUTS))
+dtypes = pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 methods = pytest.mark.parametrize("method", METHODS)
 
 
@@ -164,8 +168,9 @@ def test_requests_are_validated_before_any_work(method: str, word_tok: Any) -> N
 
 @methods
 @matrix
-def test_the_edit_takes_effect(method: str, layout: str, word_tok: Any, prepared: Any) -> None:
-    editor = _editor(method, layout, word_tok, prepared)
+@dtypes
+def test_the_edit_takes_effect(method: str, layout: str, dtype: str, word_tok: Any, prepared: Any) -> None:
+    editor = _editor(method, layout, word_tok, prepared, dtype)
     request = REQUESTS[0]
     pre = editor.capture([request])
     before = _outputs(editor, [request])
@@ -189,8 +194,9 @@ def test_the_edit_takes_effect(method: str, layout: str, word_tok: Any, prepared
 
 @methods
 @matrix
-def test_restore_is_bit_exact(method: str, layout: str, word_tok: Any, prepared: Any) -> None:
-    editor = _editor(method, layout, word_tok, prepared)
+@dtypes
+def test_restore_is_bit_exact(method: str, layout: str, dtype: str, word_tok: Any, prepared: Any) -> None:
+    editor = _editor(method, layout, word_tok, prepared, dtype)
     state, outputs, owners = snapshot(editor.model), _outputs(editor), model_state.owners(editor.model)
     modules = [type(m).__name__ for m in editor.model.modules()]
     batch = REQUESTS[:1] if _single(method) else REQUESTS[:2]
@@ -205,15 +211,16 @@ def test_restore_is_bit_exact(method: str, layout: str, word_tok: Any, prepared:
 
 @methods
 @matrix
-def test_save_then_load_into_a_fresh_model_gives_the_same_outputs(method: str, layout: str, word_tok: Any,
+@dtypes
+def test_save_then_load_into_a_fresh_model_gives_the_same_outputs(method: str, layout: str, dtype: str, word_tok: Any,
                                                                  prepared: Any, tmp_path: Path) -> None:
     if not _info(method).contract.save_load:
         pytest.skip(f"{method} declares that its edits cannot be saved: {_info(method).contract.why}")
-    editor = _editor(method, layout, word_tok, prepared)
+    editor = _editor(method, layout, word_tok, prepared, dtype)
     handle = editor.apply(REQUESTS[0])
     handle.save(tmp_path / "edit")
     edited = _outputs(editor)
-    fresh = _editor(method, layout, word_tok, prepared, model=_model(layout, word_tok))
+    fresh = _editor(method, layout, word_tok, prepared, dtype, model=_model(layout, word_tok, dtype=dtype))
     clean_state, clean = snapshot(fresh.model), _outputs(fresh)
     loaded = load_edit(fresh.model, tmp_path / "edit")
     assert _same_outputs(_outputs(fresh), edited)
@@ -223,8 +230,9 @@ def test_save_then_load_into_a_fresh_model_gives_the_same_outputs(method: str, l
 
 @methods
 @matrix
-def test_three_sequential_edits_then_restore_all(method: str, layout: str, word_tok: Any, prepared: Any) -> None:
-    editor = _editor(method, layout, word_tok, prepared)
+@dtypes
+def test_three_sequential_edits_then_restore_all(method: str, layout: str, dtype: str, word_tok: Any, prepared: Any) -> None:
+    editor = _editor(method, layout, word_tok, prepared, dtype)
     state, outputs = snapshot(editor.model), _outputs(editor)
     handles = [editor.apply(request) for request in REQUESTS]
     if editor.model.config.model_type not in _info(method).contract.no_tiny_effect_on:
@@ -236,8 +244,9 @@ def test_three_sequential_edits_then_restore_all(method: str, layout: str, word_
 
 @methods
 @matrix
-def test_evaluation_changes_no_state(method: str, layout: str, word_tok: Any, prepared: Any, tmp_path: Path) -> None:
-    editor = _editor(method, layout, word_tok, prepared)
+@dtypes
+def test_evaluation_changes_no_state(method: str, layout: str, dtype: str, word_tok: Any, prepared: Any, tmp_path: Path) -> None:
+    editor = _editor(method, layout, word_tok, prepared, dtype)
     pre = editor.capture(REQUESTS)
     handles = [editor.apply(request) for request in REQUESTS[:2]]
     state, saved = snapshot(editor.model), _saved_bytes(handles[-1], tmp_path / "before")

@@ -47,6 +47,7 @@ from lmedit.adapters import (
 from lmedit.forward import tokenize_pair
 from lmedit.hparams import HyperParamsError
 from lmedit.limits import size
+from lmedit.precision import MasterAdam
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
@@ -194,11 +195,11 @@ def _train(model: nn.Module, tok: Any, adapter: DeferAdapter, request: EditReque
         adapter._soft = True
         try:
             logits_of = SequenceLogits(model, adapter.path, [pair.ids], [range(pair.prompt_len - 1, len(pair.ids) - 1)])
-            optimizer = torch.optim.Adam(params, lr=hparams.edit_lr)
+            optimizer = MasterAdam(params, lr=hparams.edit_lr)
             for _ in range(hparams.n_iter):
                 loss = target_nll(logits_of(), pair.target_ids)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                optimizer.zero_grad()
+                optimizer.backward(loss)
                 optimizer.step()
                 losses.append(loss.item())
         finally:

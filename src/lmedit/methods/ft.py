@@ -27,6 +27,7 @@ from lmedit.adapters import frozen_model
 from lmedit.forward import TokenizedPair, last_columns_logits, pad_id_of, tokenize_pair
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.precision import MasterAdam
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec
@@ -105,14 +106,15 @@ def _fine_tune(
     handle = WeightSnapshotHandle(method, model, names)
     named = dict(model.named_parameters())
     params = [named[n] for n in names]
-    originals = [p.detach().clone() for p in params] if hparams.norm_constraint is not None else []
+    optimizer = MasterAdam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
+    # the ball is kept on the float32 masters (the weights themselves in float32)
+    originals = [m.detach().clone() for m in optimizer.masters] if hparams.norm_constraint is not None else []
     examples = [tokenize_pair(tok, r.prompt, r.target_new) for r in requests]
     pad_id = pad_id_of(tok)
 
     started = time.perf_counter()
     batches = [examples[start : start + hparams.batch_size] for start in range(0, len(examples), hparams.batch_size)]
     first_block = min(hparams.layers)
-    optimizer = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
     losses: list[float] = []
     with frozen_model(model):
         for p in params:
@@ -125,11 +127,12 @@ def _fine_tune(
                     loss = loss_of()
                     epoch.append(loss.item())
                     if epoch[-1] >= hparams.early_stop_loss:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
+                        optimizer.zero_grad()
+                        optimizer.backward(loss)
                         optimizer.step()
                     if originals:
-                        _clamp_to_ball(params, originals, hparams.norm_constraint)
+                        _clamp_to_ball(optimizer.masters, originals, hparams.norm_constraint)
+                        optimizer.push()
                 losses.append(sum(epoch) / len(epoch))
                 if losses[-1] < hparams.early_stop_loss:
                     break
@@ -157,7 +160,7 @@ def _batch_loss(
     return lambda: _masked_target_loss(logits_of(), batch)
 
 
-def _clamp_to_ball(params: list[torch.nn.Parameter], originals: list[torch.Tensor], eps: float | None) -> None:
+def _clamp_to_ball(params: list[torch.Tensor], originals: list[torch.Tensor], eps: float | None) -> None:
     with torch.no_grad():
         for p, o in zip(params, originals):
             p.copy_(torch.clamp(p, min=o - eps, max=o + eps))
@@ -169,7 +172,7 @@ def _masked_target_loss(logits: torch.Tensor, batch: list[TokenizedPair]) -> tor
     ``logits`` are the last ``longest + 1`` columns of the left-padded batch.
     """
     longest = logits.shape[1] - 1
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # column j predicts the token in column j+1
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts the token in column j+1
     losses = []
     for row, example in enumerate(batch):
         n = len(example.target_ids)
@@ -181,6 +184,6 @@ def _masked_target_loss(logits: torch.Tensor, batch: list[TokenizedPair]) -> tor
 
 def _prompt_last_loss(logits: torch.Tensor, batch: list[TokenizedPair]) -> torch.Tensor:
     """ROME's FT-L: every target token scored at the last prompt position (exact for one-token targets)."""
-    logprobs = torch.log_softmax(logits[:, -1], dim=-1)
+    logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1)
     losses = [-logprobs[row, list(e.target_ids)].mean() for row, e in enumerate(batch)]
     return torch.stack(losses).mean()

@@ -40,6 +40,7 @@ from lmedit.forward import TokenizedPair, block_of, forward_tail, last_columns_l
 from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit import model_state
 from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.precision import MasterAdam
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, ModelSpecError
@@ -217,7 +218,7 @@ def _train(
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
+    optimizer = MasterAdam(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
     losses: list[float] = []
     try:
         # blocks below the first adapted one never change: computed once per batch (lmedit.forward.partial)
@@ -226,8 +227,8 @@ def _train(
             total, tokens = 0.0, 0
             for batch, logits_of in zip(batches, batch_logits):
                 loss, count = target_token_loss(logits_of(), batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                optimizer.zero_grad()
+                optimizer.backward(loss)
                 optimizer.step()
                 total, tokens = total + loss.item() * count, tokens + count
             losses.append(total / tokens)
@@ -267,7 +268,7 @@ def target_token_loss(logits: torch.Tensor, batch: Sequence[TokenizedPair]) -> t
     ``logits`` are the last ``longest target + 1`` columns of the left-padded batch.
     """
     longest = logits.shape[1] - 1
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)  # column j predicts the token in column j+1
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts the token in column j+1
     picked = []
     for row, example in enumerate(batch):
         n = len(example.target_ids)

@@ -343,8 +343,8 @@ def functional_edit(
                     parts.append(torch.zeros_like(output[row]))
                     continue
                 u_t, d_t = transformed[index][group]
-                parts.append((x[row] @ u_t.T) @ d_t)
-            return output - lr * torch.stack(parts)
+                parts.append((x[row].float() @ u_t.T) @ d_t)  # the network's factors are float32
+            return output - (lr * torch.stack(parts)).to(output.dtype)
 
         hooks.append(get_module(model, weight.module).register_forward_hook(hook))
     try:

@@ -222,6 +222,7 @@ class WiseAdapter(AdapterLayer):
 
     def with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The wrapped layer's computation with another weight (nn.Linear or GPT-2 Conv1D layout)."""
+        weight = weight.to(x.dtype)  # the float32 side memory being trained, in a half-precision model
         bias = getattr(self.original, "bias", None)
         if isinstance(self.original, nn.Linear):
             return F.linear(x, weight, bias)
@@ -586,8 +587,9 @@ def _edit_one(
     columns = [range(p.prompt_len - 1, len(p.ids) - 1) for p in pairs] + [[]]
     adapter.start_shard_if_due()
     alpha, beta, gamma = hparams.act_margin
-    side = nn.Parameter(adapter.side.detach().clone())
-    original = adapter.original.weight.detach()
+    # trained as float32 (a half-precision copy would round small SGD steps away), stored back in the layer's dtype
+    side = nn.Parameter(adapter.side.detach().float().clone())
+    original = adapter.original.weight.detach().float()
     mask = adapter.mask.to(side.dtype)
     losses: list[float] = []
     padded = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id_of(tok), torch.float32)

@@ -51,19 +51,36 @@ def model_signature(model: torch.nn.Module) -> dict[str, Any]:
     """
     config = getattr(model, "config", None)
     embed = model.get_input_embeddings().weight.detach()
-    digest = hashlib.sha256(embed[:: max(embed.shape[0] // 64, 1)].float().contiguous().numpy().tobytes()).hexdigest()
+    rows = embed[:: max(embed.shape[0] // 64, 1)].float().cpu()
+    digest = hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()
     return {
         "architecture": type(model).__name__,
         "num_layers": getattr(config, "num_hidden_layers", getattr(config, "n_layer", None)),
         "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
         "vocab_size": int(embed.shape[0]),
         "embedding_sha256": digest[:16],
+        # a few values of the same rows, so that the model loaded in another dtype is still recognised
+        "embedding_sample": [float(v) for v in rows[:, :4].reshape(-1)],
     }
+
+
+def _same_embedding(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Exact digest match, or (for a checkpoint that has them) the sampled values equal to half-precision rounding."""
+    if saved.get("embedding_sha256") == current["embedding_sha256"]:
+        return True
+    sample = saved.get("embedding_sample")
+    if not isinstance(sample, list) or len(sample) != len(current["embedding_sample"]):
+        return False
+    ours, theirs = torch.tensor(current["embedding_sample"]), torch.tensor(sample, dtype=torch.float32)
+    return bool(torch.allclose(ours, theirs, rtol=1e-2, atol=1e-3 * float(theirs.abs().max().clamp(min=1e-6))))
 
 
 def check_signature(model: torch.nn.Module, saved: dict[str, Any], folder: Path, train_command: str) -> None:
     current = model_signature(model)
-    different = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    compared = {k: v for k, v in current.items() if k not in ("embedding_sha256", "embedding_sample")}
+    different = {k: (saved.get(k), v) for k, v in compared.items() if saved.get(k) != v}
+    if not _same_embedding(saved, current):
+        different["embedding_sha256"] = (saved.get("embedding_sha256"), current["embedding_sha256"])
     if different:
         details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in different.items())
         raise CheckpointError(
