@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch
 from typer.testing import CliRunner
 
 from lmedit.cli import app
@@ -54,6 +55,8 @@ def case(id: str, argv: str | tuple[str, ...], *words: str, env: dict[str, str] 
 
 RUN = "run --model {model} --no-progress --set layers=[1] --set num_steps=1"
 RUN_OUT = RUN + " --out {ws}/out"
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device exists")
 
 CASES = [
     # ---------------------------------------------------------------- data files
@@ -127,6 +130,16 @@ CASES = [
     case("model-remote-code-refused", "run --model {ws}/remote_code --out {ws}/out", "trust-remote-code"),
     case("home-under-a-file", "run --model smollm2-135m --out {ws}/out", "LMEDIT_HOME",
          env={"LMEDIT_HOME": "{ws}/demo.json/home"}),
+    # devices and precision: refused before any data or model is read (this CPU-only build has no CUDA)
+    case("device-cuda-without-cuda", "run --model {model} --device cuda --out {ws}/out", "--device cuda", "no usable cuda",
+         marks=NO_CUDA),
+    case("device-cuda-index-without-cuda", "edit --model {model} --prompt the --target paris --device cuda:1",
+         "--device cuda:1", "--device cpu", marks=NO_CUDA),
+    case("device-unknown", "stats --model {model} --layers 1 --device gpu --cache-dir {ws}/cache", "unknown device", "gpu"),
+    case("dtype-unknown", "run --model {model} --dtype float8 --out {ws}/out", "unknown dtype", "float8"),
+    case("dtype-unknown-trace", "trace --model {model} --dtype int8 --out {ws}/out", "unknown dtype", "int8"),
+    case("device-cuda-train", "train mend --model {model} --device cuda --out {ws}/out", "no usable cuda", marks=NO_CUDA),
+    case("device-cuda-reproduce", "reproduce wise-table --device cuda --out {ws}/out", "no usable cuda", marks=NO_CUDA),
     case("corpus-dir-missing", "stats --model {model} --layers 1 --corpus {ws}/no-corpus --cache-dir {ws}/cache",
          "no-corpus"),
     # ---------------------------------------------------------------- output folders

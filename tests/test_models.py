@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 
+from lmedit.devices import PlacementError
 from lmedit.models import PRESETS, ModelLoadError, find_gguf, load_model
 
 
@@ -23,7 +24,7 @@ def test_unknown_local_model_is_reported(tmp_path, monkeypatch):
 
 
 def test_bad_dtype_is_reported():
-    with pytest.raises(ModelLoadError, match="unknown dtype"):
+    with pytest.raises(PlacementError, match="unknown dtype"):
         load_model("whatever", dtype="float7")
 
 

@@ -10,8 +10,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import (console, discard_new_folder, fail, first_missing, parse_overrides, setup_logging,
-                                    writable_folder)
+from lmedit.commands.common import (DEVICE_HELP, DTYPE_HELP, checked_placement, console, discard_new_folder, fail,
+                                    first_missing, parse_overrides, setup_logging, writable_folder)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit knowledge in language models and measure it.")
 
@@ -22,7 +22,7 @@ TRUST_REMOTE_CODE_HELP = "Run the Python code a model folder or hub repository s
 
 
 def _make_editor(method: str, model: str, preset: Optional[str], hparams: Optional[Path], overrides: dict, eval_config: Any,
-                 trust_remote_code: bool = False) -> Any:
+                 trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32") -> Any:
     from lmedit.editor import Editor
     from lmedit.registry import get_method, list_presets
 
@@ -32,7 +32,7 @@ def _make_editor(method: str, model: str, preset: Optional[str], hparams: Option
     with console.status(f"loading {model}..."):
         from lmedit.models import load_model
 
-        loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
+        loaded, tok = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     return Editor(loaded, tok, info.name, preset=preset, hparams_file=hparams, overrides=overrides,
                   eval_config=eval_config, model_name=model)
 
@@ -73,6 +73,8 @@ def run(
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -85,6 +87,7 @@ def run(
     from lmedit.runner import RunFolderBusy, default_out_dir, ensure_run_folder_free
     from lmedit.safe_files import file_sha256
 
+    checked_placement(device, dtype)  # a device this machine lacks fails before any data or model is read
     method, model = _run_settings(hparams, method, model)
     if retention_every < 0 or (retention_every and retention_items < 1):
         fail("--retention-every must be 0 (off) or positive, and --retention-items at least 1")
@@ -103,7 +106,7 @@ def run(
         editor = _make_editor(method, model, preset, hparams, parse_overrides(set_),
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
                                          max_batch_tokens=eval_max_tokens, packing=packing,
-                                         suites=required_specs(requests, suite)), trust_remote_code)
+                                         suites=required_specs(requests, suite)), trust_remote_code, device, dtype)
         spec = make_spec(editor, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
                          data=str(data) if data else "demo", data_sha256=file_sha256(data) if data else None,
                          offset=offset, limit=limit)
@@ -151,7 +154,10 @@ def _print_summary(summary: dict[str, Any], title: str) -> None:
         per_chunk.add_row("mean", "", *(_fmt(summary["chunk_mean"]["post"].get(m)) for m in shown), style="bold")
         console.print(per_chunk)
     timing = summary.get("timing", {})
-    console.print(f"edit time per request: {timing.get('edit_seconds_per_request', 0):.2f} s")
+    memory = summary.get("memory", {})
+    peak = ", ".join(f"{label} {memory[key] / 2**20:,.0f} MiB" for key, label in
+                     (("cpu_peak_rss_bytes", "peak RSS"), ("cuda_peak_allocated_bytes", "CUDA peak")) if key in memory)
+    console.print(f"edit time per request: {timing.get('edit_seconds_per_request', 0):.2f} s" + (f"; {peak}" if peak else ""))
 
 
 def _fmt(value: Any) -> str:
@@ -173,12 +179,15 @@ def edit(
     set_: list[str] = typer.Option([], "--set", help="Override one hyperparameter, key=value."),
     max_new_tokens: int = typer.Option(8, help="Tokens to generate for the before/after answers."),
     save: Optional[Path] = typer.Option(None, help="Save the edit to this folder (re-apply with the library's load_edit)."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Make one edit and show the model's greedy answers before and after."""
     setup_logging(verbose)
     writable_folder(save, "--save")
+    checked_placement(device, dtype)
     from lmedit.evaluation import EvalConfig
     from lmedit.forward.tokens import check_fits_context
     from lmedit.requests import EditRequest
@@ -191,7 +200,7 @@ def edit(
         request = EditRequest(prompt, target, subject=subject, rephrase=(rephrase,) if rephrase else (),
                               locality={"neighborhood": [(locality_prompt, locality_answer or "?")]} if locality_prompt else {})
         overrides = parse_overrides(set_)
-        editor = _make_editor(method, model, preset, hparams, overrides, EvalConfig(), trust_remote_code)
+        editor = _make_editor(method, model, preset, hparams, overrides, EvalConfig(), trust_remote_code, device, dtype)
         editor.method.check_requests([request])
         check_fits_context(editor.model, editor.tok, [request])
         shown = [("prompt", prompt)] + ([("rephrase", rephrase)] if rephrase else []) + (

@@ -68,6 +68,9 @@ def make_spec(
 ) -> RunSpec:
     """The run's ``config.json`` identity: the editor's method, model, hyperparameters and evaluation settings
     plus the protocol and data selection. The only place a :class:`RunSpec` is built from an editor."""
+    weights = next(editor.model.parameters())
+    placement = {"device": str(weights.device), "dtype": str(weights.dtype).removeprefix("torch."),
+                 "device_map": getattr(editor.model, "hf_device_map", None)}
     return RunSpec(
         method=editor.method.name,
         model=editor.model_name,
@@ -85,7 +88,8 @@ def make_spec(
         n_requests=len(requests),
         preset=editor.preset,
         hparams_file=editor.hparams_file,
-        extra=dict(extra or {}),
+        dtype=placement["dtype"],
+        extra={"placement": placement, **(extra or {})},
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lmedit.devices import resolve_placement
 from lmedit.safe_files import file_sha256
 
 LOG = logging.getLogger(__name__)
@@ -77,17 +78,25 @@ def load_model(
 ) -> tuple[torch.nn.Module, Any]:
     """Return ``(model, tokenizer)`` in eval mode, with a pad token set.
 
+    ``device``: cpu, cuda, cuda:N or auto (the GPUs when there are any, a model
+    too large for one spread over all of them; else the CPU); ``dtype``:
+    float32, bfloat16 or float16. Both are checked first
+    (:func:`lmedit.devices.resolve_placement`), so a device this machine lacks
+    fails before anything is loaded.
+
     ``trust_remote_code`` stays off unless the caller turns it on: a model
     folder or hub repository that ships its own Python code is refused with
     a message instead of running that code.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = _as_dtype(dtype)
+    placement = resolve_placement(device, dtype)
     source = resolve_model_path(name_or_path)
+    placed = {"device_map": placement.device_map} if placement.device_map else {}
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=placement.dtype, trust_remote_code=trust_remote_code,
+                                                     **placed)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load model {name_or_path!r}: {exc}\n"
@@ -103,22 +112,11 @@ def load_model(
         raise ModelLoadError(f"could not load model {name_or_path!r}: {exc}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(device)
+    if not placement.device_map:
+        model.to(placement.device)
     model.eval()
     model.requires_grad_(False)
     return model, tok
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
 
 
 def resolve_model_path(name_or_path: str) -> str:

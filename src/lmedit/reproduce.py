@@ -58,6 +58,8 @@ class WiseTableConfig:
     data: Path
     out: Path = Path("runs") / TABLE_NAME
     model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
     methods: tuple[str, ...] = WISE_TABLE_METHODS
     Ts: tuple[int, ...] = DEFAULT_TS
     limit: int = 100
@@ -159,7 +161,7 @@ def run_wise_table(
     if model is None:
         from lmedit.models import load_model
 
-        model, tok = load_model(config.model)
+        model, tok = load_model(config.model, device=config.device, dtype=config.dtype)
     fingerprint = model_fingerprint(model)
     outcomes = []
     for method, T in config.plan():

@@ -28,6 +28,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from lmedit.devices import peak_memory_bytes
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
 from lmedit.requests import EditRequest
@@ -78,6 +79,7 @@ class RunSpec:
     n_requests: int = 0
     preset: str | None = None
     hparams_file: str | None = None
+    dtype: str = "float32"  # the model's weights: a bfloat16 run does not resume a float32 one
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
@@ -143,6 +145,7 @@ def _run_held(session: EditSession, requests: Sequence[EditRequest], spec: RunSp
     summary = summarize(read_records(out / RESULTS_FILE), chunks)
     summary["timing"]["pre_eval_seconds_this_session"] = pre_seconds
     summary["timing"]["wall_seconds_this_session"] = time.perf_counter() - started
+    summary["memory"] = peak_memory_bytes()  # this process's peak (CPU resident set; CUDA allocator on GPUs)
     atomic_write_json(out / SUMMARY_FILE, summary, indent=2)
     return summary
 
@@ -163,6 +166,7 @@ def _prepare_folder(out: Path, spec: RunSpec, chunks: Sequence[Chunk]) -> set[in
     if config_path.is_file():
         previous = _read_config(config_path)
         previous["eval"] = _with_eval_defaults(previous.get("eval"))
+        previous.setdefault("dtype", "float32")  # folders written before runs recorded it were all float32
         # compared as JSON, the form config.json stores (a tuple setting reads back as a list)
         mismatched = [k for k, v in spec.identity().items() if previous.get(k) != json.loads(json.dumps(v))]
         if mismatched:

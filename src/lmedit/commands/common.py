@@ -20,6 +20,9 @@ from rich.markup import escape
 console = Console()
 err_console = Console(stderr=True)
 
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (the GPUs via accelerate when there are any, a model too large for one spread over all; else the CPU)."
+DTYPE_HELP = "Precision of the model's weights: float32, bfloat16 or float16."
+
 
 class CommandFailed(SystemExit):
     """What :func:`fail` raises once its line is printed.
@@ -124,6 +127,16 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def checked_placement(device: str, dtype: str) -> Any:
+    """``--device``/``--dtype`` checked against this machine before any model time is spent (one error line)."""
+    from lmedit.devices import PlacementError, resolve_placement
+
+    try:
+        return resolve_placement(device, dtype)
+    except PlacementError as exc:
+        fail(str(exc))
+
+
 def one_line(message: str) -> str:
     """A message as one line: its own lines joined with '; ', surrounding blanks dropped."""
     return "; ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "unknown error"
@@ -131,5 +144,5 @@ def one_line(message: str) -> str:
 
 def fail(message: str) -> NoReturn:
     """Print one readable error line (never wrapped, never read as markup) and exit with status 2."""
-    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", soft_wrap=True, emoji=False)
     raise CommandFailed(2)

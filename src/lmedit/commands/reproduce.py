@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import typer
 
-from lmedit.commands.common import console, fail, setup_logging, writable_folder, yaml_value
+from lmedit.commands.common import (DEVICE_HELP, DTYPE_HELP, checked_placement, console, fail, setup_logging,
+                                    writable_folder, yaml_value)
 
 reproduce_app = typer.Typer(add_completion=False, no_args_is_help=True,
                             help="Re-run published result tables on a model (resumable).")
@@ -50,10 +51,13 @@ def wise_table(
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     table_only: bool = typer.Option(False, "--table-only", help="Run nothing: write the table from the run folders already in --out."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run FT-L, FT-M, ROME, MEMIT, AlphaEdit, GRACE, DEFER and WISE sequentially at each T; write the table."""
     setup_logging(verbose)
+    checked_placement(device, dtype)
     if table_only and not out.is_dir():
         fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
     writable_folder(out, "--out")
@@ -69,7 +73,7 @@ def wise_table(
         if all_T:
             Ts = tuple(sorted(set(Ts) | {1, 10, 100, 1000}))
         config = WiseTableConfig(
-            data=data, out=out, model=model, methods=parse_methods(methods, WISE_TABLE_METHODS), Ts=Ts, limit=limit,
+            data=data, out=out, model=model, device=device, dtype=dtype, methods=parse_methods(methods, WISE_TABLE_METHODS), Ts=Ts, limit=limit,
             offset=offset, eval_mode=eval_mode, eval_batch_size=eval_batch_size, seed=seed,
             retention_every=retention_every, retention_items=retention_items,
             irrelevant_file=irrelevant_file or find_shared_file(WISE_IRRELEVANT_FILE),

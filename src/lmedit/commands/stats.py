@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmedit.commands.common import DEVICE_HELP, DTYPE_HELP
+
 console = Console()
 
 
@@ -48,13 +50,16 @@ def stats_command(
     cache_dir: Optional[Path] = typer.Option(None, help="Statistics cache (default $LMEDIT_HOME/stats)."),
     list_cache: bool = typer.Option(False, "--list", help="List the cache entries instead of computing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Compute or load the second moment E(k kᵀ) of the MLP down-projection input (one pass, cached)."""
-    from lmedit.commands.common import fail, setup_logging, writable_folder
+    from lmedit.commands.common import checked_placement, fail, setup_logging, writable_folder
 
     setup_logging(verbose)
+    checked_placement(device, dtype)  # before any data or model is read
     if list_cache:
         _print_entries(cache_dir)
         return
@@ -75,7 +80,7 @@ def stats_command(
         with console.status(f"loading {model}..."):
             from lmedit.models import load_model
 
-            loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
+            loaded, tok = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         load_seconds = time.perf_counter() - start
         start = time.perf_counter()
         found = layer_stats(loaded, tok, chosen, config, progress=progress, cache_dir=cache_dir)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, fail, setup_logging, writable_folder
+from lmedit.commands.common import DEVICE_HELP, DTYPE_HELP, checked_placement, console, fail, setup_logging, writable_folder
 
 DEFAULT_DATA_NAME = "counterfact/counterfact_portability_gpt4.json"
 """The CounterFact file in ROME's layout (``requested_rewrite``) among the shared benchmark data."""
@@ -53,11 +53,14 @@ def trace_command(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write heatmap PNGs (needs matplotlib, the 'plot' extra)."),
     out: Optional[Path] = typer.Option(None, help="Output folder; default runs/<time>-trace."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Causal tracing (ROME §2.1): which layers carry facts; suggests layers for ROME/MEMIT."""
     setup_logging(verbose)
+    checked_placement(device, dtype)  # before any data or model is read
     kind_list = _parse_kinds(kinds)
     if limit < 1 or samples < 1 or window < 1 or noise_multiplier < 0 or max_batch_tokens < 1 or offset < 0:
         fail("--limit, --samples, --window and --max-batch-tokens must be positive; --noise-multiplier and --offset non-negative")
@@ -85,7 +88,7 @@ def trace_command(
         with console.status(f"loading {model}..."):
             from lmedit.models import load_model
 
-            loaded, tok = load_model(model, trust_remote_code=trust_remote_code)
+            loaded, tok = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         if known_only:
             with console.status("keeping the facts the model knows..."):
                 candidates = facts

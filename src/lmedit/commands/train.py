@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import console, fail, parse_overrides, setup_logging, writable_folder
+from lmedit.commands.common import DEVICE_HELP, DTYPE_HELP, checked_placement, console, fail, parse_overrides, setup_logging, writable_folder
 
 
 def train_command(
@@ -29,11 +29,14 @@ def train_command(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop this call after about this many minutes (run again to continue)."),
     set_: list[str] = typer.Option([], "--set", help="Override a training setting, key=value (repeatable; e.g. max_steps=200)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a meta-learned editor's networks (MEND's hypernetwork, SERAC's classifier and counterfactual model); resumable."""
     setup_logging(verbose)
+    checked_placement(device, dtype)  # before any data or model is read
     writable_folder(out, "--out")
     try:
         from lmedit.registry import MethodError, get_method, trainable_methods
@@ -50,7 +53,7 @@ def train_command(
         val_path = _data_file(val_data, info.trainer.val_data, "--val-data")
         folder = writable_folder(out or default_checkpoint_dir(info.name, model), "--out")
         result = run_training(info.name, model, train_path, val_path, folder, overrides, show_progress=progress,
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, device=device, dtype=dtype)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
     _print_result(info.name, result)
@@ -70,7 +73,8 @@ def _data_file(given: Optional[Path], default: str, option: str) -> Path:
 
 
 def run_training(method: str, model_name: str, train_path: Path, val_path: Path, out: Path,
-                 overrides: dict[str, Any], *, show_progress: bool = True, trust_remote_code: bool = False) -> Any:
+                 overrides: dict[str, Any], *, show_progress: bool = True, trust_remote_code: bool = False,
+                 device: str = "cpu", dtype: str = "float32") -> Any:
     """Load the model and the data, then train (or continue) ``method``'s networks into ``out``."""
     from lmedit.models import load_model
     from lmedit.registry import get_method
@@ -82,7 +86,7 @@ def run_training(method: str, model_name: str, train_path: Path, val_path: Path,
         raise ValueError(f"{method} has no networks to train")
     params = entry.params.from_dict(overrides, source=f"lmedit train {method.lower()} --set")
     with console.status(f"loading {model_name} and the training data..."):
-        model, tok = load_model(model_name, trust_remote_code=trust_remote_code)
+        model, tok = load_model(model_name, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         train = load_examples(train_path, limit=params.train_examples)
         val = load_examples(val_path, limit=params.val_examples)
     identity = {"model": model_name, "train_data": {"path": str(train_path), "sha256": file_sha256(train_path)},

@@ -29,6 +29,8 @@ def run_row(run: dict[str, Any]) -> dict[str, Any]:
         "batch_size": config.get("batch_size", 1), "n": summary["n"], "complete": summary.get("complete", True),
         "eval_mode": config.get("eval", {}).get("mode", "teacher"),
         "seconds_per_edit": summary.get("timing", {}).get("edit_seconds_per_request"),
+        "dtype": config.get("dtype", "float32"),
+        "peak_memory_mib": peak_memory_mib(summary),
     }
     for metric in COLUMNS:
         row[f"{metric}_pre"] = summary.get("pre", {}).get(metric)
@@ -38,8 +40,8 @@ def run_row(run: dict[str, Any]) -> dict[str, Any]:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Pre → post per metric (locality is post only: it is defined against the pre-edit model)."""
-    header = "| method | protocol | n | rewrite | rephrase | locality | portability | s / edit |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = "| method | protocol | n | rewrite | rephrase | locality | portability | s / edit | dtype | peak MiB |"
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         protocol = row["protocol"] + (f" T={row['T']}" if row["T"] else "")
         if row["protocol"] == "batch" or row["batch_size"] > 1:
@@ -50,8 +52,17 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         ]
         flag = "" if row["complete"] else " (incomplete)"
         seconds = number(row["seconds_per_edit"], 1)
-        lines.append(f"| {row['method']}{flag} | {protocol} | {row['n']} | " + " | ".join(cells) + f" | {seconds} |")
+        memory = number(row["peak_memory_mib"], 0)
+        lines.append(f"| {row['method']}{flag} | {protocol} | {row['n']} | " + " | ".join(cells)
+                     + f" | {seconds} | {row['dtype']} | {memory} |")
     return "\n".join(lines) + "\n"
+
+
+def peak_memory_mib(summary: dict[str, Any]) -> float | None:
+    """The run's peak memory in MiB: the CUDA allocator's peak when it ran on GPUs, else the process's peak RSS."""
+    memory = summary.get("memory") or {}
+    peak = memory.get("cuda_peak_allocated_bytes", memory.get("cpu_peak_rss_bytes"))
+    return None if peak is None else peak / 2**20
 
 
 def _pre_post(row: dict[str, Any], metric: str) -> str:

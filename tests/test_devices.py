@@ -1,0 +1,86 @@
+"""--device / --dtype checks, placement of a loaded model, and the memory figure a run records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmedit.devices import PlacementError, dtype_of, peak_memory_bytes, resolve_placement
+
+
+def test_dtypes_and_their_short_names() -> None:
+    assert dtype_of("bf16") is torch.bfloat16 and dtype_of("float16") is torch.float16 and dtype_of("FP32") is torch.float32
+    assert dtype_of(torch.bfloat16) is torch.bfloat16
+    with pytest.raises(PlacementError, match="unknown dtype 'int8'"):
+        dtype_of("int8")
+    with pytest.raises(PlacementError, match="not supported"):
+        dtype_of(torch.float64)
+
+
+def test_cpu_and_auto_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_placement("cpu", "bfloat16").device == "cpu"
+    auto = resolve_placement("auto", "float16")
+    assert auto.device == "cpu" and auto.device_map is None and auto.dtype_name == "float16"
+    with pytest.raises(PlacementError, match="no usable CUDA device.*--device cpu"):
+        resolve_placement("cuda", "float32")
+    with pytest.raises(PlacementError, match="unknown device 'tpu'"):
+        resolve_placement("tpu")
+
+
+def test_gpu_index_and_bfloat16_support_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Tesla V100")
+    assert resolve_placement("cuda", "float16").device == "cuda:0"
+    assert resolve_placement("cuda:1", "float32").device == "cuda:1"
+    with pytest.raises(PlacementError, match="has 2 GPU"):
+        resolve_placement("cuda:2")
+    with pytest.raises(PlacementError, match="must be a number"):
+        resolve_placement("cuda:x")
+    with pytest.raises(PlacementError, match="V100 cannot compute in bfloat16"):
+        resolve_placement("cuda", "bfloat16")
+    auto = resolve_placement("auto", "float16")
+    assert auto.device_map == "auto"
+
+
+def test_a_tiny_model_loads_in_the_dtype_asked(tmp_path, word_tok) -> None:
+    from conftest import build_tiny_llama
+    from lmedit.models import load_model
+
+    build_tiny_llama(len(word_tok)).save_pretrained(tmp_path / "m")
+    word_tok.save_pretrained(tmp_path / "m")
+    model, _ = load_model(str(tmp_path / "m"), dtype="bf16", device="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_peak_memory_is_the_process_peak() -> None:
+    before = peak_memory_bytes()["cpu_peak_rss_bytes"]
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB touched
+    after = peak_memory_bytes()["cpu_peak_rss_bytes"]
+    assert after >= before and after > 64 * 2**20
+    del block
+
+
+def test_a_run_records_dtype_and_peak_memory_and_refuses_to_resume_in_another_dtype(tmp_path, word_tok) -> None:
+    from conftest import build_tiny_llama
+    from lmedit.editor import Editor
+    from lmedit.requests import EditRequest
+    from lmedit.runner import RunError
+
+    requests = [EditRequest("the capital of france", "rome")]
+    folder = tmp_path / "run"
+    editor = Editor(build_tiny_llama(len(word_tok)).to(torch.bfloat16), word_tok, "FT-M",
+                    overrides={"layers": [1], "num_steps": 1})
+    summary, _ = editor.run(requests, out_dir=folder, show_progress=False)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["extra"]["placement"]["device"] == "cpu"
+    assert summary["memory"]["cpu_peak_rss_bytes"] > 0
+    assert json.loads((folder / "summary.json").read_text())["memory"] == summary["memory"]
+    float32 = Editor(build_tiny_llama(len(word_tok)), word_tok, "FT-M", overrides={"layers": [1], "num_steps": 1})
+    with pytest.raises(RunError, match="differs in dtype"):
+        float32.run(requests, out_dir=folder, show_progress=False)
