@@ -555,7 +555,7 @@ def add_to_weight(model: nn.Module, module_name: str, delta_out_in: torch.Tensor
     if tuple(change.shape) != tuple(weight.shape):
         raise ValueError(f"update of shape {tuple(change.shape)} does not fit {module_name}.weight {tuple(weight.shape)}")
     with torch.no_grad():
-        weight.add_(change.to(weight.dtype))
+        weight.add_(change.to(weight.device, weight.dtype))  # solved in float64 wherever the keys were
 
 
 def iter_layers(spec: ModelSpec, layers: Sequence[int]) -> Iterator[tuple[int, int, str]]:

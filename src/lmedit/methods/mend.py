@@ -408,7 +408,7 @@ def apply_mend(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hpar
                 grad = grad.T
             step = network.edit_lrs[index] * hparams.lr_scale
             param = params[weight.name]
-            param.sub_((step * grad).to(param.dtype))
+            param.sub_((step * grad).to(param.device, param.dtype))
     handle.info = {"seconds": time.perf_counter() - started, "tokens": int(factors.u[0][0].shape[0]),
                    "edit_lrs": [float(x) for x in network.edit_lrs]}
     return handle
