@@ -140,6 +140,10 @@ CASES = [
     case("dtype-unknown-trace", "trace --model {model} --dtype int8 --out {ws}/out", "unknown dtype", "int8"),
     case("device-cuda-train", "train mend --model {model} --device cuda --out {ws}/out", "no usable cuda", marks=NO_CUDA),
     case("device-cuda-reproduce", "reproduce wise-table --device cuda --out {ws}/out", "no usable cuda", marks=NO_CUDA),
+    case("max-memory-not-a-size", "stats --model {model} --layers 1 --max-memory lots --cache-dir {ws}/cache",
+         "--max-memory", "not a size"),
+    case("max-memory-below-the-weights", "stats --model {model} --layers 1 --max-memory 1KiB --cache-dir {ws}/cache",
+         "--max-memory 1KiB", "weights"),
     case("corpus-dir-missing", "stats --model {model} --layers 1 --corpus {ws}/no-corpus --cache-dir {ws}/cache",
          "no-corpus"),
     # ---------------------------------------------------------------- output folders

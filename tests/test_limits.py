@@ -138,3 +138,36 @@ def test_free_memory_is_read_on_this_machine():
     free = limits.available_memory("cpu")
     assert free is None or free > 0
     assert limits.available_memory(torch.device("meta")) is None
+
+
+def test_memory_sizes_are_read_with_their_units() -> None:
+    from lmedit.limits import MemoryLimitError, parse_memory
+
+    assert parse_memory("8GiB") == 8 * 1024**3 and parse_memory("500MB") == 500 * 1000**2
+    assert parse_memory("1.5 tib") == int(1.5 * 1024**4) and parse_memory("4096") == 4096
+    for bad in ("lots", "-1GiB", "8 parsecs", ""):
+        with pytest.raises(MemoryLimitError, match="not a size"):
+            parse_memory(bad)
+
+
+def test_statistics_batch_shrinks_to_the_budget_and_refuses_below_one_sample(tiny_llama) -> None:
+    from lmedit.limits import MemoryLimitError, activation_bytes_per_token, statistics_batch_tokens
+
+    per_token = activation_bytes_per_token(tiny_llama)
+    sums = 8 * (64 * 64 + 64)
+    weights = 10_000
+    budget = weights + sums + 1000 * per_token
+    assert statistics_batch_tokens(tiny_llama, [64], budget, 2048, 256, weights) == 1000
+    assert statistics_batch_tokens(tiny_llama, [64], budget, 512, 256, weights) == 512  # never more than asked
+    with pytest.raises(MemoryLimitError, match="at least one sample of 256 tokens"):
+        statistics_batch_tokens(tiny_llama, [64], weights + sums + 100 * per_token, 2048, 256, weights)
+
+
+def test_weights_on_disk_are_counted_in_the_dtype_they_will_load_in(tmp_path, tiny_llama) -> None:
+    from lmedit.limits import weights_bytes_on_disk
+
+    tiny_llama.save_pretrained(tmp_path / "m")
+    count = sum(p.numel() for p in tiny_llama.state_dict().values())
+    assert weights_bytes_on_disk(tmp_path / "m", torch.float32) == 4 * count
+    assert weights_bytes_on_disk(tmp_path / "m", torch.bfloat16) == 2 * count
+    assert weights_bytes_on_disk(tmp_path / "nothing", torch.float32) is None

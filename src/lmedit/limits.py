@@ -165,3 +165,63 @@ def check_eval_memory_for(model: Any, tok: Any, config: Any, requests: Sequence[
         return
     longest = len(tok(max(texts, key=len)).input_ids) + 16  # the answer may be generated a little longer
     check_eval_memory(model, config, len(texts), longest)
+
+
+# --------------------------------------------------------------------------- a stated memory budget (--max-memory)
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": MiB, "gib": GiB, "tib": 1024**4}
+
+
+def parse_memory(text: str) -> int:
+    """``"8GiB"``, ``"500MB"``, ``"1.5 TiB"`` or a number of bytes, as bytes; anything else is refused."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise MemoryLimitError(f"--max-memory {text!r} is not a size; use e.g. 8GiB, 500MiB or 24GB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def weights_bytes_on_disk(folder: str | Path, dtype: torch.dtype) -> int | None:
+    """The weights of a model folder once loaded in ``dtype``, from its safetensors files (None: cannot tell)."""
+    import json
+    import struct
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    element = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for file in files:
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count * element
+    return total
+
+
+def statistics_batch_tokens(model: Any, modules_in: Sequence[int], budget: int, requested: int, sample_length: int,
+                            weights: int) -> int:
+    """The largest ``batch_tokens`` (at most ``requested``) whose statistics pass fits ``budget`` bytes.
+
+    The pass holds the weights, one float64 ``d x d`` sum (and mean) per module,
+    and one batch of activations; the sums are fixed, so only the batch can
+    shrink, down to one sample. Below that the budget is refused with the numbers.
+    """
+    sums = sum(8 * (d * d + d) for d in modules_in)
+    per_token = activation_bytes_per_token(model)
+    room = budget - weights - sums
+    fits = int(room // per_token) if room > 0 else 0
+    if fits < sample_length:
+        raise MemoryLimitError(
+            f"--max-memory {size(budget)}: the statistics pass needs the weights ({size(weights)}), the float64 sums "
+            f"({size(sums)}) and at least one sample of {sample_length:,} tokens ({size(sample_length * per_token)}), "
+            f"about {size(weights + sums + sample_length * per_token)} in all; raise --max-memory, compute fewer "
+            "layers per call, or use a shorter --sample-length")
+    return min(requested, fits)
