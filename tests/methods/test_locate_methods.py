@@ -179,3 +179,24 @@ def _block(model, index: int) -> str:
     from lmedit.spec import ModelSpec
 
     return ModelSpec.from_model(model).block(index)
+
+
+def test_memit_warns_once_where_the_mlp_output_is_normalised_again(word_tok, caplog) -> None:
+    """Gemma 3's post_feedforward_layernorm breaks MEMIT's additive assumption: say so (measured on Gemma-3-270M)."""
+    import logging
+
+    from test_contract import build_tiny_gemma3
+
+    from lmedit.editor import Editor
+    from lmedit.methods import memit
+    from lmedit.requests import EditRequest
+
+    memit._WARNED.discard("Gemma3ForCausalLM")
+    model = build_tiny_gemma3(len(word_tok))
+    editor = Editor(model, word_tok, "MEMIT", overrides={"layers": [1, 2], "mom2_adjustment": False, "v_num_grad_steps": 2})
+    request = EditRequest("the capital of france", "rome", subject="france")
+    with caplog.at_level(logging.WARNING, logger="lmedit.methods.memit"):
+        editor.apply(request).restore()
+        editor.apply(request).restore()
+    warnings = [r for r in caplog.records if "normalises each MLP output again" in r.getMessage()]
+    assert len(warnings) == 1
