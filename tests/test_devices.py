@@ -84,3 +84,27 @@ def test_a_run_records_dtype_and_peak_memory_and_refuses_to_resume_in_another_dt
     float32 = Editor(build_tiny_llama(len(word_tok)), word_tok, "FT-M", overrides={"layers": [1], "num_steps": 1})
     with pytest.raises(RunError, match="differs in dtype"):
         float32.run(requests, out_dir=folder, show_progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_half_precision_runs_take_the_pre_edit_reference_in_each_chunks_own_batches(tmp_path, word_tok, dtype) -> None:
+    """bfloat16 answers depend on batch shapes; pre and post must be scored in the same batches (float32: one capture)."""
+    from conftest import build_tiny_llama
+    from lmedit.editor import Editor
+    from lmedit.evaluation.evaluator import Evaluator
+    from lmedit.requests import EditRequest
+
+    requests = [EditRequest(p, "rome", locality={"n": [("who wrote hamlet", "tolstoy")]}) for p in
+                ("the capital of france", "the sport of the king", "the mother tongue of tolstoy")]
+    editor = Editor(build_tiny_llama(len(word_tok)).to(dtype), word_tok, "FT-M", overrides={"layers": [1], "num_steps": 1})
+    calls: list[int] = []
+    original = Evaluator.capture
+
+    def spy(self, model, batch, *args, **kwargs):
+        calls.append(len(batch))
+        return original(self, model, batch, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Evaluator, "capture", spy)
+        editor.run(requests, out_dir=tmp_path / "run", show_progress=False)
+    assert calls == ([1, 1, 1] if dtype == torch.bfloat16 else [3])

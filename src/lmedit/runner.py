@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from lmedit.devices import peak_memory_bytes
+from lmedit.precision import is_half
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
 from lmedit.requests import EditRequest
@@ -133,13 +134,24 @@ def _run_held(session: EditSession, requests: Sequence[EditRequest], spec: RunSp
         LOG.info("resuming %s: %d of %d chunks already done", out, len(done), len(chunks))
     todo_requests = [i for c in todo for i in c.requests]
     started = time.perf_counter()
-    with progress_bar("pre-edit evaluation", len(session.evaluator.probes([requests[i] for i in todo_requests])) * _passes(session), enabled=show_progress) as advance:
-        pre_all = session.evaluator.capture(session.model, [requests[i] for i in todo_requests], advance)
+    # In bfloat16/float16 the pre-edit reference is taken per chunk, in the same batches the chunk's post-edit
+    # scores use: scored in other batches, the unedited model's own answers already differed (SmolLM2 in bfloat16,
+    # zsRE 0-49, no edit at all: locality 0.972 against 1.000), which would be charged to the edit.
+    per_chunk = is_half(next(session.model.parameters()).dtype)
+    pre_all = None
+    if not per_chunk:
+        with progress_bar("pre-edit evaluation", len(session.evaluator.probes([requests[i] for i in todo_requests])) * _passes(session), enabled=show_progress) as advance:
+            pre_all = session.evaluator.capture(session.model, [requests[i] for i in todo_requests], advance)
     pre_seconds = time.perf_counter() - started
     offsets = {request: p for p, request in enumerate(todo_requests)}
     with progress_bar(f"{spec.method} {spec.protocol}", sum(len(c.steps) for c in todo), enabled=show_progress) as advance:
         for chunk in todo:
-            pre = pre_all.subset([offsets[i] for i in chunk.requests])
+            if pre_all is None:
+                chunk_started = time.perf_counter()
+                pre = session.evaluator.capture(session.model, [requests[i] for i in chunk.requests])
+                pre_seconds += time.perf_counter() - chunk_started
+            else:
+                pre = pre_all.subset([offsets[i] for i in chunk.requests])
             result = run_chunk(session, requests, chunk, pre, on_step=lambda: advance(1), after_step=after_step)
             _append_records(out / RESULTS_FILE, result.records, result.eval_seconds)
     summary = summarize(read_records(out / RESULTS_FILE), chunks)
