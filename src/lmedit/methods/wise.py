@@ -67,7 +67,6 @@ from lmedit.adapters import (
 )
 from lmedit.forward import build_inputs, generate_greedy, pad_id_of, tokenize_pair
 from lmedit.hparams import HyperParamsError
-from lmedit.precision import is_half
 from lmedit.limits import size
 from lmedit.registry import Contract, register
 from lmedit.smoke import write_edit_file
@@ -225,7 +224,6 @@ class WiseAdapter(AdapterLayer):
         """The wrapped layer's computation with another weight (nn.Linear or GPT-2 Conv1D layout)."""
         weight = weight.to(x.dtype)  # the float32 side memory being trained, in a half-precision model
         bias = getattr(self.original, "bias", None)
-        bias = bias.to(x.dtype) if bias is not None else None
         if isinstance(self.original, nn.Linear):
             return F.linear(x, weight, bias)
         out = x.reshape(-1, x.shape[-1]) @ weight
@@ -266,55 +264,40 @@ class WiseAdapter(AdapterLayer):
         context.deviations = self.deviation(out, base, context.scored.to(x.device), top1=False)
         return out
 
-    def _routing_deviation(self, x: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, base: torch.Tensor,
-                           valid: torch.Tensor, precise_base: torch.Tensor | None) -> torch.Tensor:
-        """Δ of a memory for routing. In bfloat16/float16 it is computed from float32 outputs: a half-precision
-        output differs from the original's by rounding noise (about 1/256 of its size in bfloat16), which pushed
-        unrelated prompts over the threshold (WISE's locality 1.000 -> 0.937 on 10 zsRE items in bfloat16)."""
-        if precise_base is None:
-            return self.deviation(out, base, valid, top1=True)
-        return self.deviation(self.with_weight(x.float(), weight), precise_base, valid, top1=True)
-
-    def _precise_base(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self.with_weight(x.float(), self.original.weight) if is_half(x.dtype) else None
-
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         base = self.original(x)
         valid = self._scored(x)
-        precise = self._precise_base(x)
         threshold = self.side_min_act * self.config["act_ratio"]
         side_out = self.with_weight(x, self.side)
-        side_dev = self._routing_deviation(x, side_out, self.side, base, valid, precise)
+        side_dev = self.deviation(side_out, base, valid, top1=True)
         if self.config["retrieve"]:
             out = torch.where((side_dev < threshold)[:, None, None], base, side_out)
             best = side_dev
-            for memory_out, dev, threshold in self._stored_memories(x, base, valid, precise):
+            for memory_out, dev, threshold in self._stored_memories(x, base, valid):
                 take = (dev > best) & (dev > threshold)
                 out = torch.where(take[:, None, None], memory_out, out)
                 best = torch.where(take, dev, best)
             return out
         main = self.final_main if self.final_main is not None else self.main
         main_out = base if main is None else self.with_weight(x, main)
-        main_dev = self._routing_deviation(x, main_out, self.original.weight if main is None else main, base, valid, precise)
+        main_dev = self.deviation(main_out, base, valid, top1=True)
         out = torch.where((main_dev > side_dev)[:, None, None], main_out, side_out)
         keep = (main_dev < threshold) & (side_dev < threshold)
         return torch.where(keep[:, None, None], base, out)
 
     def _stored_memories(
-        self, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor, precise: torch.Tensor | None = None
+        self, x: torch.Tensor, base: torch.Tensor, valid: torch.Tensor
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
         """Each stored memory's output, its per-sequence Δ and its routing threshold (WISE-Retrieve)."""
         for weight, min_act in zip(self.memories, self.memory_min_act):
             out = self.with_weight(x, weight)
-            yield (out, self._routing_deviation(x, out, weight, base, valid, precise),
-                   min_act * self.config["act_ratio"])
+            yield out, self.deviation(out, base, valid, top1=True), min_act * self.config["act_ratio"]
 
     def memory_deviations(self, x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
         """Per stored memory, the Δ routing would compute for input ``x`` and that memory's threshold (diagnostics)."""
         with torch.no_grad():
             base = self.original(x)
-            return [(dev, threshold) for _, dev, threshold in
-                    self._stored_memories(x, base, self._scored(x), self._precise_base(x))]
+            return [(dev, threshold) for _, dev, threshold in self._stored_memories(x, base, self._scored(x))]
 
     # ---------------------------------------------------------------- memory bookkeeping
 
