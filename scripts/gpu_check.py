@@ -58,20 +58,25 @@ def main() -> int:
     return 1 if failures else 0
 
 
-def pre_scores(model_name: str, device: str, dtype: str, requests: list) -> list[dict[str, float]]:
+def pre_scores(model_name: str, device: str, dtype: str, requests: list, loaded: tuple | None = None
+               ) -> list[dict[str, float]]:
     from lmedit.editor import Editor
+    from lmedit.models import load_model
 
-    editor = Editor.from_pretrained("FT-M", model_name, device=device, dtype=dtype)
-    return editor.capture(requests).metrics
+    model, tok = loaded or load_model(model_name, device=device, dtype=dtype)
+    return Editor(model, tok, "FT-M").capture(requests).metrics
 
 
 def check(model_name: str, device: str, dtype: str, requests: list, reference: list[dict[str, float]],
           methods: list[str]) -> int:
+    """One load per (model, dtype): every method edits and restores that one model (restore is checked bit for bit)."""
     from lmedit.editor import Editor
+    from lmedit.models import load_model
     from lmedit.registry import get_method, list_presets
 
     failures = 0
-    scores = pre_scores(model_name, device, dtype, requests)
+    model, tok = load_model(model_name, device=device, dtype=dtype)
+    scores = pre_scores(model_name, device, dtype, requests, (model, tok))
     for key in ("rewrite_acc", "locality_acc"):
         ours = [s[key] for s in scores if key in s]
         theirs = [s[key] for s in reference if key in s]
@@ -87,10 +92,13 @@ def check(model_name: str, device: str, dtype: str, requests: list, reference: l
             print(f"{method:<10} no preset for {model_name}")
             continue
         try:
-            failures += one_edit(Editor.from_pretrained(method, model_name, device=device, dtype=dtype), requests[0])
+            problem = one_edit(Editor(model, tok, method, preset=model_name, model_name=model_name), requests[0])
         except Exception as exc:  # one method's failure is reported, the others still run
-            failures += 1
+            problem = 1
             print(f"{method:<10} FAILED: {type(exc).__name__}: {exc}")
+        if problem:  # the model may be left changed: the next method starts from a fresh load
+            model, tok = load_model(model_name, device=device, dtype=dtype)
+        failures += problem
     return failures
 
 
