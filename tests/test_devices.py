@@ -59,11 +59,18 @@ def test_a_tiny_model_loads_in_the_dtype_asked(tmp_path, word_tok) -> None:
 
 
 def test_peak_memory_is_the_process_peak() -> None:
-    before = peak_memory_bytes()["cpu_peak_rss_bytes"]
-    block = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB touched
-    after = peak_memory_bytes()["cpu_peak_rss_bytes"]
-    assert after >= before and after > 64 * 2**20
-    del block
+    """Two fresh processes, one touching 1000 MiB more: the figure tells them apart, and stays at the peak after a free."""
+    import subprocess
+    import sys
+
+    script = ("import torch; from lmedit.devices import peak_memory_bytes\n"
+              "block = torch.empty({n} * 2**20, dtype=torch.uint8); block.fill_(1)\n"
+              "assert int(block[::4096].sum()) == {n} * 256; del block\n"
+              "print(peak_memory_bytes()['cpu_peak_rss_bytes'])")
+    small, large = (int(subprocess.run([sys.executable, "-c", script.format(n=n)], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for n in (1, 1000))
+    assert large - small > 600 * 2**20  # the import alone can peak a few hundred MiB above the steady state
+    assert peak_memory_bytes()["cpu_peak_rss_bytes"] > 0 and "cuda_peak_allocated_bytes" not in peak_memory_bytes()
 
 
 def test_a_run_records_dtype_and_peak_memory_and_refuses_to_resume_in_another_dtype(tmp_path, word_tok) -> None:

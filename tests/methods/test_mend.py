@@ -143,3 +143,13 @@ def test_embedded_short_training_then_edit_and_exact_restore(embedded, shared_da
     assert all(v > 0 for v in handle.delta_norms().values())
     handle.restore()
     assert state_equal(model, before)
+
+
+def test_training_on_a_bfloat16_model_runs_with_float32_networks(word_tok, tmp_path):
+    """The float32 network's factors meet bfloat16 activations in the training forward (they raised a dtype error)."""
+    model = build_tiny_llama(len(word_tok)).to(torch.bfloat16)
+    result = train_mend(model, word_tok, _params(max_steps=4, val_every=2, save_every=2), _examples(32, 4),
+                        _examples(8, 5), tmp_path / "bf16", show_progress=False)
+    assert result.status == "finished" and result.steps == 4
+    assert all(torch.isfinite(torch.tensor(point["rewrite_acc"])) for point in result.curve)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
