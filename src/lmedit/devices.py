@@ -91,7 +91,7 @@ def _check_cuda_dtype(dtype: torch.dtype, index: int) -> None:
                              "or newer); pass --dtype float16 or float32")
 
 
-def peak_memory_bytes(device: str | torch.device | None = None) -> dict[str, int]:
+def peak_memory_bytes() -> dict[str, int]:
     """Peak memory so far: the process's peak resident set (CPU) and, on CUDA, the allocator's peak per device."""
     import resource
     import sys
