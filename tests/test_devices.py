@@ -59,7 +59,8 @@ def test_a_tiny_model_loads_in_the_dtype_asked(tmp_path, word_tok) -> None:
 
 
 def test_peak_memory_is_the_process_peak() -> None:
-    """Two fresh processes, one touching 1000 MiB more: the figure tells them apart, and stays at the peak after a free."""
+    """Two processes started from this (large) test process, one touching 1000 MiB more: the figure tells them
+    apart (ru_maxrss alone would report the parent's peak for both) and stays at the peak after a free."""
     import subprocess
     import sys
 
