@@ -12,7 +12,7 @@ runs to its end and its output must equal the reference:
 
 * run: every line of ``results.jsonl`` a whole JSON record, request indices
   0..n-1 once each, records equal after dropping the timing fields
-  (:data:`RECORD_TIMINGS`), ``summary.json`` equal without its ``timing``,
+  (:data:`RECORD_TIMINGS`), ``summary.json`` equal without its ``timing`` and ``memory``,
   ``config.json`` equal;
 * stats: the cache entries hold bit-identical tensors and the same metadata
   (safetensors writes its metadata in no fixed order, so the files' bytes and
@@ -231,6 +231,7 @@ def _run_output(folder: Path) -> dict[str, Any]:
     assert [r["index"] for r in records] == list(range(N_REQUESTS)), "a request is doubled, lost or out of order"
     summary = json.loads((folder / "summary.json").read_text())
     summary.pop("timing")
+    assert summary.pop("memory")["cpu_peak_rss_bytes"] > 0  # like timing, a measurement of the process that wrote it
     assert summary["complete"] is True
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".tmp-")]
     assert not leftovers, f"temp files left behind: {leftovers}"
