@@ -25,3 +25,7 @@ if [ "${LMEDIT_WITH_APP:-0}" = "1" ]; then
     $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
   fi
 fi
+# Optional Ray engine for sweeps (`lmedit sweep --engine ray`): LMEDIT_WITH_CLUSTER=1 bash scripts/install.sh (CI sets it).
+if [ "${LMEDIT_WITH_CLUSTER:-0}" = "1" ]; then
+  "$PY" -m pip install --quiet -e ".[cluster]"
+fi

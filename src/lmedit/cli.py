@@ -277,6 +277,8 @@ def report(
                                                   "for layouts that draw one, the plot (.png)."),
     layout: str = typer.Option("default", help="Table layout from the layout registry, e.g. knowedit, counterfact, "
                                                "wise-table; `--layout list` shows them all."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="A sweep folder (`lmedit sweep`): one table over its jobs, "
+                                         "with chunks written / all for a sweep still running."),
     html_file: Optional[Path] = typer.Option(None, "--html", help="Also write one self-contained HTML page (tables, "
                                              "per-chunk means, retention curves, trace heatmaps; opens offline)."),
 ) -> None:
@@ -286,6 +288,16 @@ def report(
     if layout == "list":
         typer.echo("\n".join(f"{name}: {describe_layout(name)}" for name in list_layouts()))
         return
+    if sweep is not None:
+        from lmedit.sweep.plan import SweepError
+        from lmedit.sweep.status import sweep_rows, sweep_table
+
+        try:
+            typer.echo(sweep_table(sweep_rows(sweep)), nl=False)
+        except (SweepError, ReportError) as exc:
+            fail(str(exc))
+        if not folders:
+            return
     if not folders:
         fail("give at least one run folder, e.g. `lmedit report runs/a runs/b`")
     if out is not None:
@@ -333,6 +345,9 @@ app.command("trace")(trace_command)
 from lmedit.commands.app import app_command  # noqa: E402  (the web app; Gradio and torch load only when run)
 
 app.command("app")(app_command)
+from lmedit.commands.sweep import sweep_command  # noqa: E402  (grids of runs; the library and Ray load only when run)
+
+app.command("sweep")(sweep_command)
 from lmedit.commands.hparams import hparams_app  # noqa: E402  (EasyEdit hyperparameter files; cheap)
 
 app.add_typer(hparams_app, name="hparams")
