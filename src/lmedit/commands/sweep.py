@@ -26,7 +26,9 @@ def sweep_command(
     workers: int = typer.Option(2, help="Ray: worker actors, each holding a loaded model."),
     address: Optional[str] = typer.Option(None, help="Ray: join this cluster (auto, host:port or ray://host:port) "
                                                      "instead of starting a local Ray."),
-    threads: Optional[int] = typer.Option(None, help="Ray: torch threads per worker (default: the CPUs / workers)."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per Ray worker (or of this process, serially). "
+                                                     "Default: this process's count, so Ray's results equal a serial "
+                                                     "run's bit for bit; results match only between equal thread counts."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the file and list the jobs; run nothing."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -58,7 +60,7 @@ def sweep_command(
             summaries = run_ray(jobs, root, workers=workers, address=address, device=device, dtype=dtype,
                                 threads=threads, show_progress=progress, on_plan=_announce)
         else:
-            summaries = run_serial(jobs, root, device=device, dtype=dtype, show_progress=progress)
+            summaries = run_serial(jobs, root, device=device, dtype=dtype, threads=threads, show_progress=progress)
     except (ValueError, RuntimeError, OSError) as exc:
         fail(str(exc))
     from lmedit.sweep.status import sweep_rows, sweep_table
