@@ -8,7 +8,6 @@ results into widgets; errors from them become one-line Gradio errors.
 """
 
 
-import io
 import logging
 import re
 import tempfile
