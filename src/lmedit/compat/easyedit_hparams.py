@@ -823,5 +823,5 @@ def run_settings(
             f"(alg_name {config.mapping_of('alg_name').value}); drop --method or use a file for {method}"
         )
     for note in config.runtime_warnings():
-        _warn_once(f"{note} (lmedit run edits on CPU in float32)")
+        _warn_once(f"{note} (lmedit takes these from --device and --dtype, default cpu and float32)")
     return config.method, model or config.model_name or default_model
