@@ -89,12 +89,13 @@ class RunBrowser:
         return run_details(folder)
 
 
-def run_details(folder: Path) -> dict[str, Any]:
-    """Settings, progress, per-chunk means and plots of one run folder (also used by the HTML report)."""
+def run_details(folder: Path, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Settings, progress, per-chunk means and plots of one run folder (also used by the HTML report);
+    ``run``: the folder as :func:`lmedit.reports.load_run` already read it."""
     from lmedit.reports import ReportError, load_run
 
     try:
-        run = load_run(folder)
+        run = run if run is not None else load_run(folder)
     except ReportError as exc:
         raise AppError(str(exc)) from None
     config, summary = run["config"], run["summary"]

@@ -115,11 +115,10 @@ class AppPage:
         return status, answers, scores, self._stack(stack)
 
     def undo(self, prompt: str, rephrase: str, unrelated: str, session_id: str) -> tuple[Any, ...]:
-        from lmedit.app.workbench import greedy_answers
+        from lmedit.app.workbench import greedy_answers, shown_probes
 
         found = self.bench.session(session_id)
-        shown = [("prompt", prompt)] * bool((prompt or "").strip()) + [("paraphrase", p) for p in lines(rephrase)] + [
-            ("unrelated", p) for p in lines(unrelated)]
+        shown = shown_probes((prompt or "").strip(), lines(rephrase), lines(unrelated))
         with found.lock:
             before = greedy_answers(found.stack.model, found.stack.tok, [p for _, p in shown])
             entry = found.stack.undo()

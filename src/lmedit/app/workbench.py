@@ -65,10 +65,16 @@ def build_request(prompt: str, target: str, subject: str | None = None, rephrase
     return EditRequest(prompt.strip(), target.strip(), subject=subject, rephrase=tuple(lines(rephrase)), locality=locality)
 
 
+def shown_probes(prompt: str | None, paraphrases: Sequence[str], unrelated: Sequence[str]) -> list[tuple[str, str]]:
+    """(kind, prompt) of every prompt whose greedy answer the page shows, in the page's order."""
+    shown = [("prompt", prompt)] if prompt else []
+    return shown + [("paraphrase", p) for p in paraphrases] + [("unrelated", p) for p in unrelated]
+
+
 def probes_of(request: EditRequest) -> list[tuple[str, str]]:
-    """(kind, prompt) of every prompt whose greedy answer the page shows."""
-    shown = [("prompt", request.prompt)] + [("paraphrase", p) for p in request.rephrase]
-    return shown + [("unrelated", probe.prompt) for probe in request.locality.get("neighborhood", ())]
+    """The shown probes of a request: its prompt, paraphrases and unrelated prompts."""
+    return shown_probes(request.prompt, request.rephrase,
+                        [probe.prompt for probe in request.locality.get("neighborhood", ())])
 
 
 @torch.no_grad()

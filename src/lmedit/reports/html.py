@@ -98,10 +98,10 @@ def _progress_html(progress: dict[str, Any]) -> str:
             f'<span class="bar"><span style="width:{width:.0f}%"></span></span></p>')
 
 
-def _run_section(folder: Path) -> str:
+def _run_section(folder: Path, run: dict[str, Any]) -> str:
     from lmedit.app.runs import run_details
 
-    details = run_details(folder)
+    details = run_details(folder, run)
     parts = [f"<h2>{html.escape(folder.name)}</h2>", f'<p class="muted">{html.escape(str(folder))}</p>',
              rows_table([details["settings"]]), _progress_html(details["progress"])]
     chunks = details["chunks"]
@@ -180,7 +180,7 @@ def _page(folders: Sequence[str | Path], layout: str, title: str, scratch: Path)
               for p in sorted(folder.glob("*.png")) if not (runs and p.stem == layout)]  # the layout plot is above
     if beside:  # plots a reproduction wrote beside its run folders (cost, retention)
         parts += ["<h2>Plots written with these runs</h2>"] + [png_tag(p, p.stem) for p in beside]
-    parts += [_run_section(f) for f in runs]
+    parts += [_run_section(folder, run) for folder, run in loaded]
     parts += [_trace_section(f, scratch) for f in traces]
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -106,10 +106,24 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
         raise SweepError(f"sweep file {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"sweep file {path} must hold a mapping of settings (model, data, methods, ...)")
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise SweepError(f"sweep file {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}")
+    _check_keys(raw, KEYS, f"sweep file {path}")
     return raw
+
+
+def _check_keys(mapping: Mapping[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def _entry(entry: Any, main: str, known: set[str], what: str) -> dict[str, Any]:
+    """A grid entry given as its ``main`` value alone or as a mapping with it, its keys checked."""
+    if isinstance(entry, str):
+        entry = {main: entry}
+    if not isinstance(entry, dict) or main not in entry:
+        raise SweepError(f"a {what} entry must be a {main} or a mapping with {main!r}, got {entry!r}")
+    _check_keys(entry, known, f"{what} entry {entry[main]!r}")
+    return entry
 
 
 def expand(raw: Mapping[str, Any], *, check_models: bool = True) -> list[Job]:
@@ -179,14 +193,7 @@ def folder_name(job: Job, axes: Sequence[str]) -> str:
 def _method_entry(entry: Any) -> tuple[str, str | None, dict[str, Any], str]:
     from lmedit.registry import MethodError, get_method
 
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    if not isinstance(entry, dict) or "name" not in entry:
-        raise SweepError(f"a method entry must be a name or a mapping with 'name', got {entry!r}")
-    unknown = sorted(set(entry) - METHOD_KEYS)
-    if unknown:
-        raise SweepError(f"method entry {entry['name']!r}: unknown key(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(METHOD_KEYS))}")
+    entry = _entry(entry, "name", METHOD_KEYS, "method")
     try:
         info = get_method(str(entry["name"]))
     except MethodError as exc:
@@ -225,14 +232,7 @@ def _data_entry(entry: Any) -> dict[str, Any]:
 
     if entry is None:
         return {"path": "demo", "offset": 0, "limit": None, "format": None}
-    if isinstance(entry, str):
-        entry = {"path": entry}
-    if not isinstance(entry, dict) or "path" not in entry:
-        raise SweepError(f"a data entry must be a path or a mapping with 'path', got {entry!r}")
-    unknown = sorted(set(entry) - DATA_KEYS)
-    if unknown:
-        raise SweepError(f"data entry {entry['path']!r}: unknown key(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(DATA_KEYS))}")
+    entry = _entry(entry, "path", DATA_KEYS, "data")
     path = str(entry["path"])
     offset, limit = int(entry.get("offset", 0)), entry.get("limit")
     try:
@@ -251,18 +251,3 @@ def _check_model(model: str) -> None:
     if model in PRESETS or Path(model).is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         return
     raise SweepError(f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), a folder, or a hub id owner/name")
-
-
-def plan_sweep(path: str | Path) -> list[Job]:
-    return expand(read_sweep(path))
-
-
-def job_chunks(job: Job, n_requests: int) -> int:
-    """How many chunks the job's protocol makes of its requests."""
-    from lmedit.protocols import plan_chunks
-
-    return len(plan_chunks(n_requests, job.protocol, T=job.T, batch_size=job.batch_size))
-
-
-def jobs_table(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    return [job.to_dict() for job in jobs]

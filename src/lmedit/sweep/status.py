@@ -30,7 +30,7 @@ def sweep_rows(root: str | Path) -> list[dict[str, Any]]:
         means = summary.get("chunk_mean", {}).get("post", {})
         rows.append({"job": job["name"], "method": job["label"] or job["method"], "model": job["model"],
                      "T": job["T"], "seed": job["seed"], "eval": job["eval_mode"],
-                     "chunks": f"{done}/{job.get('chunks') or '?'}",
+                     "chunks_done": done, "chunks_total": job.get("chunks"),
                      "complete": (root / job["name"] / "summary.json").is_file() and done == job.get("chunks"),
                      **{k: means.get(k) for k in HEADLINE}})
     return rows
@@ -41,11 +41,12 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     columns = ["method", "model", "T", "seed", "eval", "chunks", *HEADLINE]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        cells = [("—" if row[c] is None else f"{row[c]:.3f}") if c in HEADLINE else str(row[c] if row[c] is not None else "—")
-                 for c in columns]
+        shown = {**row, "chunks": f"{row['chunks_done']}/{row['chunks_total'] or '?'}"}
+        cells = [("—" if shown[c] is None else f"{shown[c]:.3f}") if c in HEADLINE
+                 else str(shown[c] if shown[c] is not None else "—") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    done = sum(int(r["chunks"].split("/")[0]) for r in rows)
-    total = sum(int(r["chunks"].split("/")[1]) for r in rows if r["chunks"].split("/")[1].isdigit())
+    done = sum(r["chunks_done"] for r in rows)
+    total = sum(r["chunks_total"] or 0 for r in rows)
     finished = sum(bool(r["complete"]) for r in rows)
     lines.append("")
     lines.append(f"{finished} of {len(rows)} jobs complete; {done} of {total} chunks written. "
