@@ -19,10 +19,16 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Probe:
-    """One (prompt, answer) pair used to probe the model."""
+    """One (prompt, answer) pair used to probe the model.
+
+    ``aliases`` are other correct spellings of the answer (KnowEdit's WikiData
+    files list them). Teacher-forced scoring uses ``answer`` only; the
+    generation-based QA scores accept any of them.
+    """
 
     prompt: str
     answer: str
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.answer, str):
@@ -30,6 +36,17 @@ class Probe:
                 f"probe prompt and answer must be strings, got {type(self.prompt).__name__} "
                 f"and {type(self.answer).__name__}"
             )
+        aliases = _as_str_tuple(self.aliases, "probe aliases")
+        object.__setattr__(self, "aliases", tuple(a for a in dict.fromkeys(aliases) if a != self.answer))
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The answer first, then its aliases."""
+        return (self.answer, *self.aliases)
+
+    def to_list(self) -> list[Any]:
+        """``[prompt, answer]``, or ``[prompt, answer, [aliases]]`` when there are aliases."""
+        return [self.prompt, self.answer, list(self.aliases)] if self.aliases else [self.prompt, self.answer]
 
 
 ProbeGroups = dict[str, tuple[Probe, ...]]
@@ -82,10 +99,10 @@ def _as_probe(item: Any, where: str) -> Probe:
         answer = item.get("answer", item.get("ground_truth"))
         if "prompt" not in item or answer is None:
             raise RequestError(f"{where}: a probe needs 'prompt' and 'answer' (or 'ground_truth'), got keys {sorted(item)}")
-        return Probe(item["prompt"], answer)
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        return Probe(item[0], item[1])
-    raise RequestError(f"{where}: a probe must be a (prompt, answer) pair or a mapping, got {item!r}")
+        return Probe(item["prompt"], answer, item.get("aliases") or ())
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3):
+        return Probe(*item)
+    raise RequestError(f"{where}: a probe must be a (prompt, answer[, aliases]) list or a mapping, got {item!r}")
 
 
 @dataclass(frozen=True)
@@ -165,8 +182,8 @@ class EditRequest:
             "subject": self.subject,
             "ground_truth": self.ground_truth,
             "rephrase": list(self.rephrase),
-            "locality": {k: [[p.prompt, p.answer] for p in v] for k, v in self.locality.items()},
-            "portability": {k: [[p.prompt, p.answer] for p in v] for k, v in self.portability.items()},
+            "locality": {k: [p.to_list() for p in v] for k, v in self.locality.items()},
+            "portability": {k: [p.to_list() for p in v] for k, v in self.portability.items()},
             **({"extra": dict(self.extra)} if self.extra else {}),
         }
 

@@ -158,7 +158,7 @@ def test_knowedit_wikidata_counterfact_record(tmp_path):
     request = load_requests(_write(tmp_path, [record]))[0]
     assert request.ground_truth == "Lorenzo Maitani"
     assert request.portability == {
-        "Reasoning": (Probe("The architect of Orvieto Cathedral was born in", "Toronto"),),
+        "Reasoning": (Probe("The architect of Orvieto Cathedral was born in", "Toronto", ("Toronto, Ontario",)),),
         "Subject_Aliasing": (Probe("The architect of Duomo di Orvieto is", "Frank Gehry"),),
         "Logical_Generalization": (Probe("Frank Gehry designed", "Orvieto Cathedral"),),
     }
@@ -187,7 +187,7 @@ def test_knowedit_wikidata_recent_record(tmp_path):
     }
     request = load_requests(_write(tmp_path, [record]))[0]
     assert request.ground_truth is None and request.rephrase == ("Leo Arons died in the city of",)
-    assert request.portability["Logical_Generalization"] == (Probe("Is Leo Arons still alive?", "no"),)
+    assert request.portability["Logical_Generalization"] == (Probe("Is Leo Arons still alive?", "no", ("incorrect",)),)
     assert [p.answer for p in request.portability["Reasoning"]] == ["Kai Wegner", "Germany"]
     assert request.locality == {"Relation_Specificity": (Probe("The father of Leo Arons is", "Albert Arons"),)}
 

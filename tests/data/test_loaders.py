@@ -247,7 +247,7 @@ def test_knowedit_nested_answers_and_list_prompts(tmp_path: Path) -> None:
     assert request.ground_truth == "Acme"
     assert request.rephrase == ("Who made Widget?",)
     assert request.portability == {
-        "Reasoning": (Probe("Globex is based in", "Springfield"),),
+        "Reasoning": (Probe("Globex is based in", "Springfield", ("Ohio",)),),  # every listed answer counts in qa
         "Subject_Aliasing": (Probe("The Widget was made by", "Globex"), Probe("Widgets are made by", "Globex")),
     }
     assert request.locality == {

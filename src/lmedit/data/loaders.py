@@ -179,16 +179,25 @@ def _first_string(value: Any) -> str | None:
     return value
 
 
-def _probe_group(pairs: Sequence[tuple[Any, Any]]) -> tuple[Probe, ...]:
-    """Build probes, dropping pairs whose prompt or answer is missing or blank."""
+def _all_strings(value: Any) -> list[str]:
+    """Every string in str | list[str] | list[list[str]], in order: KnowEdit lists an answer's aliases this way."""
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list):
+        return [s for item in value for s in _all_strings(item)]
+    return []
+
+
+def _probe_group(pairs: Sequence[tuple[Any, ...]]) -> tuple[Probe, ...]:
+    """Build probes from (prompt, answer[, aliases]), dropping those whose prompt or answer is missing or blank."""
     probes = []
-    for prompt, answer in pairs:
+    for prompt, answer, *aliases in pairs:
         if isinstance(prompt, str) and prompt.strip() and isinstance(answer, str) and answer.strip():
-            probes.append(Probe(prompt, answer))
+            probes.append(Probe(prompt, answer, tuple(aliases[0]) if aliases else ()))
     return tuple(probes)
 
 
-def _groups(**named: Sequence[tuple[Any, Any]]) -> dict[str, tuple[Probe, ...]]:
+def _groups(**named: Sequence[tuple[Any, ...]]) -> dict[str, tuple[Probe, ...]]:
     """Keep only the non-empty groups, so absent data never shows up as an empty group."""
     built = {name: _probe_group(pairs) for name, pairs in named.items()}
     return {name: probes for name, probes in built.items() if probes}
@@ -317,7 +326,7 @@ def _first_present(record: Record, *keys: str) -> Any:
 def _knowedit_groups(section: Any, names: Sequence[str], where: str) -> dict[str, tuple[Probe, ...]]:
     if not isinstance(section, Mapping):
         raise RequestError(f"{where} must be an object of probe groups, got {type(section).__name__}")
-    pairs_by_group: dict[str, list[tuple[Any, Any]]] = {}
+    pairs_by_group: dict[str, list[tuple[Any, ...]]] = {}
     for name in names:
         items = section.get(name) or []
         if isinstance(items, Mapping):
@@ -326,13 +335,17 @@ def _knowedit_groups(section: Any, names: Sequence[str], where: str) -> dict[str
     return _groups(**pairs_by_group)
 
 
-def _knowedit_pairs(item: Any, where: str) -> list[tuple[Any, Any]]:
-    """One KnowEdit probe item -> (prompt, answer) pairs; a list of prompts shares one answer."""
+def _knowedit_pairs(item: Any, where: str) -> list[tuple[Any, Any, list[str]]]:
+    """One KnowEdit probe item -> (prompt, answer, aliases) triples; a list of prompts shares one answer.
+
+    The first string of a nested ``ground_truth`` is the answer, the others are its aliases.
+    """
     if not isinstance(item, Mapping) or "prompt" not in item:
         raise RequestError(f"{where}: each probe must be an object with 'prompt' and 'ground_truth', got {item!r}")
     answer = _first_string(item.get("ground_truth"))
+    aliases = _all_strings(item.get("ground_truth"))[1:]
     prompts = item["prompt"] if isinstance(item["prompt"], list) else [item["prompt"]]
-    return [(prompt, answer) for prompt in prompts]
+    return [(prompt, answer, aliases) for prompt in prompts]
 
 
 def _from_wise(record: Record, index: int) -> EditRequest:

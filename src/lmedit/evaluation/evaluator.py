@@ -254,7 +254,8 @@ class Evaluator:
     def _suite_context(self) -> Any:
         from lmedit.evaluation.suites import SuiteContext
 
-        return SuiteContext(self.config.batch_size, self.config.max_batch_tokens, self.config.packing, self._edit_prompt)
+        return SuiteContext(self.config.batch_size, self.config.max_batch_tokens, self.config.packing, self._edit_prompt,
+                            self.config.generation_cache)
 
     @staticmethod
     def _key(probe: ProbeRef) -> tuple[Any, ...]:

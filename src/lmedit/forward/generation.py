@@ -7,7 +7,7 @@ through this one loop, so they agree token for token.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ def generate_greedy(
     batch_size: int = 32,
     progress: ProgressFn | None = None,
     use_cache: bool = True,
+    stop: Callable[[Sequence[int]], bool] | None = None,
 ) -> list[tuple[int, ...]]:
     """Greedy continuation of each prompt, ``max_new_tokens[i]`` tokens long (shorter if EOS comes first).
 
@@ -44,7 +45,7 @@ def generate_greedy(
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         generated = _greedy_batch(model, [encoded[i] for i in batch], [max_new_tokens[i] for i in batch],
-                                  pad_id_of(tok), tok.eos_token_id, use_cache)
+                                  pad_id_of(tok), tok.eos_token_id, use_cache, stop)
         for index, tokens in zip(batch, generated):
             outputs[index] = tokens
         if progress:
@@ -54,7 +55,7 @@ def generate_greedy(
 
 def _greedy_batch(
     model: torch.nn.Module, prompts: Sequence[Sequence[int]], wanted: Sequence[int], pad_id: int, eos: int | None,
-    use_cache: bool = True,
+    use_cache: bool = True, stop: Callable[[Sequence[int]], bool] | None = None,
 ) -> list[tuple[int, ...]]:
     """Left-padded prefill, then one token per step with the key/value cache (or the whole sequence again)."""
     device = next(model.parameters()).device
@@ -71,7 +72,7 @@ def _greedy_batch(
         for row, token in enumerate(next_ids.tolist()):
             if not done[row]:
                 tokens[row].append(token)
-                done[row] = len(tokens[row]) >= wanted[row] or token == eos
+                done[row] = len(tokens[row]) >= wanted[row] or token == eos or (stop is not None and stop(tokens[row]))
         if all(done) or step + 1 == max(wanted):
             break
         mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)

@@ -2,7 +2,8 @@
 
 * ``fluency``: weighted n-gram entropy of greedy generations (KnowEdit's Fluency);
 * ``convsent``: ConvSent's edit score and KL locality (switched on by ConvSent data);
-* ``counterfact``: ROME's CounterFact efficacy / paraphrase / neighborhood scores and generation entropy.
+* ``counterfact``: ROME's CounterFact efficacy / paraphrase / neighborhood scores and generation entropy;
+* ``qa``: free generation in a QA context, exact match and token F1 (WILD, "The Mirage of Model Editing").
 
 The contract is :class:`lmedit.evaluation.suites.base.MetricSuite`; the
 evaluator runs the selected suites inside its capture and score calls.
@@ -24,9 +25,10 @@ from lmedit.evaluation.suites.base import (
 from lmedit.evaluation.suites.convsent import ConvSentSuite
 from lmedit.evaluation.suites.counterfact import CounterFactSuite
 from lmedit.evaluation.suites.fluency import FluencySuite
+from lmedit.evaluation.suites.qa import QASuite
 from lmedit.requests import EditRequest
 
-SUITES: dict[str, type[MetricSuite]] = {cls.name: cls for cls in (FluencySuite, ConvSentSuite, CounterFactSuite)}
+SUITES: dict[str, type[MetricSuite]] = {cls.name: cls for cls in (FluencySuite, ConvSentSuite, CounterFactSuite, QASuite)}
 
 __all__ = [
     "SUITES",

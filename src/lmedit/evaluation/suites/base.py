@@ -35,6 +35,7 @@ class SuiteContext:
     max_batch_tokens: int = 2048
     packing: bool = True
     edit_prompt: Callable[[str], str] = _unwrapped
+    generation_cache: bool = True  # False for methods that read their whole input on every call (WISE, DEFER)
 
 
 @dataclass
