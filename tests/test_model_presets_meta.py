@@ -224,7 +224,7 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             assert role in hparams.modules, f"{path} ({role}) is none of the preset's modules {hparams.modules}"
             check_module(model, arch, spec, path, role)
             edited.append(path)
-    elif method in ("ROME", "MEMIT", "AlphaEdit"):
+    elif method in ("ROME", "MEMIT", "AlphaEdit", "EMMET"):
         from lmedit.forward.tokens import context_length
         from lmedit.locate.core import iter_layers
 
@@ -284,6 +284,12 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             assert set(edited) == expected, f"MEND edits {sorted(edited)}, EasyEdit's file {sorted(expected)}"
         else:
             assert 1 <= params.trainable_layers <= arch.layers
+    elif method == "UltraEdit":
+        for path in hparams.module_names(model):  # MLP projections, by role or by EasyEdit's names
+            role = role_of(spec, path)
+            assert role in ("mlp_in", "mlp_out"), f"{path} is no MLP projection (role {role})"
+            check_module(model, arch, spec, path, role)
+            edited.append(path)
     elif method == "IKE":
         from lmedit.encoders import DEFAULT_ENCODER
 

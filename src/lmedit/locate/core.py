@@ -524,6 +524,29 @@ def memit_update(
     return residuals.double() @ adjusted.T
 
 
+def emmet_update(
+    keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, cov_weight: float, ridge: float,
+    norm_ridge: float = 0.0,
+) -> torch.Tensor:
+    """EMMET: ``Δ = R (Kᵀ C'⁻¹ K + ρ I)⁻¹ Kᵀ C'⁻¹`` with ``C' = w C + ν I``, as (d_out, d_in).
+
+    Without ρ this is the equality-constrained solution: the edited layer maps
+    every key exactly to its target while moving the preserved keys (C) as
+    little as possible; for one key it is ROME's update. ρ (``emmet_lambda``)
+    relaxes the equalities when a batch's keys are nearly dependent; it acts
+    against ``w`` times its value, because scaling C scales ``Kᵀ C'⁻¹ K``.
+    """
+    K = keys.double()
+    C = cov_weight * cov.double()
+    if norm_ridge:
+        C = C + norm_ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    whitened = torch.linalg.solve(C, K)  # C'⁻¹ K, (d_in, n)
+    gram = K.T @ whitened
+    if ridge:
+        gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return residuals.double() @ torch.linalg.solve(gram, whitened.T)
+
+
 def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     """AlphaEdit's P: projection onto the eigenvectors of C whose eigenvalue is below ``threshold``."""
     eigenvalues, eigenvectors = torch.linalg.eigh(cov.double())
