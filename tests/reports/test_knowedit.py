@@ -28,3 +28,20 @@ def test_knowedit_table_as_knowedit_prints_it():
     assert "|  | Portability | 50.00 | — |" in table
     assert "|  | Locality (KL ↓) | 0.1230 | — |" in table
     assert "Portability" not in table.split("ConvSent")[1]
+
+
+def test_groups_and_realistic_scores_get_their_own_rows():
+    runs = [
+        _run("FT-M", "/d/recent_test.json", {"rewrite_acc": 0.9, "portability": 0.5, "portability/Reasoning": 0.4,
+                                             "portability/Subject_Aliasing": 0.6, "locality": 0.7,
+                                             "locality/Relation_Specificity": 0.65, "locality/Forgetfulness": 0.75,
+                                             "rewrite_qa_em": 0.3, "rewrite_qa_f1": 0.45}),
+        _run("ROME", "/d/recent_test.json", {"rewrite_acc": 0.8, "locality": 0.5, "locality/Relation_Specificity": 0.2}),
+    ]
+    table = knowedit_table(knowedit_rows(runs))
+    lines = [line.split(" | ")[1] for line in table.splitlines()[2:]]
+    assert lines == ["Edit Succ.", "Edit Succ. (QA EM)", "Edit Succ. (QA F1)", "Portability", "· Reasoning",
+                     "· Subject_Aliasing", "Locality", "· Relation_Specificity", "· Forgetfulness"]
+    assert "|  | · Relation_Specificity | 65.00 | 20.00 |" in table
+    assert "|  | Edit Succ. (QA EM) | 30.00 | — |" in table
+    assert table.splitlines()[2].startswith("| WikiData_recent (n=10) | Edit Succ. |")
