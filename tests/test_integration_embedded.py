@@ -52,7 +52,7 @@ def test_batched_evaluation_matches_one_prompt_at_a_time(embedded, zsre):
         assert torch.allclose(torch.tensor(b.target_logprobs), torch.tensor(a.target_logprobs), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["ROME", "MEMIT", "AlphaEdit"])
+@pytest.mark.parametrize("method", ["ROME", "MEMIT", "AlphaEdit", "EMMET"])
 def test_locate_then_edit_methods_take_effect_and_restore_exactly(embedded, zsre, method):
     """One edit each with small statistics (64 articles, so CI computes them in seconds)."""
     model, tok = embedded
@@ -68,3 +68,25 @@ def test_locate_then_edit_methods_take_effect_and_restore_exactly(embedded, zsre
     assert state_equal(model, original)
     assert post["rewrite_acc"] >= pre.metrics[0]["rewrite_acc"] + 0.5
     assert post["locality"] >= 0.8
+
+
+def test_ultraedit_turn_of_four_edits_and_the_qa_suite(embedded, zsre):
+    """One UltraEdit turn of four zsRE edits: answers move toward the targets, locality holds, restore is exact;
+    the qa suite generates in the chat context and leaves locality answers of an unchanged model as they were."""
+    from lmedit.evaluation import EvalConfig
+
+    model, tok = embedded
+    original = snapshot(model)
+    editor = Editor(model, tok, "UltraEdit", preset="smollm2-135m", eval_config=EvalConfig(suites=("qa:max_new_tokens=12",)))
+    pre = editor.capture(zsre)
+    assert editor.evaluator.suite_settings(zsre)[0]["resolved_context"] == "chat"
+    unchanged = editor.evaluate(zsre, pre)
+    assert all(row["locality_qa_em"] == 1.0 for row in unchanged)
+    handle = editor.apply(zsre)
+    post = editor.evaluate(zsre, pre)
+    handle.restore()
+    assert state_equal(model, original)
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(post, "rewrite_acc") > mean(pre.metrics, "rewrite_acc") + 0.1
+    assert mean(post, "locality") >= 0.8
+    assert {"rewrite_qa_em", "rewrite_qa_f1", "rewrite_qa_contains", "locality_qa_f1"} <= set(post[0])
