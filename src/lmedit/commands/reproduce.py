@@ -1,4 +1,5 @@
-"""``lmedit reproduce``: published tables re-run on one model (``wise-table``: the WISE paper's Table 2).
+"""``lmedit reproduce``: published tables re-run on one model (``wise-table``: the WISE paper's Table 2;
+``knowedit-table``: KnowEdit's Table 4).
 
 Kept cheap to import: torch and the library load only when a command runs.
 """
@@ -115,3 +116,80 @@ def _report_run(outcome: Any) -> None:
         console.print(f"{outcome.method} T={outcome.T}: done in {outcome.seconds:.0f} s ({outcome.folder})", soft_wrap=True)
     else:
         console.print(f"[bold red]{outcome.method} T={outcome.T} failed:[/] {outcome.error}", soft_wrap=True)
+
+
+@reproduce_app.command("knowedit-table")
+def knowedit_table(
+    root: Optional[Path] = typer.Option(None, help="KnowEdit folder (default: shared/data/knowedit if found)."),
+    file: list[str] = typer.Option([], "--file", help="A dataset's test file: NAME=PATH, e.g. WikiData_recent=recent_test.json (repeatable)."),
+    sets: Optional[str] = typer.Option(None, help="Comma-separated datasets (default: ZsRE,WikiBio,ConvSent,Sanitation, plus any --file)."),
+    out: Path = typer.Option(Path("runs/knowedit-table"), help="Output folder: one run folder per (dataset, method), the table and plot."),
+    model: str = typer.Option("smollm2-135m", help="Model preset; every method needs a hyperparameter preset of that name."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated subset (default: the twelve fact-editing methods)."),
+    limit: int = typer.Option(50, help="Items edited per dataset (the first --limit records after --offset)."),
+    offset: int = typer.Option(0, help="Skip this many records of each dataset first."),
+    eval_batch_size: int = typer.Option(128, help="Most prompts per evaluation forward pass."),
+    set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter of one method: METHOD.key=value (repeatable)."),
+    seed: int = typer.Option(0, help="Seed."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+    table_only: bool = typer.Option(False, "--table-only", help="Run nothing: write the table from the run folders already in --out."),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Single edits of every method on each KnowEdit set; KnowEdit's table beside the published one, and the order."""
+    setup_logging(verbose)
+    checked_placement(device, dtype)
+    if table_only and not out.is_dir():
+        fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
+    writable_folder(out, "--out")
+    try:
+        from lmedit.data.shared import find_shared
+        from lmedit.reproduce import ReproduceError
+        from lmedit.reproduce_knowedit import (KNOWEDIT_DEFAULT_SETS, KNOWEDIT_TABLE_METHODS, TABLE_NAME,
+                                               KnowEditTableConfig, run_knowedit_table, write_table)
+
+        files = parse_named_files(file)
+        chosen = tuple(s.strip() for s in sets.split(",") if s.strip()) if sets else (
+            KNOWEDIT_DEFAULT_SETS + tuple(n for n in files if n not in KNOWEDIT_DEFAULT_SETS))
+        config = KnowEditTableConfig(
+            root=root or find_shared("knowedit"), files=files, sets=chosen,
+            methods=parse_methods(methods, KNOWEDIT_TABLE_METHODS), out=out, model=model, device=device, dtype=dtype,
+            limit=limit, offset=offset, eval_batch_size=eval_batch_size, seed=seed,
+            overrides=parse_method_overrides(set_),
+        )
+        if table_only:
+            payload = write_table(config)
+        else:
+            console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} on {', '.join(config.sets)}; "
+                          f"{limit} items each", soft_wrap=True)
+            payload = run_knowedit_table(config, show_progress=progress, on_run=_report_knowedit_run)
+    except ReproduceError as exc:
+        fail(str(exc))
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    typer.echo((out / f"{TABLE_NAME}.md").read_text(), nl=False)
+    for outcome in (o for o in payload.get("outcomes", []) if o["status"] == "failed"):
+        console.print(f"[bold red]failed[/] {outcome['method']} on {outcome['dataset']}: {outcome['error']}", soft_wrap=True)
+    console.print(f"table: [bold]{out / (TABLE_NAME + '.md')}[/] (and .json, .png)")
+
+
+def parse_named_files(items: list[str]) -> dict[str, Path]:
+    """``--file WikiData_recent=path.json`` -> {"WikiData_recent": Path("path.json")}."""
+    files = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--file expects NAME=PATH (e.g. WikiData_recent=recent_test.json), got {item!r}")
+        files[name.strip()] = Path(path.strip())
+    return files
+
+
+def _report_knowedit_run(outcome: Any) -> None:
+    where = f"{outcome.method} on {outcome.dataset}"
+    if outcome.status == "done":
+        console.print(f"{where}: already finished ({outcome.folder})", soft_wrap=True)
+    elif outcome.status == "ran":
+        console.print(f"{where}: done in {outcome.seconds:.0f} s ({outcome.folder})", soft_wrap=True)
+    else:
+        console.print(f"[bold red]{where} failed:[/] {outcome.error}", soft_wrap=True)

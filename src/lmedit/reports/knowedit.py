@@ -103,8 +103,14 @@ def knowedit_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def knowedit_table(rows: Sequence[dict[str, Any]]) -> str:
-    """KnowEdit's Table 4 layout: dataset × metric rows, one column per method."""
+def knowedit_table(rows: Sequence[dict[str, Any]], published: bool = False) -> str:
+    """KnowEdit's Table 4 layout: dataset × metric rows, one column per method.
+
+    ``published``: each cell also shows KnowEdit's published LLaMA-2-7B value in parentheses, where there is one
+    (:mod:`lmedit.reports.knowedit_published`).
+    """
+    from lmedit.reports.knowedit_published import published_value
+
     methods: list[str] = []
     for row in rows:
         label = _method_label(row, rows)
@@ -122,6 +128,9 @@ def knowedit_table(rows: Sequence[dict[str, Any]]) -> str:
             cells = [number(mine.get(m, {}).get(metric), 4 if kl else 2) for m in methods]
             if all(c == "—" for c in cells):
                 continue
+            if published:
+                reference = [published_value(dataset, metric, mine[m]["method"]) if m in mine else None for m in methods]
+                cells = [c if ref is None else f"{c} ({ref:.2f})" for c, ref in zip(cells, reference)]
             name = f"{dataset} (n={'/'.join(map(str, n))})" if first else ""
             first = False
             label = "Locality (KL ↓)" if kl else metric

@@ -1,0 +1,262 @@
+"""KnowEdit's Table 4 on one model, every method, one command: ``lmedit reproduce knowedit-table``.
+
+Every (dataset, method) pair is a single-edit run (EasyEdit's KnowEdit protocol: edit, score, restore) of the
+first ``limit`` items of that KnowEdit file, with KnowEdit's fluency, in its own run folder
+``<out>/<dataset>/<method>`` -- the same folders ``lmedit run`` writes, so finished runs are skipped, an unfinished
+one resumes, and ``lmedit report --layout knowedit`` reads them. After every run the table is rewritten from the
+folders: KnowEdit's layout with the published LLaMA-2-7B value beside each cell
+(:mod:`lmedit.reports.knowedit_published`), whether the methods come in the published order per row, and a plot
+of reproduced against published values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lmedit.registry import get_method, list_presets
+from lmedit.reproduce import ReproduceError, _finished, model_fingerprint
+
+LOG = logging.getLogger(__name__)
+
+TABLE_NAME = "knowedit-table"
+# KnowEdit's datasets and where their test files sit under a KnowEdit folder (EasyEdit's / the HF dataset's names)
+KNOWEDIT_FILES: dict[str, Path] = {
+    "ZsRE": Path("ZsRE") / "ZsRE-test-all.json",
+    "WikiBio": Path("WikiBio") / "wikibio-test-all.json",
+    "ConvSent": Path("Convsent") / "blender_test.json",
+    "Sanitation": Path("Sanitation") / "trivia_qa_test.json",
+    "WikiData_recent": Path("recent") / "recent_test.json",
+    "WikiData_counterfact": Path("counterfact") / "test_cf.json",
+}
+KNOWEDIT_DEFAULT_SETS: tuple[str, ...] = ("ZsRE", "WikiBio", "ConvSent", "Sanitation")
+KNOWEDIT_TABLE_METHODS: tuple[str, ...] = (
+    "FT-L", "FT-M", "LoRA", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE", "IKE", "SERAC", "MEND")
+COMPARED_METRICS: tuple[str, ...] = ("Edit Succ.", "Portability", "Locality", "Fluency")
+
+
+@dataclass
+class KnowEditTableConfig:
+    """What ``lmedit reproduce knowedit-table`` runs; every field has a command-line option."""
+
+    root: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    sets: tuple[str, ...] = KNOWEDIT_DEFAULT_SETS
+    methods: tuple[str, ...] = KNOWEDIT_TABLE_METHODS
+    out: Path = Path("runs") / TABLE_NAME
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    limit: int = 50
+    offset: int = 0
+    eval_batch_size: int = 128
+    seed: int = 0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        unknown = [s for s in (*self.sets, *self.files) if s not in KNOWEDIT_FILES]
+        if unknown:
+            raise ReproduceError(f"unknown KnowEdit dataset(s) {unknown}; choose from {', '.join(KNOWEDIT_FILES)}")
+        if self.limit < 1 or self.offset < 0:
+            raise ReproduceError("--limit must be at least 1 and --offset at least 0")
+        self.methods = tuple(get_method(m).name for m in self.methods)  # canonical names; unknown ones fail here
+        self.overrides = {get_method(m).name: dict(v) for m, v in self.overrides.items()}
+        self.files = {name: Path(path) for name, path in self.files.items()}
+        missing = [f"{name}: {self.data_file(name)}" for name in self.sets if not self.data_file(name).is_file()]
+        if missing:
+            raise ReproduceError(f"KnowEdit file(s) not found ({'; '.join(missing)}); pass the KnowEdit folder with "
+                                 "--root, a file with --file NAME=PATH, or leave the dataset out with --sets")
+
+    def data_file(self, dataset: str) -> Path:
+        if dataset in self.files:
+            return self.files[dataset]
+        return (self.root or Path(".")) / KNOWEDIT_FILES[dataset]
+
+    def folder(self, dataset: str, method: str) -> Path:
+        return self.out / dataset / method
+
+    def plan(self) -> list[tuple[str, str]]:
+        """(dataset, method) runs: every method on the first dataset first, so a short budget fills whole rows."""
+        return [(dataset, method) for dataset in self.sets for method in self.methods]
+
+
+@dataclass
+class KnowEditOutcome:
+    dataset: str
+    method: str
+    folder: Path
+    status: str  # "done" (already finished), "ran", "failed"
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def run_knowedit_table(
+    config: KnowEditTableConfig,
+    *,
+    model: torch.nn.Module | None = None,
+    tok: Any = None,
+    show_progress: bool = True,
+    on_run: Callable[[KnowEditOutcome], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every (dataset, method) of the plan, then write the table; returns its payload.
+
+    A run that fails (a method without a preset for the model, a record a method cannot edit, an untrained
+    checkpoint) is logged, marked ``failed`` and left out of the table; the others go on.
+    """
+    from lmedit.data import load_requests
+
+    requests = {}
+    for dataset in config.sets:
+        requests[dataset] = load_requests(config.data_file(dataset), limit=config.limit, offset=config.offset)
+        if not requests[dataset]:
+            raise ReproduceError(f"no requests in {config.data_file(dataset)} at offset {config.offset}")
+    config.out.mkdir(parents=True, exist_ok=True)
+    _write_plan(config, {d: len(r) for d, r in requests.items()})
+    if model is None:
+        from lmedit.models import load_model
+
+        model, tok = load_model(config.model, device=config.device, dtype=config.dtype)
+    fingerprint = model_fingerprint(model)
+    outcomes = []
+    for dataset, method in config.plan():
+        outcome = _run_one(config, dataset, method, requests[dataset], model, tok, show_progress)
+        outcomes.append(outcome)
+        if model_fingerprint(model) != fingerprint:
+            raise ReproduceError(f"{method} on {dataset} left the model changed after restoring; later runs would be wrong")
+        if on_run:
+            on_run(outcome)
+        write_table(config, outcomes)
+    return write_table(config, outcomes)
+
+
+def _write_plan(config: KnowEditTableConfig, sizes: dict[str, int]) -> None:
+    plan = {"table": TABLE_NAME, "model": config.model, "methods": list(config.methods),
+            "data": {d: str(config.data_file(d)) for d in config.sets}, "n_requests": sizes,
+            "limit": config.limit, "offset": config.offset, "protocol": "single", "suites": ["fluency"]}
+    (config.out / "reproduce.json").write_text(json.dumps(plan, indent=2))
+
+
+def _run_one(config: KnowEditTableConfig, dataset: str, method: str, requests: Sequence[Any], model: torch.nn.Module,
+             tok: Any, show_progress: bool) -> KnowEditOutcome:
+    from lmedit.runner import RunError, SUMMARY_FILE
+
+    folder = config.folder(dataset, method)
+    if _finished(folder / SUMMARY_FILE):
+        return KnowEditOutcome(dataset, method, folder, "done")
+    started = time.perf_counter()
+    try:
+        _run_method(config, dataset, method, requests, model, tok, show_progress)
+    except RunError as exc:  # another configuration's folder: the user decides
+        raise ReproduceError(f"{method} on {dataset}: {exc}") from None
+    except (ValueError, RuntimeError, OSError) as exc:
+        LOG.error("%s on %s failed: %s", method, dataset, exc)
+        return KnowEditOutcome(dataset, method, folder, "failed", time.perf_counter() - started, str(exc))
+    return KnowEditOutcome(dataset, method, folder, "ran", time.perf_counter() - started)
+
+
+def _run_method(config: KnowEditTableConfig, dataset: str, method: str, requests: Sequence[Any],
+                model: torch.nn.Module, tok: Any, show_progress: bool) -> None:
+    from lmedit.editor import Editor
+    from lmedit.evaluation.evaluator import EvalConfig
+    from lmedit.experiment import make_spec, run_experiment
+    from lmedit.safe_files import file_sha256
+
+    if config.model not in list_presets(method):
+        raise ValueError(f"{method} has no preset for {config.model}; add presets/{method}/{config.model}.yaml")
+    data = config.data_file(dataset)
+    editor = Editor(model, tok, method, preset=config.model, overrides=dict(config.overrides.get(method, {})),
+                    eval_config=EvalConfig(batch_size=config.eval_batch_size, suites=("fluency",)),
+                    model_name=config.model)
+    spec = make_spec(editor, requests, protocol="single", seed=config.seed, data=str(data),
+                     data_sha256=file_sha256(data), offset=config.offset, limit=config.limit,
+                     extra={"reproduce": TABLE_NAME})
+    run_experiment(editor, requests, spec, config.folder(dataset, method), show_progress=show_progress)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def plan_runs(config: KnowEditTableConfig) -> list[dict[str, Any]]:
+    """The plan's runs that have written a summary (finished or not)."""
+    from lmedit.reports import ReportError, load_run
+    from lmedit.runner import SUMMARY_FILE
+
+    runs = []
+    for dataset, method in config.plan():
+        folder = config.folder(dataset, method)
+        if (folder / SUMMARY_FILE).is_file():
+            try:
+                runs.append(load_run(folder))
+            except (ReportError, json.JSONDecodeError) as exc:
+                LOG.warning("leaving %s out of the table: %s", folder, exc)
+    return runs
+
+
+def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome] = ()) -> dict[str, Any]:
+    """``knowedit-table.md``, ``.json`` and ``.png`` in the output folder, from the run folders."""
+    from lmedit.reports.knowedit import knowedit_rows, knowedit_table
+    from lmedit.reports.knowedit_published import comparison_table, ordering_comparison
+
+    runs = plan_runs(config)
+    rows = knowedit_rows(runs)
+    for row, run in zip(rows, runs):  # the reproduction's dataset names, whatever the file is called
+        row["dataset"] = Path(run["folder"]).parent.name
+    comparisons = ordering_comparison(rows, COMPARED_METRICS)
+    agreeing = sum(c["same_order"] for c in comparisons)
+    text = (f"# KnowEdit Table 4 on {config.model}\n\n"
+            f"Single edits, the first {config.limit} items of each set (offset {config.offset}), KnowEdit's "
+            f"metrics × 100. Each cell: lmedit's value (the published LLaMA-2-7B value, EasyEdit README).\n\n"
+            + knowedit_table(rows, published=True)
+            + f"\n## Method order per row, against the published table\n\n{agreeing} of {len(comparisons)} rows "
+              "in the published order.\n\n" + comparison_table(comparisons))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        text += "\n## Runs that failed\n\n" + "".join(f"* {o.method} on {o.dataset}: {o.error}\n" for o in failed)
+    (config.out / f"{TABLE_NAME}.md").write_text(text)
+    payload = {"table": TABLE_NAME, "model": config.model, "rows": rows, "ordering": comparisons,
+               "outcomes": [{"dataset": o.dataset, "method": o.method, "status": o.status, "seconds": o.seconds,
+                             "error": o.error} for o in outcomes]}
+    (config.out / f"{TABLE_NAME}.json").write_text(json.dumps(payload, indent=2, default=str))
+    plot_against_published(rows, config.out / f"{TABLE_NAME}.png")
+    return payload
+
+
+def plot_against_published(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per metric: lmedit's value against the published one, a point per (dataset, method)."""
+    from lmedit.reports.knowedit_published import published_value
+    from lmedit.reports.plots import _save, new_figure
+
+    metrics = ("Edit Succ.", "Portability", "Locality")
+    points = {m: [(r["dataset"], r["method"], published_value(r["dataset"], m, r["method"]), r.get(m))
+                  for r in rows] for m in metrics}
+    points = {m: [p for p in ps if p[2] is not None and p[3] is not None] for m, ps in points.items()}
+    if not any(points.values()):
+        return None
+    figure = new_figure(4.2 * len(metrics), 4.0)
+    if figure is None:
+        return None
+    markers = dict(zip(KNOWEDIT_FILES, "osD^vP"))
+    for index, metric in enumerate(metrics):
+        axis = figure.add_subplot(1, len(metrics), index + 1)
+        for dataset, method, published, ours in points[metric]:
+            axis.scatter(published, ours, marker=markers.get(dataset, "o"), label=dataset)
+            axis.annotate(method, (published, ours), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        axis.plot([0, 100], [0, 100], color="0.7", linewidth=0.8)
+        axis.set_xlim(-2, 102)
+        axis.set_ylim(-2, 102)
+        axis.set_xlabel("published (LLaMA-2-7B)")
+        axis.set_ylabel("lmedit")
+        axis.set_title(metric)
+        axis.grid(alpha=0.3)
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        if unique:
+            axis.legend(unique.values(), unique.keys(), fontsize=7)
+    return _save(figure, path)

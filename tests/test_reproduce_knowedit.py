@@ -1,0 +1,118 @@
+"""`lmedit reproduce knowedit-table` on a tiny random model: a folder per (dataset, method), KnowEdit's layout with the
+published values beside each cell, the ordering comparison, resume, failures reported; the comparison by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lmedit.cli import app
+from lmedit.reports.knowedit_published import PUBLISHED, kendall_tau, ordering_comparison
+from lmedit.reproduce import ReproduceError
+from lmedit.reproduce_knowedit import KnowEditTableConfig, run_knowedit_table
+
+TINY = {"FT-M": {"layers": [1], "num_steps": 10, "lr": 5e-2}, "FT-L": {"layers": [1], "num_steps": 5, "lr": 5e-2}}
+RECORDS = [
+    ("france", "the capital of france is", "rome", "paris", "the city of france is", "the king of france is", "the president"),
+    ("hamlet", "who wrote hamlet", "tolstoy", "shakespeare", "who wrote the plays of hamlet", "hamlet is a", "play"),
+    ("queen", "the mother tongue of the queen is", "italian", "french", "the language of the queen is", "the queen was born in", "london"),
+]
+
+
+def _knowedit_file(path):
+    path.write_text(json.dumps([
+        {"subject": subject, "prompt": prompt, "target_new": new, "ground_truth": [truth], "rephrase_prompt": reph,
+         "locality": {"Relation_Specificity": [{"prompt": loc, "ground_truth": [loc_ans]}]},
+         "portability": {"Reasoning": [{"prompt": f"{prompt} the city", "ground_truth": [[new, "the " + new]]}]}}
+        for subject, prompt, new, truth, reph, loc, loc_ans in RECORDS
+    ]))
+    return path
+
+
+@pytest.fixture
+def root(tmp_path):
+    folder = tmp_path / "knowedit"
+    (folder / "ZsRE").mkdir(parents=True)
+    _knowedit_file(folder / "ZsRE" / "ZsRE-test-all.json")
+    return folder
+
+
+def _config(root, tmp_path, **changes):
+    values = dict(root=root, files={"WikiData_recent": _knowedit_file(tmp_path / "recent_test.json")},
+                  sets=("ZsRE", "WikiData_recent"), methods=("FT-L", "FT-M"), out=tmp_path / "table", limit=2,
+                  eval_batch_size=8, overrides=TINY)
+    return KnowEditTableConfig(**{**values, **changes})
+
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([3, 2, 1], [30, 20, 10]) == 1.0
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
+    assert kendall_tau([3, 1, 2], [30, 20, 10]) == pytest.approx(1 / 3)  # pairs: (+, +, -)
+    assert kendall_tau([1, 1], [2, 1]) == 0.0  # a tie is neither
+    assert kendall_tau([1], [1]) is None
+
+
+def test_ordering_comparison_uses_methods_with_a_published_value():
+    rows = [{"dataset": "ZsRE", "method": "FT-M", "Edit Succ.": 90.0, "Locality": 40.0},
+            {"dataset": "ZsRE", "method": "ROME", "Edit Succ.": 95.0, "Locality": 60.0},
+            {"dataset": "ZsRE", "method": "GRACE", "Edit Succ.": 99.0, "Locality": 99.0}]
+    compared = {c["metric"]: c for c in ordering_comparison(rows, ("Edit Succ.", "Locality", "Fluency"))}
+    assert set(compared) == {"Edit Succ.", "Locality"}  # no fluency; GRACE has no published value
+    # published ZsRE: FT-M 99.98 > ROME 96.77 (Edit Succ.), FT-M 89.78 > ROME 53.67 (Locality)
+    assert compared["Edit Succ."]["ours"] == ["ROME", "FT-M"] and compared["Edit Succ."]["published"] == ["FT-M", "ROME"]
+    assert compared["Edit Succ."]["kendall_tau"] == -1.0 and not compared["Edit Succ."]["same_order"]
+    assert PUBLISHED["ZsRE"]["Locality"]["FT-M"] == 89.78
+
+
+def test_config_checks_datasets_and_files(root, tmp_path):
+    with pytest.raises(ReproduceError, match="unknown KnowEdit dataset"):
+        _config(root, tmp_path, sets=("ZsRE", "TriviaQA"))
+    with pytest.raises(ReproduceError, match="not found.*WikiBio"):
+        _config(root, tmp_path, sets=("ZsRE", "WikiBio"))
+    config = _config(root, tmp_path, methods=("ft-m", "ft-l"))
+    assert config.methods == ("FT-M", "FT-L")
+    assert config.plan()[:2] == [("ZsRE", "FT-M"), ("ZsRE", "FT-L")]  # whole rows first
+
+
+def test_reproduction_writes_the_table_beside_the_published_one_and_resumes(root, tmp_path, tiny_llama, word_tok):
+    config = _config(root, tmp_path)
+    seen = []
+    payload = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False, on_run=seen.append)
+    assert [(o.dataset, o.method, o.status) for o in seen] == [
+        ("ZsRE", "FT-L", "ran"), ("ZsRE", "FT-M", "ran"), ("WikiData_recent", "FT-L", "ran"),
+        ("WikiData_recent", "FT-M", "ran")]
+    run_config = json.loads((config.out / "ZsRE" / "FT-M" / "config.json").read_text())
+    assert run_config["protocol"] == "single" and run_config["eval"]["suites"] == ["fluency"]
+    summary = json.loads((config.out / "ZsRE" / "FT-M" / "summary.json").read_text())
+    assert "locality/Relation_Specificity" in summary["post"] and "portability/Reasoning" in summary["post"]
+    text = (config.out / "knowedit-table.md").read_text()
+    ft_m = next(r for r in payload["rows"] if r["dataset"] == "ZsRE" and r["method"] == "FT-M")
+    assert f"| ZsRE (n=2) | Edit Succ. | " in text and f"{ft_m['Edit Succ.']:.2f} (99.98)" in text
+    assert "· Relation_Specificity" in text and "Kendall τ" in text
+    assert {(c["dataset"], c["metric"]) for c in payload["ordering"]} >= {("ZsRE", "Edit Succ."), ("ZsRE", "Locality")}
+    assert (config.out / "knowedit-table.png").is_file() and (config.out / "knowedit-table.json").is_file()
+    again = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
+    assert {o["status"] for o in again["outcomes"]} == {"done"}
+
+
+def test_a_failing_method_is_reported_and_the_others_go_on(root, tmp_path, tiny_llama, word_tok):
+    config = _config(root, tmp_path, sets=("ZsRE",), overrides={**TINY, "FT-L": {"layers": [99]}})
+    payload = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
+    status = {o["method"]: o["status"] for o in payload["outcomes"]}
+    assert status == {"FT-L": "failed", "FT-M": "ran"}
+    assert "FT-L on ZsRE" in (config.out / "knowedit-table.md").read_text()
+
+
+def test_command_line_checks_and_table_only(root, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["reproduce", "knowedit-table", "--root", str(root), "--file", "WikiData_recent",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "NAME=PATH" in result.output
+    result = runner.invoke(app, ["reproduce", "knowedit-table", "--root", str(root), "--sets", "ZsRE,WikiBio",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "WikiBio" in result.output
+    result = runner.invoke(app, ["reproduce", "knowedit-table", "--root", str(root), "--sets", "ZsRE",
+                                 "--out", str(tmp_path / "missing"), "--table-only"])
+    assert result.exit_code == 2 and "does not exist" in result.output
