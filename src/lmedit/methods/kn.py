@@ -1,0 +1,182 @@
+"""KN, knowledge neurons (Dai et al., 2022): attribute a fact to MLP neurons, then rewrite their value vectors.
+
+1. **Attribution.** For each MLP neuron (an input of the down-projection: the activation ``act(gate)·up`` of a
+   Llama MLP, ``gelu(h W₁)`` of GPT-2's) at the last prompt position, integrated gradients of the probability of
+   the *old* answer token: the neuron's activation a is scaled by α = 0, 1/(m−1), …, 1 (``steps`` = m values)
+   while the rest of the pass is unchanged, and the score is ``a · mean_α ∂p/∂(αa)``. An answer of several tokens
+   is scored token by token with the answer's earlier tokens appended (teacher forcing) and the scores averaged.
+2. **Selection.** Neurons scoring above ``adaptive_threshold`` × the prompt's highest score are its coarse
+   neurons; over several prompts, those shared by more than ``p`` of them are kept (``refine``).
+3. **Edit.** Each kept neuron's value vector (its column of the down-projection) moves from the old answer to
+   the new one: the input embeddings of the new answer's tokens are added and those of the model's own greedy
+   answer (as many tokens) subtracted; for one-token answers both are doubled (EasyEdit's KN edit).
+
+Differences from EasyEdit's KN (``easyeditor/models/kn``), deliberate:
+
+* the attributed neurons are the down-projection's inputs, the paper's neurons; EasyEdit hooks Llama's
+  ``gate_proj`` output, a pre-activation, whose scaling is not the neuron's;
+* the old answer is the request's ``ground_truth`` (the model's own greedy answer when there is none), scored
+  with teacher forcing; EasyEdit appends the model's argmax tokens instead and encodes the target with its BOS
+  token for Llama tokenizers, which adds the BOS embedding to every edited neuron.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from lmedit.adapters import frozen_model
+from lmedit.forward import generate_greedy, tokenize_pair
+from lmedit.handles import WeightSnapshotHandle
+from lmedit.hparams import HyperParams, HyperParamsError
+from lmedit.registry import Contract, register
+from lmedit.requests import EditRequest
+from lmedit.spec import ModelSpec, _is_conv1d, get_module
+
+
+@dataclass
+class KNHyperParams(HyperParams):
+    layers: list[int] = field(default_factory=list)
+    """Layers whose neurons are attributed; empty: every layer (EasyEdit's KN)."""
+    steps: int = 20
+    batch_size: int = 20
+    """Scaled copies per forward pass (speed only; must divide ``steps``)."""
+    adaptive_threshold: float = 0.2
+    p: float = 0.4
+    refine: bool = True
+    max_neurons: int = 0
+    """Keep at most this many neurons, the highest-scoring (0: no limit)."""
+
+    def validate(self) -> None:
+        if self.steps < 2 or self.batch_size < 1 or self.steps % self.batch_size:
+            raise HyperParamsError("steps must be at least 2 and a multiple of batch_size")
+        if not 0 < self.adaptive_threshold <= 1:
+            raise HyperParamsError("adaptive_threshold must be in (0, 1]")
+        if not 0 <= self.p < 1:
+            raise HyperParamsError("p must be in [0, 1)")
+        if self.max_neurons < 0:
+            raise HyperParamsError("max_neurons must be 0 (no limit) or positive")
+
+
+def _tiny_setup(model: torch.nn.Module, tok: Any, workdir: Any) -> dict[str, Any]:
+    return {"steps": 4, "batch_size": 4}
+
+
+@register("KN", hparams=KNHyperParams, batch=False, tiny_setup=_tiny_setup,
+          contract=Contract(no_tiny_effect_on=("llama", "gpt2", "gemma3_text"),
+                            why="KN writes input embeddings into value vectors; in a tiny random model with untied "
+                                "embeddings they do not raise the target's logit"))
+def apply_kn(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: KNHyperParams) -> WeightSnapshotHandle:
+    """Knowledge neurons: integrated-gradients attribution of the old answer, then the neurons' value vectors edited."""
+    if len(requests) != 1:
+        raise ValueError("KN edits one fact at a time; apply the requests one by one (batch size 1)")
+    request = requests[0]
+    started = time.perf_counter()
+    spec = ModelSpec.from_model(model)
+    layers = list(hparams.layers) or list(range(spec.num_layers))
+    old = request.ground_truth or _greedy_answer(model, tok, request)
+    neurons, scores = knowledge_neurons(model, tok, spec, [request.prompt], old, layers, hparams)
+    touched = sorted({layer for layer, _ in neurons})
+    handle = WeightSnapshotHandle("KN", model, [f"{spec.mlp_out(layer)}.weight" for layer in touched])
+    shift = value_shift(model, tok, request)
+    with torch.no_grad():
+        for layer, index in neurons:
+            module = get_module(model, spec.mlp_out(layer))
+            column = module.weight[index, :] if _is_conv1d(module) else module.weight[:, index]
+            column.add_(shift.to(column.device, column.dtype))
+    handle.info = {"neurons": [list(n) for n in neurons], "old_answer": old, "layers": touched,
+                   "top_score": scores, "seconds": time.perf_counter() - started}
+    return handle
+
+
+def _greedy_answer(model: torch.nn.Module, tok: Any, request: EditRequest) -> str:
+    n = len(tokenize_pair(tok, request.prompt, request.target_new).target_ids)
+    return tok.decode(generate_greedy(model, tok, [request.prompt], [n])[0], skip_special_tokens=True).strip()
+
+
+def value_shift(model: torch.nn.Module, tok: Any, request: EditRequest) -> torch.Tensor:
+    """Σ E[new answer tokens] − Σ E[the model's greedy answer, as many tokens]; ×2 for one-token answers."""
+    new_ids = list(tokenize_pair(tok, request.prompt, request.target_new).target_ids)
+    old_ids = list(generate_greedy(model, tok, [request.prompt], [len(new_ids)])[0])
+    embeddings = model.get_input_embeddings().weight.detach().float()
+    shift = embeddings[new_ids].sum(0) - embeddings[old_ids].sum(0)
+    return shift * 2 if len(new_ids) == 1 else shift
+
+
+def knowledge_neurons(model: torch.nn.Module, tok: Any, spec: ModelSpec, prompts: Sequence[str], answer: str,
+                      layers: Sequence[int], hparams: KNHyperParams) -> tuple[list[tuple[int, int]], float]:
+    """The refined neurons (layer, index) of ``answer`` after ``prompts``, and the highest attribution score."""
+    counts: Counter[tuple[int, int]] = Counter()
+    all_scores: dict[tuple[int, int], float] = {}
+    top = 0.0
+    for prompt in prompts:
+        scores = attribution_scores(model, tok, spec, prompt, answer, layers, hparams.steps, hparams.batch_size)
+        top = max(top, float(scores.max()))
+        chosen = torch.nonzero(scores > hparams.adaptive_threshold * scores.max()).tolist()
+        for row, index in chosen:
+            key = (layers[row], index)
+            counts[key] += 1
+            all_scores[key] = max(all_scores.get(key, float("-inf")), float(scores[row, index]))
+    needed = hparams.p * len(prompts) if hparams.refine else 0.0
+    kept = [n for n, c in counts.items() if c > needed]
+    kept.sort(key=lambda n: -all_scores[n])
+    if hparams.max_neurons:
+        kept = kept[: hparams.max_neurons]
+    return sorted(kept), top
+
+
+def attribution_scores(model: torch.nn.Module, tok: Any, spec: ModelSpec, prompt: str, answer: str,
+                       layers: Sequence[int], steps: int, batch_size: int) -> torch.Tensor:
+    """Integrated gradients of each neuron of ``layers`` for ``answer`` after ``prompt``: (len(layers), d_mlp)."""
+    pair = tokenize_pair(tok, prompt, answer)
+    device = next(model.parameters()).device
+    rows = []
+    for layer in layers:
+        module = get_module(model, spec.mlp_out(layer))
+        per_token = [_integrated_gradients(model, module, pair.ids[: pair.prompt_len + i], pair.target_ids[i],
+                                           steps, batch_size, device)
+                     for i in range(len(pair.target_ids))]
+        rows.append(torch.stack(per_token).mean(0))
+    return torch.stack(rows)
+
+
+def _integrated_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: Sequence[int], target: int,
+                          steps: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``a · mean_α ∂p(target)/∂(αa)`` for the inputs a of ``module`` at the last position of ``ids``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        seen["a"] = args[0][0, -1].detach().float()
+
+    handle = module.register_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
+    finally:
+        handle.remove()
+    activation = seen["a"]
+    alphas = torch.linspace(0, 1, steps, device=device)
+    total = torch.zeros_like(activation)
+    batch_ids = torch.tensor([list(ids)] * batch_size, device=device)
+    for chunk in alphas.split(batch_size):
+        scaled = (chunk[:, None] * activation[None, :]).requires_grad_(True)
+
+        def replace(mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            inputs = args[0].clone()
+            inputs[:, -1] = scaled.to(inputs.dtype)
+            return (inputs, *args[1:])
+
+        handle = module.register_forward_pre_hook(replace)
+        try:
+            with frozen_model(model), torch.enable_grad():
+                logits = model(input_ids=batch_ids[: len(chunk)], use_cache=False).logits[:, -1].float()
+                probability = torch.softmax(logits, dim=-1)[:, target]
+                (grad,) = torch.autograd.grad(probability.sum(), scaled)
+        finally:
+            handle.remove()
+        total += grad.sum(0)
+    return activation * total / steps
