@@ -284,6 +284,12 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             assert set(edited) == expected, f"MEND edits {sorted(edited)}, EasyEdit's file {sorted(expected)}"
         else:
             assert 1 <= params.trainable_layers <= arch.layers
+    elif method == "KN":
+        for layer in hparams.layers or range(arch.layers):  # the neurons are the down-projections' inputs
+            check_layers([layer], arch)
+            path = spec.mlp_out(layer)
+            check_module(model, arch, spec, path, "mlp_out")
+            edited.append(path)
     elif method == "UltraEdit":
         for path in hparams.module_names(model):  # MLP projections, by role or by EasyEdit's names
             role = role_of(spec, path)

@@ -89,7 +89,7 @@ def test_reproduction_writes_the_table_beside_the_published_one_and_resumes(root
     assert "locality/Relation_Specificity" in summary["post"] and "portability/Reasoning" in summary["post"]
     text = (config.out / "knowedit-table.md").read_text()
     ft_m = next(r for r in payload["rows"] if r["dataset"] == "ZsRE" and r["method"] == "FT-M")
-    assert f"| ZsRE (n=2) | Edit Succ. | " in text and f"{ft_m['Edit Succ.']:.2f} (99.98)" in text
+    assert "| ZsRE (n=2) | Edit Succ. | " in text and f"{ft_m['Edit Succ.']:.2f} (99.98)" in text
     assert "· Relation_Specificity" in text and "Kendall τ" in text
     assert {(c["dataset"], c["metric"]) for c in payload["ordering"]} >= {("ZsRE", "Edit Succ."), ("ZsRE", "Locality")}
     assert (config.out / "knowedit-table.png").is_file() and (config.out / "knowedit-table.json").is_file()

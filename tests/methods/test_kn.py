@@ -87,9 +87,18 @@ def test_one_fact_at_a_time():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"steps": 10, "batch_size": 4}, "multiple"), ({"adaptive_threshold": 0.0}, "adaptive_threshold"),
-    ({"p": 1.0}, "p must"), ({"max_neurons": -1}, "max_neurons"),
+    ({"steps": 0}, "at least 1"), ({"batch_size": 0}, "at least 1"), ({"adaptive_threshold": 0.0}, "adaptive_threshold"),
+    ({"p": 1.0}, "p must"), ({"max_neurons": -1}, "max_neurons"), ({"edit_scale": 0.0}, "edit_scale"),
 ])
 def test_bad_settings_are_refused(change, message):
     with pytest.raises(HyperParamsError, match=message):
         KNHyperParams(**change).validate()
+
+
+def test_batching_layers_together_gives_the_same_scores(tiny_llama, word_tok):
+    spec = ModelSpec.from_model(tiny_llama)
+    args = (tiny_llama, word_tok, spec, "the capital of france is", "paris berlin", [0, 1, 2])
+    together = attribution_scores(*args, steps=5, batch_size=15)
+    apart = torch.cat([attribution_scores(tiny_llama, word_tok, spec, args[3], args[4], [layer], steps=5, batch_size=2)
+                       for layer in (0, 1, 2)])
+    assert torch.allclose(together, apart, atol=1e-6)

@@ -43,23 +43,27 @@ class KNHyperParams(HyperParams):
     layers: list[int] = field(default_factory=list)
     """Layers whose neurons are attributed; empty: every layer (EasyEdit's KN)."""
     steps: int = 20
-    batch_size: int = 20
-    """Scaled copies per forward pass (speed only; must divide ``steps``)."""
+    batch_size: int = 32
+    """Rows per forward pass, each one (layer, α) pair (speed only)."""
     adaptive_threshold: float = 0.2
     p: float = 0.4
     refine: bool = True
     max_neurons: int = 0
     """Keep at most this many neurons, the highest-scoring (0: no limit)."""
+    edit_scale: float = 1.0
+    """Multiplies the value-vector change (the paper's λ; EasyEdit's edit is 1)."""
 
     def validate(self) -> None:
-        if self.steps < 2 or self.batch_size < 1 or self.steps % self.batch_size:
-            raise HyperParamsError("steps must be at least 2 and a multiple of batch_size")
+        if self.steps < 1 or self.batch_size < 1:
+            raise HyperParamsError("steps and batch_size must be at least 1")
         if not 0 < self.adaptive_threshold <= 1:
             raise HyperParamsError("adaptive_threshold must be in (0, 1]")
         if not 0 <= self.p < 1:
             raise HyperParamsError("p must be in [0, 1)")
         if self.max_neurons < 0:
             raise HyperParamsError("max_neurons must be 0 (no limit) or positive")
+        if self.edit_scale <= 0:
+            raise HyperParamsError("edit_scale must be positive")
 
 
 def _tiny_setup(model: torch.nn.Module, tok: Any, workdir: Any) -> dict[str, Any]:
@@ -82,7 +86,7 @@ def apply_kn(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], 
     neurons, scores = knowledge_neurons(model, tok, spec, [request.prompt], old, layers, hparams)
     touched = sorted({layer for layer, _ in neurons})
     handle = WeightSnapshotHandle("KN", model, [f"{spec.mlp_out(layer)}.weight" for layer in touched])
-    shift = value_shift(model, tok, request)
+    shift = value_shift(model, tok, request) * hparams.edit_scale
     with torch.no_grad():
         for layer, index in neurons:
             module = get_module(model, spec.mlp_out(layer))
@@ -133,50 +137,74 @@ def attribution_scores(model: torch.nn.Module, tok: Any, spec: ModelSpec, prompt
                        layers: Sequence[int], steps: int, batch_size: int) -> torch.Tensor:
     """Integrated gradients of each neuron of ``layers`` for ``answer`` after ``prompt``: (len(layers), d_mlp)."""
     pair = tokenize_pair(tok, prompt, answer)
+    modules = [get_module(model, spec.mlp_out(layer)) for layer in layers]
+    per_token = [_integrated_gradients(model, modules, pair.ids[: pair.prompt_len + i], pair.target_ids[i], steps,
+                                       batch_size)
+                 for i in range(len(pair.target_ids))]
+    return torch.stack(per_token).mean(0)
+
+
+def _integrated_gradients(model: torch.nn.Module, modules: Sequence[torch.nn.Module], ids: Sequence[int], target: int,
+                          steps: int, batch_size: int) -> torch.Tensor:
+    """``a · mean_α ∂p(target)/∂(αa)`` for the inputs a of each module at the last position of ``ids``.
+
+    Every (layer, α) pair is one row of a batch: in its row only that layer's neurons are scaled, so the rows of
+    all layers share forward passes of ``batch_size`` rows.
+    """
     device = next(model.parameters()).device
-    rows = []
-    for layer in layers:
-        module = get_module(model, spec.mlp_out(layer))
-        per_token = [_integrated_gradients(model, module, pair.ids[: pair.prompt_len + i], pair.target_ids[i],
-                                           steps, batch_size, device)
-                     for i in range(len(pair.target_ids))]
-        rows.append(torch.stack(per_token).mean(0))
-    return torch.stack(rows)
+    activations = _last_inputs(model, modules, ids, device)
+    alphas = torch.linspace(0, 1, steps, device=device)
+    jobs = [(k, alpha) for k in range(len(modules)) for alpha in alphas]  # (module index, scale) per row
+    totals = torch.zeros(len(modules), activations.shape[1], device=device)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        rows_of: dict[int, list[int]] = {}
+        for row, (k, _) in enumerate(chunk):
+            rows_of.setdefault(k, []).append(row)
+        leaves = {k: (torch.stack([chunk[r][1] for r in rows])[:, None] * activations[k][None, :]).requires_grad_(True)
+                  for k, rows in rows_of.items()}
+        hooks = [modules[k].register_forward_pre_hook(_replacer(rows_of[k], leaves[k])) for k in rows_of]
+        try:
+            with frozen_model(model), torch.enable_grad():
+                batch = torch.tensor([list(ids)] * len(chunk), device=device)
+                logits = model(input_ids=batch, use_cache=False).logits[:, -1].float()
+                probability = torch.softmax(logits, dim=-1)[:, target]
+                grads = torch.autograd.grad(probability.sum(), [leaves[k] for k in rows_of])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for k, grad in zip(rows_of, grads):
+            totals[k] += grad.sum(0)
+    return activations * totals / steps
 
 
-def _integrated_gradients(model: torch.nn.Module, module: torch.nn.Module, ids: Sequence[int], target: int,
-                          steps: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``a · mean_α ∂p(target)/∂(αa)`` for the inputs a of ``module`` at the last position of ``ids``."""
-    seen: dict[str, torch.Tensor] = {}
+def _last_inputs(model: torch.nn.Module, modules: Sequence[torch.nn.Module], ids: Sequence[int],
+                 device: torch.device) -> torch.Tensor:
+    """Each module's input at the last position of ``ids``, from one pass: (len(modules), d_in)."""
+    seen: dict[int, torch.Tensor] = {}
 
-    def record(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        seen["a"] = args[0][0, -1].detach().float()
+    def recorder(k: int) -> Any:
+        def record(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            seen[k] = args[0][0, -1].detach().float()
+        return record
 
-    handle = module.register_forward_pre_hook(record)
+    hooks = [module.register_forward_pre_hook(recorder(k)) for k, module in enumerate(modules)]
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
     finally:
-        handle.remove()
-    activation = seen["a"]
-    alphas = torch.linspace(0, 1, steps, device=device)
-    total = torch.zeros_like(activation)
-    batch_ids = torch.tensor([list(ids)] * batch_size, device=device)
-    for chunk in alphas.split(batch_size):
-        scaled = (chunk[:, None] * activation[None, :]).requires_grad_(True)
+        for hook in hooks:
+            hook.remove()
+    return torch.stack([seen[k] for k in range(len(modules))])
 
-        def replace(mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            inputs = args[0].clone()
-            inputs[:, -1] = scaled.to(inputs.dtype)
-            return (inputs, *args[1:])
 
-        handle = module.register_forward_pre_hook(replace)
-        try:
-            with frozen_model(model), torch.enable_grad():
-                logits = model(input_ids=batch_ids[: len(chunk)], use_cache=False).logits[:, -1].float()
-                probability = torch.softmax(logits, dim=-1)[:, target]
-                (grad,) = torch.autograd.grad(probability.sum(), scaled)
-        finally:
-            handle.remove()
-        total += grad.sum(0)
-    return activation * total / steps
+def _replacer(rows: list[int], scaled: torch.Tensor) -> Any:
+    """A pre-hook that puts ``scaled`` in place of the module's input at the last position of ``rows``."""
+    index = torch.tensor(rows)
+
+    def replace(mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        inputs = args[0].clone()
+        inputs[index.to(inputs.device), -1] = scaled.to(inputs.dtype)
+        return (inputs, *args[1:])
+
+    return replace
