@@ -45,3 +45,16 @@ def test_groups_and_realistic_scores_get_their_own_rows():
     assert "|  | · Relation_Specificity | 65.00 | 20.00 |" in table
     assert "|  | Edit Succ. (QA EM) | 30.00 | — |" in table
     assert table.splitlines()[2].startswith("| WikiData_recent (n=10) | Edit Succ. |")
+
+
+def test_qa_layout_puts_realistic_scores_beside_teacher_forced_ones():
+    from lmedit.reports import get_layout
+
+    runs = [_run("EMMET", "/d/zsre.json", {"rewrite_acc": 0.998, "rephrase_acc": 0.94, "locality": 0.97,
+                                            "rewrite_qa_contains": 0.42, "rewrite_qa_em": 0.07, "locality_qa_em": 0.75}),
+            _run("FT-M", "/d/zsre.json", {"rewrite_acc": 0.95})]
+    layout = get_layout("qa")
+    table = layout.table(layout.rows(runs))
+    assert table.splitlines()[0].startswith("| method | protocol | n | rewrite | rephrase | locality | portability | QA rewrite contains")
+    assert "| EMMET | single | 10 | 0.998 | 0.940 | 0.970 | — | 0.420 | 0.070 | — | — | — | 0.750 |" in table
+    assert "| FT-M | single | 10 | 0.950 | — |" in table

@@ -26,7 +26,7 @@ __all__ = ["Layout", "ReportError", "describe_layout", "expand_run_folders", "ge
 
 from lmedit.reports.easyedit_results import is_easyedit_results, load_easyedit_results  # noqa: E402  (json only)
 
-BUILTIN_MODULES = ("default", "knowedit", "counterfact", "wise_table")
+BUILTIN_MODULES = ("default", "knowedit", "counterfact", "wise_table", "realistic")
 
 
 class ReportError(ValueError):
