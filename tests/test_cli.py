@@ -95,3 +95,17 @@ def test_report_prints_markdown_unwrapped_on_a_narrow_terminal(tmp_path):
     lines = result.output.splitlines()
     assert len(lines) == 4 and max(map(len, lines)) > 80  # header, rule, two runs; each longer than the terminal
     assert all(line.startswith("|") and line.endswith("|") for line in lines)
+
+
+def test_report_leaves_out_a_run_that_has_not_finished_a_chunk(tmp_path):
+    done, begun = tmp_path / "done", tmp_path / "begun"
+    for folder in (done, begun):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"method": "FT-M", "protocol": "single", "eval": {"mode": "teacher"}}))
+    (done / "summary.json").write_text(json.dumps({"n": 2, "complete": True, "pre": {"rewrite_acc": 0.25},
+                                                   "post": {"rewrite_acc": 0.75}}))
+    result = CliRunner().invoke(app, ["report", str(done), str(begun)])
+    assert result.exit_code == 0, result.output
+    assert "0.75" in result.output and f"left out: {begun} has no finished chunk yet" in " ".join(result.output.split())
+    alone = CliRunner().invoke(app, ["report", str(begun)])
+    assert alone.exit_code == 2 and "no finished chunk" in alone.output

@@ -10,8 +10,8 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from lmedit.commands.common import (DEVICE_HELP, DTYPE_HELP, checked_placement, console, discard_new_folder, fail,
-                                    first_missing, parse_overrides, setup_logging, writable_folder)
+from lmedit.commands.common import (DEVICE_HELP, DTYPE_HELP, checked_placement, console, discard_new_folder,
+                                    err_console, fail, first_missing, parse_overrides, setup_logging, writable_folder)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit knowledge in language models and measure it.")
 
@@ -283,7 +283,8 @@ def report(
                                              "per-chunk means, retention curves, trace heatmaps; opens offline)."),
 ) -> None:
     """Compare finished runs side by side (default: pre → post per metric, edit time) as a markdown table."""
-    from lmedit.reports import ReportError, describe_layout, expand_run_folders, get_layout, list_layouts, load_run
+    from lmedit.reports import (ReportError, RunNotStarted, describe_layout, expand_run_folders, get_layout,
+                                list_layouts, load_run)
 
     if layout == "list":
         typer.echo("\n".join(f"{name}: {describe_layout(name)}" for name in list_layouts()))
@@ -316,7 +317,16 @@ def report(
             if not folders:
                 return
         chosen = get_layout(layout)
-        runs = [load_run(folder) for folder in expand_run_folders(folders)]
+        runs, not_started = [], []
+        for folder in expand_run_folders(folders):
+            try:
+                runs.append(load_run(folder))
+            except RunNotStarted as exc:  # a run just begun: show the others, say which was left out
+                not_started.append(str(exc))
+        if not runs:
+            raise ReportError("; ".join(not_started))
+        for reason in not_started:
+            err_console.print(f"[yellow]left out:[/] {reason}", highlight=False, soft_wrap=True)
         rows = chosen.rows(runs)
         text = chosen.table(rows)
     except (ReportError, AppError) as exc:

@@ -33,6 +33,10 @@ class ReportError(ValueError):
     """Something given to a report cannot be read as asked; the message says what and how to fix it."""
 
 
+class RunNotStarted(ReportError):
+    """A run folder with no finished chunk yet: nothing of it can be shown, the other folders still can."""
+
+
 @runtime_checkable
 class Layout(Protocol):
     """What ``lmedit report --layout NAME`` needs from a layout."""
@@ -111,7 +115,7 @@ def load_run(folder: str | Path) -> dict[str, Any]:
     else:
         records = read_run_records(folder / RESULTS_FILE)
         if not records:
-            raise ReportError(f"{folder} has no finished chunk yet")
+            raise RunNotStarted(f"{folder} has no finished chunk yet")
         summary = {**summarize(records), "complete": False}
     return {"folder": str(folder), "config": config, "summary": summary}
 
