@@ -104,6 +104,8 @@ model_parallel: false
     "AlphaEdit": locate("AlphaEdit", layers="0, 1", adjust="true")
                  + "layer_selection: all\nmom2_update_weight: 15000\nP_loc: ./null_space_project.pt\n"
                    "nullspace_threshold: 2e-2\nL2: 1\n",
+    "EMMET": locate("EMMET", layers="0, 1", adjust="true")
+             + "layer_selection: all\nmom2_update_weight: 100000\nemmet_lambda: 0.1\nupdate_norm_lambda: 0\n",
     "GRACE": """
 alg_name: "GRACE"
 model_name: "./hugging_cache/llama-2-7b"
@@ -217,6 +219,7 @@ EXPECTED = {
              "mom2_dataset": "wikipedia", "mom2_n_samples": 100000, "mom2_dtype": "float32"},
     "MEMIT": {"layers": [0, 1], "mom2_update_weight": 15000.0, "mom2_adjustment": True},
     "AlphaEdit": {"layers": [0, 1], "nullspace_threshold": 0.02, "L2": 1.0},
+    "EMMET": {"layers": [0, 1], "mom2_update_weight": 100000.0, "emmet_lambda": 0.1, "update_norm_lambda": 0.0},
     "GRACE": {"layer": 2, "module": "mlp_out", "inner_params": [], "edit_lr": 1.0, "n_iter": 50, "eps": 1.0,
               "replacement": "replace_last", "eps_expand": "coverage"},
     "DEFER": {"layer": 1, "module": "attn_out", "edit_lr": 7e-5, "n_iter": 100, "threshold": 0.5},

@@ -239,8 +239,8 @@ def _as_easyedit_values(values: dict[str, Any]) -> dict[str, Any]:
 
 # EasyEdit's alg_name -> lmedit's method (FT splits by objective_optimization).
 EASYEDIT_METHODS = {
-    "FT": "FT", "LoRA": "LoRA", "ROME": "ROME", "MEMIT": "MEMIT", "AlphaEdit": "AlphaEdit", "GRACE": "GRACE",
-    "DEFER": "DEFER", "WISE": "WISE", "IKE": "IKE", "SERAC": "SERAC", "MEND": "MEND",
+    "FT": "FT", "LoRA": "LoRA", "ROME": "ROME", "MEMIT": "MEMIT", "AlphaEdit": "AlphaEdit", "EMMET": "EMMET",
+    "GRACE": "GRACE", "DEFER": "DEFER", "WISE": "WISE", "IKE": "IKE", "SERAC": "SERAC", "MEND": "MEND",
     "FT-L": "FT-L", "FT-M": "FT-M",
 }
 FT_OBJECTIVES = {"prompt_last": "FT-L", "target_new": "FT-M"}
@@ -611,6 +611,10 @@ METHOD_TABLES: dict[str, MethodTable] = {
         edit_batch=True,
         no_effect={**_unread("AlphaEdit", ("layer_selection",)),
                    "P_loc": "EasyEdit's saved null-space projection; lmedit computes it from its cached key statistics"},
+    ),
+    "EMMET": MethodTable(
+        direct=(*LOCATE_DIRECT, "mom2_update_weight", "emmet_lambda", "update_norm_lambda"), special=_LOCATE_SPECIAL,
+        edit_batch=True, no_effect=_unread("EMMET", ("layer_selection",)),
     ),
     "GRACE": MethodTable(
         direct=("edit_lr", "n_iter", "eps", "dist_fn", "val_init", "replacement", "eps_expand"),
