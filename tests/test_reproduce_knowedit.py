@@ -61,8 +61,19 @@ def test_ordering_comparison_uses_methods_with_a_published_value():
     compared = {c["metric"]: c for c in ordering_comparison(rows, ("Edit Succ.", "Locality", "Fluency"))}
     assert set(compared) == {"Edit Succ.", "Locality"}  # no fluency; GRACE has no published value
     # published ZsRE: FT-M 99.98 > ROME 96.77 (Edit Succ.), FT-M 89.78 > ROME 53.67 (Locality)
-    assert compared["Edit Succ."]["ours"] == ["ROME", "FT-M"] and compared["Edit Succ."]["published"] == ["FT-M", "ROME"]
+    assert compared["Edit Succ."]["ours"] == "ROME > FT-M" and compared["Edit Succ."]["published"] == "FT-M > ROME"
     assert compared["Edit Succ."]["kendall_tau"] == -1.0 and not compared["Edit Succ."]["same_order"]
+    assert compared["Locality"]["same_order"] is False  # ours: ROME 60 > FT-M 40; published: FT-M > ROME
+
+
+def test_a_tie_is_not_the_published_order():
+    rows = [{"dataset": "ZsRE", "method": "FT-M", "Edit Succ.": 100.0}, {"dataset": "ZsRE", "method": "ROME", "Edit Succ.": 100.0}]
+    (compared,) = ordering_comparison(rows, ("Edit Succ.",))
+    assert compared["ours"] == "FT-M = ROME" and compared["published"] == "FT-M > ROME"
+    assert compared["kendall_tau"] == 0.0 and compared["same_order"] is False
+    rows[1]["Edit Succ."] = 90.0
+    (compared,) = ordering_comparison(rows, ("Edit Succ.",))
+    assert compared["same_order"] is True and compared["kendall_tau"] == 1.0
     assert PUBLISHED["ZsRE"]["Locality"]["FT-M"] == 89.78
 
 

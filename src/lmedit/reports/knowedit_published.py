@@ -74,8 +74,23 @@ def kendall_tau(ours: Sequence[float], theirs: Sequence[float]) -> float | None:
     return score / len(pairs)
 
 
+def same_order(ours: Sequence[float], theirs: Sequence[float]) -> bool:
+    """Every pair of methods compares the same way in both (a tie in one must be a tie in the other)."""
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    return all(sign(ours[i] - ours[j]) == sign(theirs[i] - theirs[j]) for i, j in combinations(range(len(ours)), 2))
+
+
+def ranking(values: Mapping[str, float]) -> str:
+    """Methods best first, ties joined by '='."""
+    groups: dict[float, list[str]] = {}
+    for method, value in values.items():
+        groups.setdefault(value, []).append(method)
+    return " > ".join(" = ".join(groups[v]) for v in sorted(groups, reverse=True))
+
+
 def ordering_comparison(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """Per (dataset, metric): the shared methods, both orders (best first), Kendall's τ and whether they agree."""
+    """Per (dataset, metric): the shared methods, both rankings (best first, ties as '='), Kendall's τ and whether
+    every pair of methods compares the same way in both."""
     comparisons = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         for metric in metrics:
@@ -85,11 +100,11 @@ def ordering_comparison(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str
                 continue
             our_values = [float(ours[m]) for m in shared]
             their_values = [published_value(dataset, metric, m) for m in shared]
-            our_order = sorted(shared, key=lambda m: -float(ours[m]))
-            their_order = sorted(shared, key=lambda m: -published_value(dataset, metric, m))  # type: ignore[operator]
             tau = kendall_tau(our_values, their_values)  # type: ignore[arg-type]
-            comparisons.append({"dataset": dataset, "metric": metric, "methods": shared, "ours": our_order,
-                                "published": their_order, "kendall_tau": tau, "same_order": our_order == their_order})
+            comparisons.append({"dataset": dataset, "metric": metric, "methods": shared,
+                                "ours": ranking(dict(zip(shared, our_values))),
+                                "published": ranking(dict(zip(shared, their_values))),  # type: ignore[arg-type]
+                                "kendall_tau": tau, "same_order": same_order(our_values, their_values)})
     return comparisons
 
 
@@ -99,6 +114,6 @@ def comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|"]
     for c in comparisons:
         tau = "—" if c["kendall_tau"] is None else f"{c['kendall_tau']:+.2f}"
-        lines.append(f"| {c['dataset']} | {c['metric']} | {len(c['methods'])} | {' > '.join(c['ours'])} | "
-                     f"{' > '.join(c['published'])} | {tau} | {'yes' if c['same_order'] else 'no'} |")
+        lines.append(f"| {c['dataset']} | {c['metric']} | {len(c['methods'])} | {c['ours']} | {c['published']} | "
+                     f"{tau} | {'yes' if c['same_order'] else 'no'} |")
     return "\n".join(lines) + "\n"
