@@ -242,11 +242,15 @@ def plot_against_published(rows: Sequence[dict[str, Any]], path: Path) -> Path |
     figure = new_figure(4.2 * len(metrics), 4.0)
     if figure is None:
         return None
+    import matplotlib
+
     markers = dict(zip(KNOWEDIT_FILES, "osD^vP"))
+    colors = {name: matplotlib.colormaps["tab10"](i) for i, name in enumerate(KNOWEDIT_FILES)}
     for index, metric in enumerate(metrics):
         axis = figure.add_subplot(1, len(metrics), index + 1)
-        for dataset, method, published, ours in points[metric]:
-            axis.scatter(published, ours, marker=markers.get(dataset, "o"), label=dataset)
+        for dataset, method, published, ours in points[metric]:  # one colour and marker per dataset
+            axis.scatter(published, ours, marker=markers.get(dataset, "o"), color=colors.get(dataset, "0.3"),
+                         label=dataset)
             axis.annotate(method, (published, ours), fontsize=6, xytext=(3, 2), textcoords="offset points")
         axis.plot([0, 100], [0, 100], color="0.7", linewidth=0.8)
         axis.set_xlim(-2, 102)
