@@ -214,8 +214,9 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
             f"Single edits, the first {config.limit} items of each set (offset {config.offset}), KnowEdit's "
             f"metrics × 100. Each cell: lmedit's value (the published LLaMA-2-7B value, EasyEdit README).\n\n"
             + knowedit_table(rows, published=True)
-            + f"\n## Method order per row, against the published table\n\n{agreeing} of {len(comparisons)} rows "
-              "in the published order.\n\n" + comparison_table(comparisons))
+            + "\n## Method order per row, against the published table\n\n"
+            + (f"{agreeing} of {len(comparisons)} rows in the published order.\n\n" + comparison_table(comparisons)
+               if comparisons else "No row has two methods with a published value yet.\n"))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         text += "\n## Runs that failed\n\n" + "".join(f"* {o.method} on {o.dataset}: {o.error}\n" for o in failed)
