@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -199,20 +199,35 @@ def _run_one(
     show_progress: bool,
 ) -> RunOutcome:
     from lmedit.lifelong import LifelongError
-    from lmedit.runner import RunError, SUMMARY_FILE
+    from lmedit.runner import RunError
 
     folder = config.folder(method, T)
+    status, seconds, error = run_unless_finished(
+        folder, lambda: _run_method(config, method, T, requests, model, tok, show_progress), f"{method} T={T}",
+        fatal=(RunError, LifelongError))  # another configuration's folder, or no held-out set: the user decides
+    return RunOutcome(method, T, folder, status, seconds, error)
+
+
+def run_unless_finished(folder: Path, run: Callable[[], None], what: str, fatal: tuple[type[Exception], ...],
+                        failures: tuple[type[Exception], ...] = (ValueError, RuntimeError)) -> tuple[str, float, str | None]:
+    """Run one cell of a reproduction unless its folder is finished: (status, seconds, error).
+
+    ``fatal`` errors stop the reproduction (a ReproduceError naming ``what``); ``failures`` mark the cell
+    ``failed`` and the reproduction goes on.
+    """
+    from lmedit.runner import SUMMARY_FILE
+
     if _finished(folder / SUMMARY_FILE):
-        return RunOutcome(method, T, folder, "done")
+        return "done", 0.0, None
     started = time.perf_counter()
     try:
-        _run_method(config, method, T, requests, model, tok, show_progress)
-    except (RunError, LifelongError) as exc:  # another configuration's folder, or no held-out set: the user decides
-        raise ReproduceError(f"{method} T={T}: {exc}") from None
-    except (ValueError, RuntimeError) as exc:
-        LOG.error("%s T=%d failed: %s", method, T, exc)
-        return RunOutcome(method, T, folder, "failed", time.perf_counter() - started, str(exc))
-    return RunOutcome(method, T, folder, "ran", time.perf_counter() - started)
+        run()
+    except fatal as exc:
+        raise ReproduceError(f"{what}: {exc}") from None
+    except failures as exc:
+        LOG.error("%s failed: %s", what, exc)
+        return "failed", time.perf_counter() - started, str(exc)
+    return "ran", time.perf_counter() - started, None
 
 
 def _finished(summary_path: Path) -> bool:
@@ -270,12 +285,16 @@ def model_fingerprint(model: torch.nn.Module) -> tuple[float, ...]:
 
 def plan_runs(config: WiseTableConfig) -> list[dict[str, Any]]:
     """The plan's runs that have written a summary, read as :func:`lmedit.reports.load_run` reads them."""
+    return load_written_runs(config.folder(method, T) for method, T in config.plan())
+
+
+def load_written_runs(folders: Iterable[Path]) -> list[dict[str, Any]]:
+    """The runs among ``folders`` that have written a summary (finished or not); a damaged one is left out."""
     from lmedit.reports import ReportError, load_run
     from lmedit.runner import SUMMARY_FILE
 
     runs = []
-    for method, T in config.plan():
-        folder = config.folder(method, T)
+    for folder in folders:
         if (folder / SUMMARY_FILE).is_file():
             try:
                 runs.append(load_run(folder))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmedit.registry import get_method, list_presets
-from lmedit.reproduce import ReproduceError, _finished, model_fingerprint
+from lmedit.reproduce import ReproduceError, load_written_runs, model_fingerprint, run_unless_finished
 
 LOG = logging.getLogger(__name__)
 
@@ -145,20 +144,14 @@ def _write_plan(config: KnowEditTableConfig, sizes: dict[str, int]) -> None:
 
 def _run_one(config: KnowEditTableConfig, dataset: str, method: str, requests: Sequence[Any], model: torch.nn.Module,
              tok: Any, show_progress: bool) -> KnowEditOutcome:
-    from lmedit.runner import RunError, SUMMARY_FILE
+    from lmedit.runner import RunError
 
     folder = config.folder(dataset, method)
-    if _finished(folder / SUMMARY_FILE):
-        return KnowEditOutcome(dataset, method, folder, "done")
-    started = time.perf_counter()
-    try:
-        _run_method(config, dataset, method, requests, model, tok, show_progress)
-    except RunError as exc:  # another configuration's folder: the user decides
-        raise ReproduceError(f"{method} on {dataset}: {exc}") from None
-    except (ValueError, RuntimeError, OSError) as exc:
-        LOG.error("%s on %s failed: %s", method, dataset, exc)
-        return KnowEditOutcome(dataset, method, folder, "failed", time.perf_counter() - started, str(exc))
-    return KnowEditOutcome(dataset, method, folder, "ran", time.perf_counter() - started)
+    status, seconds, error = run_unless_finished(
+        folder, lambda: _run_method(config, dataset, method, requests, model, tok, show_progress),
+        f"{method} on {dataset}", fatal=(RunError,),  # another configuration's folder: the user decides
+        failures=(ValueError, RuntimeError, OSError))  # e.g. SERAC/MEND before `lmedit train`: no checkpoint
+    return KnowEditOutcome(dataset, method, folder, status, seconds, error)
 
 
 def _run_method(config: KnowEditTableConfig, dataset: str, method: str, requests: Sequence[Any],
@@ -185,18 +178,7 @@ def _run_method(config: KnowEditTableConfig, dataset: str, method: str, requests
 
 def plan_runs(config: KnowEditTableConfig) -> list[dict[str, Any]]:
     """The plan's runs that have written a summary (finished or not)."""
-    from lmedit.reports import ReportError, load_run
-    from lmedit.runner import SUMMARY_FILE
-
-    runs = []
-    for dataset, method in config.plan():
-        folder = config.folder(dataset, method)
-        if (folder / SUMMARY_FILE).is_file():
-            try:
-                runs.append(load_run(folder))
-            except (ReportError, json.JSONDecodeError) as exc:
-                LOG.warning("leaving %s out of the table: %s", folder, exc)
-    return runs
+    return load_written_runs(config.folder(dataset, method) for dataset, method in config.plan())
 
 
 def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome] = ()) -> dict[str, Any]:

@@ -179,19 +179,22 @@ def generate_routed(
     *,
     batch_size: int = 32,
     progress: Any = None,
+    **decoding: Any,
 ) -> list[tuple[int, ...]]:
     """:func:`lmedit.forward.generate_greedy` on what ``model`` would really be fed.
 
     Without a router this is ``generate_greedy`` itself; with one, each prompt
-    is continued from its routed prompt by its route's network.
+    is continued from its routed prompt by its route's network. ``decoding``
+    (``use_cache``, ``stop``) goes to ``generate_greedy`` as it is.
     """
     groups = route_prompts(model, tok, prompts)
     if groups is None:
-        return generate_greedy(model, tok, prompts, max_new_tokens, batch_size=batch_size, progress=progress)
+        return generate_greedy(model, tok, prompts, max_new_tokens, batch_size=batch_size, progress=progress, **decoding)
     outputs: list[tuple[int, ...]] = [()] * len(prompts)
     for group in groups:
         lengths = [max_new_tokens[i] for i in group.indices]
-        generated = generate_greedy(group.model, tok, group.prompts, lengths, batch_size=batch_size, progress=progress)
+        generated = generate_greedy(group.model, tok, group.prompts, lengths, batch_size=batch_size, progress=progress,
+                                    **decoding)
         for index, tokens in zip(group.indices, generated):
             outputs[index] = tokens
     return outputs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import snapshot, state_equal
-from lmedit.forward import tokenize_pair
+from lmedit.forward import generate_greedy, tokenize_pair
 from lmedit.hparams import HyperParamsError
 from lmedit.methods import kn
 from lmedit.methods.kn import KNHyperParams, apply_kn, attribution_scores, knowledge_neurons, value_shift
@@ -62,9 +62,10 @@ def test_selection_keeps_neurons_above_the_adaptive_threshold_shared_by_the_prom
 def test_the_edit_moves_exactly_the_chosen_value_vectors_and_restores(tiny_llama, word_tok):
     original = snapshot(tiny_llama)
     request = EditRequest("the capital of france is", "rome", ground_truth="paris")
-    shift = value_shift(tiny_llama, word_tok, request)
-    embeddings = tiny_llama.get_input_embeddings().weight
     new_id = tokenize_pair(word_tok, request.prompt, "rome").target_ids[0]
+    greedy = generate_greedy(tiny_llama, word_tok, [request.prompt], [1])[0]
+    shift = value_shift(tiny_llama, [new_id], greedy)
+    embeddings = tiny_llama.get_input_embeddings().weight
     assert not torch.allclose(shift, 2 * embeddings[new_id])  # the greedy answer's embedding is subtracted
     handle = apply_kn(tiny_llama, word_tok, [request], KNHyperParams(steps=4, batch_size=4))
     neurons = [tuple(n) for n in handle.info["neurons"]]

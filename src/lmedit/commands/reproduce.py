@@ -110,12 +110,17 @@ def parse_method_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _report_run(outcome: Any) -> None:
+    _report_cell(f"{outcome.method} T={outcome.T}", outcome)
+
+
+def _report_cell(where: str, outcome: Any) -> None:
+    """One line per finished cell of a reproduction: already there, done, or failed."""
     if outcome.status == "done":
-        console.print(f"{outcome.method} T={outcome.T}: already finished ({outcome.folder})", soft_wrap=True)
+        console.print(f"{where}: already finished ({outcome.folder})", soft_wrap=True)
     elif outcome.status == "ran":
-        console.print(f"{outcome.method} T={outcome.T}: done in {outcome.seconds:.0f} s ({outcome.folder})", soft_wrap=True)
+        console.print(f"{where}: done in {outcome.seconds:.0f} s ({outcome.folder})", soft_wrap=True)
     else:
-        console.print(f"[bold red]{outcome.method} T={outcome.T} failed:[/] {outcome.error}", soft_wrap=True)
+        console.print(f"[bold red]{where} failed:[/] {outcome.error}", soft_wrap=True)
 
 
 @reproduce_app.command("knowedit-table")
@@ -186,10 +191,4 @@ def parse_named_files(items: list[str]) -> dict[str, Path]:
 
 
 def _report_knowedit_run(outcome: Any) -> None:
-    where = f"{outcome.method} on {outcome.dataset}"
-    if outcome.status == "done":
-        console.print(f"{where}: already finished ({outcome.folder})", soft_wrap=True)
-    elif outcome.status == "ran":
-        console.print(f"{where}: done in {outcome.seconds:.0f} s ({outcome.folder})", soft_wrap=True)
-    else:
-        console.print(f"[bold red]{where} failed:[/] {outcome.error}", soft_wrap=True)
+    _report_cell(f"{outcome.method} on {outcome.dataset}", outcome)

@@ -284,21 +284,28 @@ def aggregate(
     Groups are averaged first, then groups are averaged per request, so a
     group with many probes does not outweigh the others (EasyEdit's summary).
     """
-    values: list[dict[str, dict[str, list[float]]]] = [defaultdict(lambda: defaultdict(list)) for _ in range(n_requests)]
-    for i, (probe, outcome) in enumerate(zip(probes, outcomes)):
-        bucket = values[probe.request]
-        for metric, value in _probe_values(probe, outcome, reference[i] if reference is not None else None):
-            bucket[metric][probe.group].append(value)
+    values = (
+        (probe.request, metric, probe.group, value)
+        for i, (probe, outcome) in enumerate(zip(probes, outcomes))
+        for metric, value in _probe_values(probe, outcome, reference[i] if reference is not None else None)
+    )
+    return collapse_groups(values, n_requests)
+
+
+def collapse_groups(values: Iterable[tuple[int, str, str, float]], n_requests: int) -> list[dict[str, float]]:
+    """(request, metric, group, value) tuples into one metric dict per request: each group's mean first, then the
+    mean over groups, so a group with many probes does not outweigh the others; named groups are also reported
+    on their own (``metric/group``)."""
+    buckets: list[dict[str, dict[str, list[float]]]] = [defaultdict(lambda: defaultdict(list)) for _ in range(n_requests)]
+    for request, metric, group, value in values:
+        buckets[request][metric][group].append(value)
     results = []
-    for bucket in values:
+    for bucket in buckets:
         row: dict[str, float] = {}
         for metric, groups in bucket.items():
             means = {g: sum(v) / len(v) for g, v in groups.items()}
             row[metric] = sum(means.values()) / len(means)
-            if len(means) > 1 or any(g for g in means):
-                for group, mean in means.items():
-                    if group:
-                        row[f"{metric}/{group}"] = mean
+            row.update({f"{metric}/{group}": mean for group, mean in means.items() if group})
         results.append(row)
     return results
 

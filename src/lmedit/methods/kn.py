@@ -82,11 +82,13 @@ def apply_kn(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], 
     started = time.perf_counter()
     spec = ModelSpec.from_model(model)
     layers = list(hparams.layers) or list(range(spec.num_layers))
-    old = request.ground_truth or _greedy_answer(model, tok, request)
+    new_ids = list(tokenize_pair(tok, request.prompt, request.target_new).target_ids)
+    greedy_ids = list(generate_greedy(model, tok, [request.prompt], [len(new_ids)])[0])  # the model's own answer
+    old = request.ground_truth or tok.decode(greedy_ids, skip_special_tokens=True).strip()
     neurons, scores = knowledge_neurons(model, tok, spec, [request.prompt], old, layers, hparams)
     touched = sorted({layer for layer, _ in neurons})
     handle = WeightSnapshotHandle("KN", model, [f"{spec.mlp_out(layer)}.weight" for layer in touched])
-    shift = value_shift(model, tok, request) * hparams.edit_scale
+    shift = value_shift(model, new_ids, greedy_ids) * hparams.edit_scale
     with torch.no_grad():
         for layer, index in neurons:
             module = get_module(model, spec.mlp_out(layer))
@@ -97,17 +99,10 @@ def apply_kn(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], 
     return handle
 
 
-def _greedy_answer(model: torch.nn.Module, tok: Any, request: EditRequest) -> str:
-    n = len(tokenize_pair(tok, request.prompt, request.target_new).target_ids)
-    return tok.decode(generate_greedy(model, tok, [request.prompt], [n])[0], skip_special_tokens=True).strip()
-
-
-def value_shift(model: torch.nn.Module, tok: Any, request: EditRequest) -> torch.Tensor:
-    """Σ E[new answer tokens] − Σ E[the model's greedy answer, as many tokens]; ×2 for one-token answers."""
-    new_ids = list(tokenize_pair(tok, request.prompt, request.target_new).target_ids)
-    old_ids = list(generate_greedy(model, tok, [request.prompt], [len(new_ids)])[0])
+def value_shift(model: torch.nn.Module, new_ids: Sequence[int], old_ids: Sequence[int]) -> torch.Tensor:
+    """Σ E[new answer tokens] − Σ E[the model's greedy answer tokens]; ×2 for one-token answers."""
     embeddings = model.get_input_embeddings().weight.detach().float()
-    shift = embeddings[new_ids].sum(0) - embeddings[old_ids].sum(0)
+    shift = embeddings[list(new_ids)].sum(0) - embeddings[list(old_ids)].sum(0)
     return shift * 2 if len(new_ids) == 1 else shift
 
 

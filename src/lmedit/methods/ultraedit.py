@@ -15,7 +15,8 @@ beyond running statistics:
    normalisation*); k̂ and ĝ are the normalised rows;
 3. each row asks for the output change ``v = -lr · ‖k̂‖² · ĝ`` (a gradient
    step in normalised space) and the weight absorbs all rows at once by
-   ridge regression on the raw keys, ``ΔW = (KᵀK + ρ I)⁻¹ Kᵀ V``.
+   ridge regression on the raw keys, ``ΔW = (KᵀK + ρ I)⁻¹ Kᵀ V`` (MEMIT's
+   closed form with the identity for C, :func:`lmedit.locate.core.memit_update`).
 
 This follows the authors' code (XiaojieGu/UltraEdit): the value changes are
 not de-normalised, the regression uses the raw keys, ρ = 1, and the running
@@ -42,7 +43,7 @@ from lmedit.adapters import frozen_model, module_path
 from lmedit.forward import left_pad, pad_id_of, tokenize_pair
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
-from lmedit.locate.core import session_state
+from lmedit.locate.core import add_to_weight, memit_update, session_state
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, _is_conv1d, get_module, in_out_features
@@ -185,27 +186,14 @@ def apply_ultraedit(model: torch.nn.Module, tok: Any, requests: Sequence[EditReq
         normalised = stats[(K.shape[1], G.shape[1])].normalise(torch.cat([K, G], dim=1))
         k_hat, g_hat = normalised[:, : K.shape[1]], normalised[:, K.shape[1] :]
         values = -hparams.lr * (k_hat**2).sum(dim=1, keepdim=True) * g_hat
-        delta_in_out = _ridge_solve(K, values, hparams.ridge)
-        _add_update(module, delta_in_out)
-        norms[name] = float(delta_in_out.norm())
+        # ridge regression ΔW = (KᵀK + ρI)⁻¹KᵀV is MEMIT's closed form with C = I and λ = ρ, in (d_out, d_in)
+        identity = torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
+        delta = memit_update(K.T, values.T, identity, hparams.ridge)
+        add_to_weight(model, name, delta, _is_conv1d(module))
+        norms[name] = float(delta.norm())
     handle.info = {"modules": names, "update_norms": norms, "loss_before": sum(losses) / len(losses),
                    "rows": sum(t.shape[0] for t in keys[names[0]]), "seconds": time.perf_counter() - started}
     return handle
-
-
-def _ridge_solve(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``(KᵀK + ρ I)⁻¹ Kᵀ V`` in float64: keys (N, d_in), values (N, d_out) -> (d_in, d_out)."""
-    K, V = keys.double(), values.double()
-    gram = K.T @ K + ridge * torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
-    return torch.linalg.solve(gram, K.T @ V)
-
-
-def _add_update(module: torch.nn.Module, delta_in_out: torch.Tensor) -> None:
-    """Add a (d_in, d_out) change to a Linear's (out, in) or a Conv1D's (in, out) weight."""
-    weight = module.weight
-    change = delta_in_out if _is_conv1d(module) else delta_in_out.T
-    with torch.no_grad():
-        weight.add_(change.to(weight.device, weight.dtype))
 
 
 def _keys_and_grads(model: torch.nn.Module, tok: Any, modules: dict[str, torch.nn.Module],

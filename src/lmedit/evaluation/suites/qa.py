@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -55,7 +55,6 @@ from lmedit.evaluation.suites.base import (
     check_same_requests,
     request_key,
 )
-from lmedit.forward import generate_greedy
 from lmedit.requests import EditRequest
 
 CONTEXTS = ("auto", "chat", "qa_inst", "question")
@@ -174,26 +173,16 @@ class QASuite(MetricSuite):
 
     def answers(self, model: torch.nn.Module, tok: Any, probes: Sequence[QAProbe], context: SuiteContext) -> list[str]:
         """The model's answer to each probe: routed when the model carries a router (IKE, SERAC)."""
-        from lmedit.routing import route_prompts
+        from lmedit.routing import generate_routed
 
-        prompts = [self.wrap(tok, p.question) for p in probes]
-        groups = route_prompts(model, tok, prompts)
-        if groups is None:
-            return self._generate(model, tok, prompts, context)
-        answers = [""] * len(prompts)
-        for group in groups:
-            for index, answer in zip(group.indices, self._generate(group.model, tok, list(group.prompts), context)):
-                answers[index] = answer
-        return answers
-
-    def _generate(self, model: torch.nn.Module, tok: Any, prompts: Sequence[str], context: SuiteContext) -> list[str]:
         def stopped(tokens: Sequence[int]) -> bool:
             return any(s in tok.decode(tokens, skip_special_tokens=True) for s in STOP_STRINGS)
 
+        prompts = [self.wrap(tok, p.question) for p in probes]
         was_training = model.training
         model.eval()
         try:
-            generated = generate_greedy(model, tok, prompts, [self.options.max_new_tokens] * len(prompts),
+            generated = generate_routed(model, tok, prompts, [self.options.max_new_tokens] * len(prompts),
                                         batch_size=self.options.batch_size, use_cache=context.generation_cache,
                                         stop=stopped)
         finally:
@@ -221,25 +210,15 @@ class QASuite(MetricSuite):
 
 def _aggregate(probes: Sequence[QAProbe], answers: Sequence[str], pre_answers: Sequence[str] | None,
                n_requests: int) -> list[dict[str, float]]:
-    """Per request: each metric averaged within its groups, then over groups (as the core metrics are)."""
-    values: list[dict[str, dict[str, list[float]]]] = [defaultdict(lambda: defaultdict(list)) for _ in range(n_requests)]
-    for i, (probe, answer) in enumerate(zip(probes, answers)):
-        if probe.kind == "locality":
-            if pre_answers is None:
-                continue
-            reference: Sequence[str] = (pre_answers[i],)
-        else:
-            reference = probe.answers
-        bucket = values[probe.request]
-        bucket[f"{probe.kind}_qa_em"][probe.group].append(exact_match(answer, reference))
-        bucket[f"{probe.kind}_qa_f1"][probe.group].append(token_f1(answer, reference))
-        bucket[f"{probe.kind}_qa_contains"][probe.group].append(contains_answer(answer, reference))
-    rows = []
-    for bucket in values:
-        row: dict[str, float] = {}
-        for metric, groups in bucket.items():
-            means = {g: sum(v) / len(v) for g, v in groups.items()}
-            row[metric] = sum(means.values()) / len(means)
-            row.update({f"{metric}/{g}": m for g, m in means.items() if g})
-        rows.append(row)
-    return rows
+    """Per request, grouped as the core metrics are (:func:`lmedit.evaluation.evaluator.collapse_groups`)."""
+    from lmedit.evaluation.evaluator import collapse_groups
+
+    def values() -> Iterator[tuple[int, str, str, float]]:
+        for i, (probe, answer) in enumerate(zip(probes, answers)):
+            if probe.kind == "locality" and pre_answers is None:
+                continue  # locality needs a post-edit answer to compare with
+            reference = (pre_answers[i],) if probe.kind == "locality" else probe.answers  # type: ignore[index]
+            for name, score in (("em", exact_match), ("f1", token_f1), ("contains", contains_answer)):
+                yield probe.request, f"{probe.kind}_qa_{name}", probe.group, score(answer, reference)
+
+    return collapse_groups(values(), n_requests)
