@@ -118,3 +118,20 @@ def shared_data():
     if not root.is_dir():
         pytest.skip(f"shared benchmark data not found at {root}")
     return root
+
+
+@pytest.fixture
+def corpus_env(tmp_path, monkeypatch):
+    """A small word corpus for key statistics, with LMEDIT_HOME and the statistics cache isolated to this test."""
+    import random
+
+    from lmedit.locate.stats import clear_memory_cache
+
+    rng = random.Random(0)
+    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(30))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
+    clear_memory_cache()
+    yield str(path)
+    clear_memory_cache()

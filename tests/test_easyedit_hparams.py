@@ -106,6 +106,38 @@ model_parallel: false
                    "nullspace_threshold: 2e-2\nL2: 1\n",
     "EMMET": locate("EMMET", layers="0, 1", adjust="true")
              + "layer_selection: all\nmom2_update_weight: 100000\nemmet_lambda: 0.1\nupdate_norm_lambda: 0\n",
+    "PMET": """
+alg_name: "PMET"
+model_name: "./hugging_cache/llama-2-7b"
+stats_dir: "./data/stats"
+device: 0
+layers: [0, 1]
+clamp_norm_factor: 1
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 20
+v_lr: 5e-1
+v_loss_layer: 2
+v_weight_decay: 0.5
+kl_factor: 0.0625
+mom2_adjustment: true
+mom2_update_weight: 15000
+rewrite_module_tmp: "model.layers.{}.mlp.down_proj"
+rewrite_module_tmps: ["model.layers.{}.mlp.down_proj"]
+layer_module_tmp: "model.layers.{}"
+mlp_module_tmp: "model.layers.{}.mlp.down_proj"
+attn_module_tmp: "model.layers.{}.self_attn.o_proj"
+ln_f_module: "model.norm"
+lm_head_module: "lm_head"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 100000
+mom2_dtype: "float32"
+nll_loss_factor: 1
+model_parallel: false
+""",
+    "SPHERE": locate("SPHERE", layers="0, 1", adjust="true")
+              + "layer_selection: all\nmom2_update_weight: 15000\nP_loc: ./null_space_project.pt\n"
+                "nullspace_threshold: 2e-2\nL2: 1\ncumulative_ratio: 0.5\nsuppression strength: 0.3\n",
     "GRACE": """
 alg_name: "GRACE"
 model_name: "./hugging_cache/llama-2-7b"
@@ -124,6 +156,62 @@ replacement: replace_last
 eps_expand: coverage
 num_pert: 8
 dropout: 0.0
+""",
+    "MELO": """
+alg_name: MELO
+model_name: ./hugging_cache/llama-2-7b
+model_parallel: false
+device: 1
+max_length: 512
+task: hall
+lora_task_type: CAUSAL_LM
+check_dir: null
+grace:
+  name: grace
+  num_iter: 50
+  init_radius: 0.5
+  dist_fn: euc
+  val_init: cold
+  val_train: sgd
+  val_reg: None
+  reg: early_stop
+  replacement: replace_prompt
+  expand_mode: moving_avg
+  num_pert: 8
+  key_id: -1
+  num_edit_per_block: 4
+  num_block: 350
+  num_rank_per_block: 2
+  metric_period: 400
+  edit_lr: 0.001
+model:
+  name: ./hugging_cache/llama-2-7b
+  class_name: LlamaForCausalLM
+  tokenizer_class: LlamaTokenizerFast
+  tokenizer_name: ./hugging_cache/llama-2-7b
+  fan_in_fan_out: False
+  target_modules:
+    - model.layers.1.mlp.up_proj
+    - model.layers.2.mlp.up_proj
+  pt: ./checkpoint
+  grace_layer: model.layers.0.mlp.down_proj
+lora:
+  cls_name: ./hugging_cache/distilbert-base-cased
+  cls_class: AutoModel
+  supervised: true
+  cos: false
+  freeze: null
+  square: true
+  bound_embeds: false
+  use_all_negatives: false
+  freeze_lora: false
+  dist_heads: 1
+  cross_attend: false
+  soft_weighting: false
+  checkpoint_grad: false
+  lora_r: 64
+  lora_alpha: 64
+  lora_dropout: 0.0
 """,
     "DEFER": """
 alg_name: "DEFER"
@@ -220,8 +308,14 @@ EXPECTED = {
     "MEMIT": {"layers": [0, 1], "mom2_update_weight": 15000.0, "mom2_adjustment": True},
     "AlphaEdit": {"layers": [0, 1], "nullspace_threshold": 0.02, "L2": 1.0},
     "EMMET": {"layers": [0, 1], "mom2_update_weight": 100000.0, "emmet_lambda": 0.1, "update_norm_lambda": 0.0},
+    "PMET": {"layers": [0, 1], "mom2_update_weight": 15000.0, "clamp_norm_factor": 1.0, "v_weight_decay": 0.5,
+             "v_num_grad_steps": 20},
+    "SPHERE": {"layers": [0, 1], "nullspace_threshold": 0.02, "L2": 1.0, "beta_hse": 0.5, "alpha": 0.3},
     "GRACE": {"layer": 2, "module": "mlp_out", "inner_params": [], "edit_lr": 1.0, "n_iter": 50, "eps": 1.0,
               "replacement": "replace_last", "eps_expand": "coverage"},
+    "MELO": {"layer": 0, "module": "mlp_out", "inner_params": [], "key_from": "output", "n_iter": 50, "edit_lr": 1e-3,
+             "init_radius": 0.5, "num_block": 350, "num_rank_per_block": 2,
+             "lora_inner_params": ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"]},
     "DEFER": {"layer": 1, "module": "attn_out", "edit_lr": 7e-5, "n_iter": 100, "threshold": 0.5},
     "WISE": {"layer": 2, "module": "mlp_out", "mask_ratio": 0.2, "n_iter": 70, "act_margin": [5.0, 20.0, 10.0],
              "act_ratio": 0.88, "save_freq": 500, "merge_freq": 1000, "merge_alg": "ties", "retrieve": True},
@@ -296,8 +390,8 @@ def test_wise_alpha_beta_gamma_fill_act_margin(tmp_path: Path) -> None:
 
 
 def test_unknown_method_names_it_and_lists_lmedits(tmp_path: Path) -> None:
-    path = write(tmp_path, "PMET", "alg_name: PMET\nmodel_name: gpt2\ndevice: 0\nlayers: [4]\n")
-    with pytest.raises(EasyEditHparamsError, match="PMET") as error:
+    path = write(tmp_path, "DINM", "alg_name: DINM\nmodel_name: gpt2\ndevice: 0\nlayers: [4]\n")
+    with pytest.raises(EasyEditHparamsError, match="DINM") as error:
         read_easyedit_hparams(path)
     assert all(name in str(error.value) for name in ("ROME", "WISE", "FT-M", "GRACE"))
 

@@ -224,7 +224,7 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             assert role in hparams.modules, f"{path} ({role}) is none of the preset's modules {hparams.modules}"
             check_module(model, arch, spec, path, role)
             edited.append(path)
-    elif method in ("ROME", "MEMIT", "AlphaEdit", "EMMET"):
+    elif method in ("ROME", "MEMIT", "AlphaEdit", "EMMET", "PMET", "SPHERE"):
         from lmedit.forward.tokens import context_length
         from lmedit.locate.core import iter_layers
 
@@ -232,6 +232,8 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
         for _, _, path in iter_layers(spec, hparams.layers):  # the rewrite module: the down-projection
             check_module(model, arch, spec, path, "mlp_out")
             edited.append(path)
+        if method == "PMET":  # its attention delta sits on the last edited block's output projection
+            check_module(model, arch, spec, spec.attn_out(hparams.layers[-1]), "attn_out")
         if hparams.mom2_adjustment:
             limit = context_length(model)
             assert limit is not None and hparams.mom2_sample_length <= limit, (
@@ -300,6 +302,23 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
         from lmedit.encoders import DEFAULT_ENCODER
 
         assert hparams.k > 0 and hparams.train_file and hparams.encoder == DEFAULT_ENCODER  # edits no weight
+    elif method == "MELO":
+        from lmedit.adapters import site_layer
+        from lmedit.methods.melo import lora_paths
+
+        if hparams.layer is not None:
+            check_layers([hparams.layer], arch)
+        check_layers(hparams.lora_layers, arch)
+        router, _ = site_layer(model, hparams)  # the routing module, whose output or input is the key
+        check_module(model, arch, spec, router, None if hparams.inner_params else hparams.module)
+        edited.append(router)
+        for path in lora_paths(model, hparams):  # the modules carrying the LoRA blocks, above the router
+            role = role_of(spec, path)
+            assert hparams.lora_inner_params or role in hparams.lora_modules, (
+                f"{path} ({role}) is none of the preset's lora_modules {hparams.lora_modules}")
+            assert block_index(spec, path) > block_index(spec, router), f"{path} is not above the router {router}"
+            check_module(model, arch, spec, path, None if hparams.lora_inner_params else role)
+            edited.append(path)
     else:  # a new method: add its check here
         raise AssertionError(f"no architecture check for method {method}; add one to {__name__}")
     return edited

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import WORDS, build_tiny_llama, snapshot, state_equal
+from conftest import build_tiny_llama, snapshot, state_equal
 from lmedit.evaluation.scoring import score_teacher_forced
 from lmedit.forward import SuffixForward, UpperForward
 from lmedit.handles import restore_all
 from lmedit.registry import load_edit
 from lmedit.locate.core import reset_session_state
-from lmedit.locate.stats import clear_memory_cache
 from lmedit.methods.alphaedit import AlphaEditHyperParams, alphaedit_state, apply_alphaedit
 from lmedit.methods.memit import MEMITHyperParams, apply_memit
 from lmedit.methods.rome import ROMEHyperParams, apply_rome
@@ -26,18 +23,6 @@ FACTS = [
     ("the mother tongue of tolstoy", "tolstoy", "italian"),
     ("who wrote hamlet", "hamlet", "madrid"),
 ]
-
-
-@pytest.fixture
-def corpus_env(tmp_path, monkeypatch):
-    rng = random.Random(0)
-    text = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(30))
-    path = tmp_path / "corpus.txt"
-    path.write_text(text)
-    monkeypatch.setenv("LMEDIT_HOME", str(tmp_path / "home"))
-    clear_memory_cache()
-    yield str(path)
-    clear_memory_cache()
 
 
 def _requests(n: int = 3) -> list[EditRequest]:

@@ -240,7 +240,9 @@ def _as_easyedit_values(values: dict[str, Any]) -> dict[str, Any]:
 # EasyEdit's alg_name -> lmedit's method (FT splits by objective_optimization).
 EASYEDIT_METHODS = {
     "FT": "FT", "LoRA": "LoRA", "ROME": "ROME", "MEMIT": "MEMIT", "AlphaEdit": "AlphaEdit", "EMMET": "EMMET",
+    "PMET": "PMET", "SPHERE": "SPHERE",
     "GRACE": "GRACE", "DEFER": "DEFER", "WISE": "WISE", "IKE": "IKE", "SERAC": "SERAC", "MEND": "MEND",
+    "MELO": "MELO",
     "FT-L": "FT-L", "FT-M": "FT-M",
 }
 FT_OBJECTIVES = {"prompt_last": "FT-L", "target_new": "FT-M"}
@@ -583,6 +585,117 @@ def _unread(method: str, keys: tuple[str, ...]) -> dict[str, str]:
     return {key: f"declared by EasyEdit's {method} but never read by it" for key in keys}
 
 
+def _pmet_rewrite_modules(state: _Translation, key: str, value: Any) -> None:
+    """PMET optimises attention and MLP targets together but writes only the MLP (the authors' and EasyEdit's files)."""
+    for template in value if isinstance(value, list) else [value]:
+        _locate_rewrite_module(state, key, template)
+
+
+def _pmet_nll_loss_factor(state: _Translation, key: str, value: Any) -> None:
+    if float(value) != 1.0:
+        raise state.fail(f"{key} {value}: lmedit's PMET weights the target NLL by 1 (EasyEdit's only value)")
+    state.map(key, None, "EasyEdit's PMET lowers this factor to 0.1 while the most likely token already equals the "
+                         "target probability, a stopping heuristic lmedit does not copy (docs/locate-then-edit.md)")
+
+
+def _renamed(lmedit_key: str, note: str) -> Translate:
+    def translate(state: _Translation, key: str, value: Any) -> None:
+        state.set(key, lmedit_key, float(value), note)
+
+    return translate
+
+
+# MELO's file nests its settings in three sections (grace, model, lora); each section is one key of the file.
+_MELO_GRACE = {"num_iter": "n_iter", "edit_lr": "edit_lr", "init_radius": "init_radius", "num_block": "num_block",
+               "num_rank_per_block": "num_rank_per_block"}
+_MELO_GRACE_UNREAD = ("name", "dist_fn", "val_init", "val_train", "val_reg", "reg", "replacement", "expand_mode",
+                      "num_pert", "num_edit_per_block", "metric_period")
+_MELO_MODEL_UNREAD = ("name", "class_name", "tokenizer_class", "tokenizer_name", "pt")
+
+
+def _melo_section(state: _Translation, key: str, value: Any, known: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise state.fail(f"{key} must be a mapping of MELO's {key} settings, got {value!r}")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise state.fail(f"unknown key {key}.{unknown[0]} for EasyEdit's MELO; keys this reader knows in {key}: "
+                         f"{', '.join(known)}")
+    return value
+
+
+def _melo_grace(state: _Translation, key: str, value: Any) -> None:
+    section = _melo_section(state, key, value, (*_MELO_GRACE, "key_id", *_MELO_GRACE_UNREAD))
+    key_id = section.get("key_id", -1)
+    if key_id != -1:
+        raise state.fail(f"{key}.key_id {key_id}: lmedit's MELO keys on the prompt's last token (EasyEdit's -1, the "
+                         "last token fed); another fixed position is not supported")
+    for easyedit, lmedit_key in _MELO_GRACE.items():
+        if easyedit in section:
+            state.values[lmedit_key] = section[easyedit]
+    notes = [f"{e} -> {m}" for e, m in _MELO_GRACE.items() if e in section]
+    notes.append("key_id -1 -> the key is read at the prompt's last token, routing every later position")
+    unread = [k for k in _MELO_GRACE_UNREAD if k in section]
+    if unread:
+        notes.append(f"{', '.join(unread)}: declared, never read by EasyEdit's MELO")
+    targets = ", ".join(m for e, m in _MELO_GRACE.items() if e in section)
+    read = {k: v for k, v in section.items() if k in _MELO_GRACE or k == "key_id"}
+    state.mappings.append(KeyMapping(key, read, targets or None, "; ".join(notes)))
+
+
+def _melo_model(state: _Translation, key: str, value: Any) -> None:
+    section = _melo_section(state, key, value, ("grace_layer", "target_modules", "fan_in_fan_out", *_MELO_MODEL_UNREAD))
+    if "grace_layer" not in section or not section.get("target_modules"):
+        raise state.fail(f"{key} must name grace_layer (the routing module) and target_modules (the LoRA modules)")
+    router = module_of(str(section["grace_layer"]))
+    targets = [module_of(str(t)) for t in section["target_modules"]]
+    if state.module_names is not None:
+        for name, path in [("grace_layer", router), *(("target_modules", t) for t in targets)]:
+            if path not in state.module_names:
+                _no_module(f"{key}.{name}", path, [path], state.module_names, state.spec, state.source)
+    from lmedit.adapters import ADAPTER_ROLES
+
+    split = _split_layer(router)
+    role = _role_of_template(state, split[0]) if split else None
+    if split and role in ADAPTER_ROLES:
+        state.values["layer"], state.values["module"] = split[1], role
+        site, fields = f"layer {split[1]}, module {role} (ModelSpec)", "layer, module"
+    else:
+        state.values["inner_params"] = [router]
+        site, fields = f"inner_params [{router}] (not an adapter role, kept as a path)", "inner_params"
+    state.values["key_from"] = "output"
+    state.values["lora_inner_params"] = targets
+    notes = [f"grace_layer -> {site}, key_from output (EasyEdit keys on its output)",
+             "target_modules -> lora_inner_params (the paths, which EasyEdit matches by name ending)",
+             "fan_in_fan_out: lmedit reads GPT-2's Conv1D layout from the module itself"]
+    unread = [k for k in _MELO_MODEL_UNREAD if k in section]
+    if unread:
+        notes.append(f"{', '.join(unread)}: the model and tokenizer to load (--model) or unread")
+    read = {k: v for k, v in section.items() if k not in _MELO_MODEL_UNREAD}
+    state.mappings.append(KeyMapping(key, read, f"{fields}, key_from, lora_inner_params", "; ".join(notes)))
+
+
+def _melo_lora(state: _Translation, key: str, value: Any) -> None:
+    section = _melo_section(state, key, value, (
+        "cls_name", "cls_class", "supervised", "cos", "freeze", "square", "bound_embeds", "use_all_negatives",
+        "freeze_lora", "dist_heads", "cross_attend", "soft_weighting", "checkpoint_grad", "lora_r", "lora_alpha",
+        "lora_dropout"))
+    if float(section.get("lora_dropout", 0.0) or 0.0) != 0.0:
+        raise state.fail(f"{key}.lora_dropout {section['lora_dropout']}: lmedit's MELO has no LoRA dropout "
+                         "(EasyEdit's file uses 0.0)")
+    state.mappings.append(KeyMapping(key, value, None, (
+        "lora_dropout 0.0 is lmedit's (no dropout); lora_r and lora_alpha are not read by EasyEdit's MELO (its rank "
+        "is num_block x num_rank_per_block, alpha = rank); the rest configures a classifier EasyEdit's MELO loads "
+        "but never uses")))
+
+
+def _melo_task(state: _Translation, key: str, value: Any) -> None:
+    note = "EasyEdit tokenises prompt + ' ' + target with the prompt masked for task hall, as lmedit always does"
+    if value != "hall":
+        note += f"; task {value!r} selects EasyEdit's seq2seq tokeniser, which lmedit does not have"
+        _warn_once(f"{state.source}: MELO task {value!r} is read as task hall (decoder-only tokenisation)")
+    state.map(key, None, note)
+
+
 _LOCATE_SPECIAL: dict[str, Translate] = {
     "rewrite_module_tmp": _locate_rewrite_module, "v_loss_layer": _v_loss_layer, "mom2_dataset": _mom2_dataset,
     **TEMPLATE_RULES,
@@ -616,10 +729,37 @@ METHOD_TABLES: dict[str, MethodTable] = {
         direct=(*LOCATE_DIRECT, "mom2_update_weight", "emmet_lambda", "update_norm_lambda"), special=_LOCATE_SPECIAL,
         edit_batch=True, no_effect=_unread("EMMET", ("layer_selection",)),
     ),
+    "PMET": MethodTable(
+        direct=(*LOCATE_DIRECT, "mom2_update_weight"),
+        special={**_LOCATE_SPECIAL, "rewrite_module_tmps": _pmet_rewrite_modules,
+                 "mlp_module_tmp": _checked_template("mlp_out"), "attn_module_tmp": _checked_template("attn_out"),
+                 "nll_loss_factor": _pmet_nll_loss_factor},
+        edit_batch=True, no_effect=_unread("PMET", ("layer_selection",)),
+    ),
+    "SPHERE": MethodTable(
+        direct=(*LOCATE_DIRECT, "mom2_update_weight", "nullspace_threshold", "L2"),
+        special={**_LOCATE_SPECIAL,
+                 "cumulative_ratio": _renamed("beta_hse", "the share of the neurons' energy whose principal directions "
+                                                          "are protected (the SPHERE authors' --beta_hse)"),
+                 "suppression strength": _renamed("alpha", "the share of the update removed along them (the SPHERE "
+                                                            "authors' --alpha)"),
+                 "suppression_strength": _renamed("alpha", "the share of the update removed along them (the SPHERE "
+                                                           "authors' --alpha)")},
+        edit_batch=True,
+        no_effect={**_unread("SPHERE", ("layer_selection",)),
+                   "P_loc": "EasyEdit's saved null-space projection; lmedit computes it from its cached key statistics"},
+    ),
     "GRACE": MethodTable(
         direct=("edit_lr", "n_iter", "eps", "dist_fn", "val_init", "replacement", "eps_expand"),
         special={"inner_params": _adapter_site}, edit_batch=True,
         no_effect=_unread("GRACE", ("val_train", "val_reg", "reg", "num_pert", "dropout")),
+    ),
+    "MELO": MethodTable(
+        special={"grace": _melo_grace, "model": _melo_model, "lora": _melo_lora, "task": _melo_task},
+        edit_batch=True,
+        no_effect={"lora_task_type": "peft's task type; lmedit's MELO edits causal language models",
+                   "check_dir": "EasyEdit would load a MELO checkpoint from there (its loader only prints the path); "
+                                "in lmedit re-apply a saved edit with lmedit.registry.load_edit"},
     ),
     "DEFER": MethodTable(direct=("edit_lr", "n_iter", "threshold"), special={"inner_params": _adapter_site},
                          edit_batch=True),

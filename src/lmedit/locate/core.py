@@ -382,28 +382,58 @@ def optimize_targets(
     ``v_stop_loss`` is frozen while the others go on. Batching only makes
     the forward passes larger, which a CPU runs far more efficiently.
     """
+    joint = optimize_joint_targets(model, tok, requests, sites=[site], templates=templates, hparams=hparams,
+                                   kl_prompts=kl_prompts)
+    return [results[site] for results in joint]
+
+
+def optimize_joint_targets(
+    model: nn.Module,
+    tok: Any,
+    requests: Sequence[EditRequest],
+    *,
+    sites: Sequence[str],
+    templates: Sequence[str],
+    hparams: LocateHyperParams,
+    kl_prompts: Sequence[str] = ("{} is a",),
+) -> list[dict[str, TargetResult]]:
+    """Target values at several sites at once: one delta per (site, request), optimised together.
+
+    With one site this is ROME's v* optimisation. PMET adds deltas to the
+    attention and the MLP outputs of one block together, so that the MLP's
+    target is only the part of the change the attention does not carry.
+    Each site's delta has its own weight decay (``|delta| / |init|^2``, summed)
+    and its own norm ball (``clamp_norm_factor * |init|``). Returns, per
+    request, each site's result.
+    """
+    if not sites:
+        raise ValueError("optimize_joint_targets needs at least one site")
     device = next(model.parameters()).device
     n = len(requests)
     batch = _target_batch(tok, requests, templates, kl_prompts, hparams.fact_token, device)
-    init = read_at(model, tok, batch.bare, [site], inputs=False)[site].to(device)  # (n, hidden)
+    read = read_at(model, tok, batch.bare, list(sites), inputs=False)
+    init = torch.stack([read[site].to(device) for site in sites])  # (sites, n, hidden)
     delta = torch.zeros_like(init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    max_norm = hparams.clamp_norm_factor * init.norm(dim=1)
+    max_norm = hparams.clamp_norm_factor * init.norm(dim=2)  # (sites, n)
     active = torch.ones(n, dtype=torch.bool, device=device)
     frozen = torch.zeros_like(init)
     n_loss = len(batch.loss_targets)
 
-    logits_of, edit_cols = _logits_reader(model, site, batch)
+    logits_of, edit_cols = _logits_reader(model, sites, batch)
 
-    def add_delta(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
-        value = _first_tensor(output)
-        patched = value.clone()
-        patched[batch.edit_rows, edit_cols] += delta[batch.edit_owner].to(value.dtype)
-        return (patched, *output[1:]) if isinstance(output, tuple) else patched
+    def add_delta(which: int) -> Callable[..., Any]:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], output: Any) -> Any:
+            value = _first_tensor(output)
+            patched = value.clone()
+            patched[batch.edit_rows, edit_cols] += delta[which, batch.edit_owner].to(value.dtype)
+            return (patched, *output[1:]) if isinstance(output, tuple) else patched
+
+        return hook
 
     kl_init: torch.Tensor | None = None
     history: list[list[float]] = [[] for _ in range(n)]
-    handle = get_module(model, site).register_forward_hook(add_delta)
+    handles = [get_module(model, site).register_forward_hook(add_delta(i)) for i, site in enumerate(sites)]
     try:
         with torch.enable_grad(), frozen_model(model):
             for step in range(hparams.v_num_grad_steps):
@@ -417,34 +447,40 @@ def optimize_targets(
                 kl_rows = (kl_log_probs.exp() * (kl_log_probs - kl_init)).sum(-1)
                 kl_counts = torch.zeros(n, device=device).index_add(0, batch.kl_owner, torch.ones_like(kl_rows))
                 kl = torch.zeros(n, device=device).index_add(0, batch.kl_owner, kl_rows) / kl_counts
-                decay = hparams.v_weight_decay * delta.norm(dim=1) / init.norm(dim=1) ** 2
+                decay = hparams.v_weight_decay * (delta.norm(dim=2) / init.norm(dim=2) ** 2).sum(0)
                 loss = nll + hparams.kl_factor * kl + decay
                 for i in range(n):
                     if active[i]:
                         history[i].append(float(nll[i].detach()))
                 with torch.no_grad():
                     done = active & (loss.detach() < hparams.v_stop_loss)
-                    frozen[done] = delta[done]
+                    frozen[:, done] = delta[:, done]
                     active &= ~done
                 if step == hparams.v_num_grad_steps - 1 or not bool(active.any()):
                     break
                 loss[active].sum().backward()
                 optimizer.step()
                 with torch.no_grad():
-                    norms = delta.norm(dim=1)
+                    norms = delta.norm(dim=2)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
-                    delta.mul_(scale[:, None])
-                    delta[~active] = frozen[~active]
+                    delta.mul_(scale[..., None])
+                    delta[:, ~active] = frozen[:, ~active]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     final = delta.detach()
     return [
-        TargetResult(target=(init[i] + final[i]).detach(), init=init[i], nll=history[i], delta_norm=float(final[i].norm()))
+        {
+            site: TargetResult(target=(init[s, i] + final[s, i]).detach(), init=init[s, i], nll=history[i],
+                               delta_norm=float(final[s, i].norm()))
+            for s, site in enumerate(sites)
+        }
         for i in range(n)
     ]
 
 
-def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
+def _logits_reader(model: nn.Module, sites: Sequence[str],
+                   batch: _TargetBatch) -> tuple[Callable[[], torch.Tensor], torch.Tensor]:
     """Logits at the positions the v* loss reads, recomputing as little as delta can change.
 
     Delta sits at the fact token of each row, so the columns before it never
@@ -452,7 +488,7 @@ def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> tuple[Ca
     falls in one column; everything before that column is computed once and
     cached, and each step feeds only the rest
     (:class:`~lmedit.forward.partial.SuffixForward`). Failing that, (2) the
-    blocks below ``site`` are computed once
+    blocks below the lowest of ``sites`` are computed once
     (:class:`~lmedit.forward.partial.UpperForward`). Each shortcut is checked
     against the full forward pass before use. Returns the reader and, per
     row, the column of its fact token in the reader's inputs.
@@ -465,7 +501,8 @@ def _logits_reader(model: nn.Module, site: str, batch: _TargetBatch) -> tuple[Ca
         if suffix is not None:
             return suffix, torch.zeros_like(batch.edit_cols)
     inputs = {"input_ids": batch.ids, "attention_mask": batch.mask}
-    block = block_of(spec, site)
+    blocks = [block_of(spec, site) for site in sites]
+    block = None if None in blocks else min(b for b in blocks if b is not None)
     upper = UpperForward.prepare(model, spec, block, batch.read, **inputs) if block is not None else None
     if upper is not None:
         return upper, batch.edit_cols
@@ -519,7 +556,7 @@ def memit_update(
     K = keys.double()
     A = K @ K.T
     if cov is not None:
-        A = A + cov_weight * cov.double()
+        A = A + cov_weight * cov.to(K.device).double()  # statistics are cached on the CPU
     adjusted = torch.linalg.solve(A, K)
     return residuals.double() @ adjusted.T
 
@@ -537,7 +574,7 @@ def emmet_update(
     against ``w`` times its value, because scaling C scales ``Kᵀ C'⁻¹ K``.
     """
     K = keys.double()
-    C = cov_weight * cov.double()
+    C = cov_weight * cov.to(K.device).double()  # statistics are cached on the CPU
     if norm_ridge:
         C = C + norm_ridge * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     whitened = torch.linalg.solve(C, K)  # C'⁻¹ K, (d_in, n)
@@ -554,6 +591,24 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return basis @ basis.T
 
 
+def principal_direction_suppressor(weight_out_in: torch.Tensor, energy_ratio: float, strength: float) -> torch.Tensor:
+    """SPHERE's ``P = I − α U Uᵀ`` on the input space of a (d_out, d_in) weight.
+
+    Each row of the weight (one output neuron) is scaled to unit length, a point on the hypersphere; U holds the
+    leading eigenvectors of those points' second moment, as many as it takes for their eigenvalues to pass
+    ``energy_ratio`` of the total (the first one that passes included). ``update @ P`` takes ``strength`` (α) of every
+    update row's component along those principal directions away.
+    """
+    W = weight_out_in.double()
+    unit = W / (W.norm(dim=1, keepdim=True) + 1e-8)
+    moment = unit.T @ unit / unit.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment)  # ascending
+    shares = torch.cumsum(eigenvalues.flip(0), 0) / eigenvalues.sum()
+    rank = min(int((shares <= energy_ratio).sum()) + 1, eigenvalues.numel())
+    U = eigenvectors[:, -rank:]
+    return torch.eye(W.shape[1], dtype=W.dtype, device=W.device) - strength * (U @ U.T)
+
+
 def alphaedit_update(
     keys: torch.Tensor, residuals: torch.Tensor, projector: torch.Tensor, previous: torch.Tensor | None, l2: float
 ) -> torch.Tensor:
@@ -562,10 +617,11 @@ def alphaedit_update(
     Solved as its transpose, ``(P (K Kᵀ + C_p) + α I) X = P K Rᵀ`` with
     ``Δ = Xᵀ``, which is how the authors' code computes it.
     """
-    K, P = keys.double(), projector.double()
+    K = keys.double()
+    P = projector.to(K.device).double()  # computed from the CPU-cached statistics
     A = K @ K.T
     if previous is not None:
-        A = A + previous.double()
+        A = A + previous.to(K.device).double()
     system = P @ A + l2 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     solution = torch.linalg.solve(system, P @ K @ residuals.double().T)
     return solution.T

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -74,8 +74,8 @@ def reset_alphaedit(model: Any) -> None:
 class AlphaEditHandle(WeightSnapshotHandle):
     """Restores the weights and takes this edit's keys out of the session's accumulated keys."""
 
-    def __init__(self, model: Any, param_names: Sequence[str], edit_id: int) -> None:
-        super().__init__("AlphaEdit", model, param_names)
+    def __init__(self, model: Any, param_names: Sequence[str], edit_id: int, method: str = "AlphaEdit") -> None:
+        super().__init__(method, model, param_names)
         self.edit_id = edit_id
 
     def _restore(self) -> None:
@@ -83,10 +83,20 @@ class AlphaEditHandle(WeightSnapshotHandle):
         alphaedit_state(self.model).keys.pop(self.edit_id, None)
 
 
+UpdateFilter = Callable[[Any, str, torch.Tensor], torch.Tensor]
+"""(model, down-projection name, update as (d_out, d_in)) -> the update to write; SPHERE's projection is one."""
+
+
 @register("AlphaEdit", hparams=AlphaEditHyperParams, batch=True, needs_subject=True,
           tiny_setup=lambda model, tok, workdir: {**tiny_setup(model, tok, workdir), "nullspace_threshold": 1e-2, "L2": 1e-3})
 def apply_alphaedit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: AlphaEditHyperParams) -> AlphaEditHandle:
     """AlphaEdit: null-space constrained MEMIT for sequential editing."""
+    return null_space_edit(model, tok, requests, hparams, "AlphaEdit")
+
+
+def null_space_edit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: AlphaEditHyperParams,
+                    method: str, update_filter: UpdateFilter | None = None) -> AlphaEditHandle:
+    """AlphaEdit's edit; ``update_filter`` may reshape each layer's update before it is written."""
     started = time.perf_counter()
     plan = plan_edit(model, tok, requests, hparams, covariances=True)
     spec, state = plan.spec, alphaedit_state(model)
@@ -98,13 +108,15 @@ def apply_alphaedit(model: Any, tok: Any, requests: Sequence[EditRequest], hpara
             state.projectors[key] = null_space_projector(plan.covariances[layer], hparams.nullspace_threshold)
         projectors[layer] = state.projectors[key]
     edit_id = next(_edit_ids)
-    handle = AlphaEditHandle(model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers], edit_id)
+    handle = AlphaEditHandle(model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers], edit_id, method)
     norms = {}
     for position, layer, module in iter_layers(spec, hparams.layers):
         keys = average_keys(model, tok, spec, requests, [layer], plan.templates, hparams.fact_token)[layer]
         current = current_outputs(model, tok, plan, requests, hparams.layers[-1], hparams.fact_token)
         residual = (plan.targets - current) / (len(hparams.layers) - position)
         update = alphaedit_update(keys, residual, projectors[layer], state.previous(layer), hparams.L2)
+        if update_filter is not None:
+            update = update_filter(model, module, update)
         add_to_weight(model, module, update, spec.conv1d_weights)
         norms[layer] = float(update.norm())
     # the keys of this edit, read on the edited model, protect it from later edits

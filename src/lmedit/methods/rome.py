@@ -74,7 +74,7 @@ def apply_rome(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: R
 
     key_templates = ["{}"] if hparams.key_mode == "prompt" else templates
     k_star = average_keys(model, tok, spec, [request], [layer], key_templates, hparams.fact_token)[layer][:, 0]
-    left = torch.linalg.solve(cov.double(), k_star.double()) if cov is not None else k_star.double()
+    left = torch.linalg.solve(cov.to(k_star.device).double(), k_star.double()) if cov is not None else k_star.double()
     left = left / left.norm()
 
     value = optimize_target(model, tok, request, site=module, templates=templates, hparams=hparams)
