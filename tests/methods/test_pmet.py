@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lmedit.locate.core import context_templates, optimize_joint_targets, optimize_targets
-from lmedit.methods.pmet import PMETHyperParams, _current_mlp_outputs, _optimise_targets, apply_pmet
+from lmedit.locate.core import context_templates, optimize_joint_targets, optimize_targets, outputs_at
+from lmedit.methods.pmet import PMETHyperParams, _optimise_targets, apply_pmet
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_parameter
 
@@ -47,7 +47,7 @@ def test_one_layer_meets_the_mlp_target_and_leaves_attention_alone(tiny_llama, w
                  enumerate(["a0", "a1"])}
     handle = apply_pmet(tiny_llama, word_tok, [REQUEST], hp)
     assert handle.info["attention_delta_norm_mean"] > 0  # the attention delta took part in the optimisation
-    reached = _current_mlp_outputs(tiny_llama, word_tok, spec, [REQUEST], 1, hp.fact_token)
+    reached = outputs_at(tiny_llama, word_tok, spec.mlp_out(1), [REQUEST], hp.fact_token)
     assert torch.allclose(reached.float(), wanted.mlp.float(), atol=1e-3 * float(wanted.mlp.norm()))
     for layer, name in enumerate(["a0", "a1"]):  # only MLP weights are written
         assert torch.equal(get_parameter(tiny_llama, f"{spec.attn_out(layer)}.weight"), attention[name])
@@ -61,7 +61,7 @@ def test_the_lower_layer_takes_the_residual_over_root_two(tiny_llama, word_tok):
     hp = _hparams([0, 1])
     templates = context_templates(tiny_llama, word_tok, hp.context_template_length_params)
     wanted = _optimise_targets(tiny_llama, word_tok, spec, [REQUEST], hp, templates)
-    residual = wanted.mlp - _current_mlp_outputs(tiny_llama, word_tok, spec, [REQUEST], 1, hp.fact_token)
+    residual = wanted.mlp - outputs_at(tiny_llama, word_tok, spec.mlp_out(1), [REQUEST], hp.fact_token)
     key = average_keys(tiny_llama, word_tok, spec, [REQUEST], [0], templates, hp.fact_token)[0]
     weight = get_parameter(tiny_llama, f"{spec.mlp_out(0)}.weight")
     original = weight.detach().clone()

@@ -641,3 +641,35 @@ def iter_layers(spec: ModelSpec, layers: Sequence[int]) -> Iterator[tuple[int, i
     """(position in the list, layer index, down-projection name) for each edited layer."""
     for position, layer in enumerate(layers):
         yield position, layer, spec.mlp_out(layer)
+
+
+def outputs_at(model: nn.Module, tok: Any, site: str, requests: Sequence[EditRequest], fact_token: str) -> torch.Tensor:
+    """The output of ``site`` at each bare prompt's fact token, (d_hidden, n)."""
+    lookups = [lookup(tok, "{}", r.prompt, r.subject or "", fact_token) for r in requests]
+    return read_at(model, tok, lookups, [site], inputs=False)[site].T
+
+
+LayerSolve = Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(layer, down-projection name, keys (d_in, n), residuals (d_out, n)) -> that layer's update, (d_out, d_in)."""
+
+
+def spread_over_layers(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
+                       layers: Sequence[int], templates: Sequence[str], fact_token: str, targets: torch.Tensor,
+                       read_site: str, solve: LayerSolve,
+                       share: Callable[[int], float] = float) -> dict[int, float]:
+    """MEMIT's layer loop: each layer, lowest first, absorbs its share of what is still missing at ``read_site``.
+
+    At every layer the keys are read, the residual ``targets − output of read_site`` is read on the model as
+    edited so far and divided by ``share(layers still to edit)`` (their number for MEMIT, EMMET and AlphaEdit;
+    its square root for PMET), ``solve`` turns keys and residuals into the layer's update, and the update is
+    added. Returns each layer's update norm.
+    """
+    norms: dict[int, float] = {}
+    for position, layer, module in iter_layers(spec, layers):
+        keys = average_keys(model, tok, spec, requests, [layer], templates, fact_token)[layer]
+        current = outputs_at(model, tok, read_site, requests, fact_token)
+        residual = (targets - current) / share(len(layers) - position)
+        update = solve(layer, module, keys, residual)
+        add_to_weight(model, module, update, spec.conv1d_weights)
+        norms[layer] = float(update.norm())
+    return norms

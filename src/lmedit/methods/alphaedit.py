@@ -25,8 +25,8 @@ import torch
 
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParamsError
-from lmedit.locate.core import add_to_weight, alphaedit_update, average_keys, iter_layers, null_space_projector, session_state, tiny_setup
-from lmedit.methods.memit import MEMITHyperParams, current_outputs, plan_edit
+from lmedit.locate.core import alphaedit_update, average_keys, null_space_projector, session_state, tiny_setup
+from lmedit.methods.memit import MEMITHyperParams, plan_edit, spread_plan
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
@@ -109,16 +109,12 @@ def null_space_edit(model: Any, tok: Any, requests: Sequence[EditRequest], hpara
         projectors[layer] = state.projectors[key]
     edit_id = next(_edit_ids)
     handle = AlphaEditHandle(model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers], edit_id, method)
-    norms = {}
-    for position, layer, module in iter_layers(spec, hparams.layers):
-        keys = average_keys(model, tok, spec, requests, [layer], plan.templates, hparams.fact_token)[layer]
-        current = current_outputs(model, tok, plan, requests, hparams.layers[-1], hparams.fact_token)
-        residual = (plan.targets - current) / (len(hparams.layers) - position)
+
+    def solve(layer: int, module: str, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         update = alphaedit_update(keys, residual, projectors[layer], state.previous(layer), hparams.L2)
-        if update_filter is not None:
-            update = update_filter(model, module, update)
-        add_to_weight(model, module, update, spec.conv1d_weights)
-        norms[layer] = float(update.norm())
+        return update if update_filter is None else update_filter(model, module, update)
+
+    norms = spread_plan(model, tok, plan, requests, hparams, solve)
     # the keys of this edit, read on the edited model, protect it from later edits
     edited_keys = average_keys(model, tok, spec, requests, hparams.layers, plan.templates, hparams.fact_token)
     state.keys[edit_id] = {layer: k.double() for layer, k in edited_keys.items()}

@@ -24,8 +24,10 @@ from typing import Any, Sequence
 
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParamsError
-from lmedit.locate.core import add_to_weight, average_keys, emmet_update, iter_layers, tiny_setup
-from lmedit.methods.memit import MEMITHyperParams, current_outputs, plan_edit
+import torch
+
+from lmedit.locate.core import emmet_update, tiny_setup
+from lmedit.methods.memit import MEMITHyperParams, plan_edit, spread_plan
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 
@@ -55,15 +57,12 @@ def apply_emmet(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: 
     spec = plan.spec
     handle = WeightSnapshotHandle("EMMET", model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers])
     ridge = hparams.emmet_lambda if len(requests) > 1 else 0.0
-    norms = {}
-    for position, layer, module in iter_layers(spec, hparams.layers):
-        keys = average_keys(model, tok, spec, requests, [layer], plan.templates, hparams.fact_token)[layer]
-        current = current_outputs(model, tok, plan, requests, hparams.layers[-1], hparams.fact_token)
-        residual = (plan.targets - current) / (len(hparams.layers) - position)
-        update = emmet_update(keys, residual, plan.covariances[layer], hparams.mom2_update_weight, ridge,
-                              hparams.update_norm_lambda)
-        add_to_weight(model, module, update, spec.conv1d_weights)
-        norms[layer] = float(update.norm())
+
+    def solve(layer: int, _module: str, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return emmet_update(keys, residual, plan.covariances[layer], hparams.mom2_update_weight, ridge,
+                            hparams.update_norm_lambda)
+
+    norms = spread_plan(model, tok, plan, requests, hparams, solve)
     handle.info = {"layers": list(hparams.layers), "update_norms": norms,
                    "target_nll_final_mean": sum(n[-1] for n in plan.target_nll) / len(plan.target_nll),
                    "target_steps_mean": sum(len(n) for n in plan.target_nll) / len(plan.target_nll),

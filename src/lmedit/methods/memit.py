@@ -20,16 +20,13 @@ import torch
 
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.locate.core import (
-    tiny_setup,
+    LayerSolve,
     LocateHyperParams,
-    add_to_weight,
-    average_keys,
     context_templates,
-    iter_layers,
-    lookup,
     memit_update,
     optimize_targets,
-    read_at,
+    spread_over_layers,
+    tiny_setup,
 )
 from lmedit.registry import register
 from lmedit.requests import EditRequest
@@ -97,12 +94,22 @@ def _warn_if_mlp_output_is_renormalised(model: Any, spec: ModelSpec, layer: int)
                     "optimises the MLP output itself, does not have this problem)", kind)
 
 
-def current_outputs(model: Any, tok: Any, plan: PlannedEdit, requests: Sequence[EditRequest], layer: int,
-                    fact_token: str) -> torch.Tensor:
-    """Hidden state at the last edited block for each bare prompt, (d_hidden, n)."""
-    site = plan.spec.block(layer)
-    lookups = [lookup(tok, "{}", r.prompt, r.subject or "", fact_token) for r in requests]
-    return read_at(model, tok, lookups, [site], inputs=False)[site].T
+def memit_solve(covariances: dict[int, torch.Tensor], cov_weight: float) -> LayerSolve:
+    """MEMIT's closed form per layer, with the identity for C where no statistics were taken."""
+    def solve(layer: int, _module: str, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        cov = covariances.get(layer)
+        if cov is None:
+            cov = torch.eye(keys.shape[0], dtype=torch.float64)
+        return memit_update(keys, residual, cov, cov_weight)
+
+    return solve
+
+
+def spread_plan(model: Any, tok: Any, plan: PlannedEdit, requests: Sequence[EditRequest], hparams: LocateHyperParams,
+                solve: LayerSolve) -> dict[int, float]:
+    """MEMIT's layer loop towards the plan's targets at the last edited block (shared by EMMET and AlphaEdit)."""
+    return spread_over_layers(model, tok, plan.spec, requests, hparams.layers, plan.templates, hparams.fact_token,
+                              plan.targets, plan.spec.block(hparams.layers[-1]), solve)
 
 
 @register("MEMIT", hparams=MEMITHyperParams, batch=True, needs_subject=True,
@@ -113,17 +120,7 @@ def apply_memit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: 
     plan = plan_edit(model, tok, requests, hparams, covariances=hparams.mom2_adjustment)
     spec = plan.spec
     handle = WeightSnapshotHandle("MEMIT", model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers])
-    norms = {}
-    for position, layer, module in iter_layers(spec, hparams.layers):
-        keys = average_keys(model, tok, spec, requests, [layer], plan.templates, hparams.fact_token)[layer]
-        current = current_outputs(model, tok, plan, requests, hparams.layers[-1], hparams.fact_token)
-        residual = (plan.targets - current) / (len(hparams.layers) - position)
-        cov = plan.covariances.get(layer)
-        if cov is None:
-            cov = torch.eye(keys.shape[0], dtype=torch.float64)
-        update = memit_update(keys, residual, cov, hparams.mom2_update_weight)
-        add_to_weight(model, module, update, spec.conv1d_weights)
-        norms[layer] = float(update.norm())
+    norms = spread_plan(model, tok, plan, requests, hparams, memit_solve(plan.covariances, hparams.mom2_update_weight))
     handle.info = {"layers": list(hparams.layers), "update_norms": norms, "target_nll_final_mean": sum(n[-1] for n in plan.target_nll) / len(plan.target_nll),
                    "target_steps_mean": sum(len(n) for n in plan.target_nll) / len(plan.target_nll),
                    "seconds": time.perf_counter() - started}

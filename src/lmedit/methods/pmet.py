@@ -25,18 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from lmedit.handles import WeightSnapshotHandle
-from lmedit.locate.core import (
-    add_to_weight,
-    average_keys,
-    context_templates,
-    iter_layers,
-    lookup,
-    memit_update,
-    optimize_joint_targets,
-    read_at,
-    tiny_setup,
-)
-from lmedit.methods.memit import MEMITHyperParams
+from lmedit.locate.core import context_templates, optimize_joint_targets, spread_over_layers, tiny_setup
+from lmedit.methods.memit import MEMITHyperParams, memit_solve
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec
@@ -71,14 +61,6 @@ def _optimise_targets(model: Any, tok: Any, spec: ModelSpec, requests: Sequence[
                     nll=[r[mlp_site].nll for r in results])
 
 
-def _current_mlp_outputs(model: Any, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest], layer: int,
-                         fact_token: str) -> torch.Tensor:
-    """The MLP output of block ``layer`` at each bare prompt's fact token, (d_hidden, n)."""
-    site = spec.mlp_out(layer)
-    lookups = [lookup(tok, "{}", r.prompt, r.subject or "", fact_token) for r in requests]
-    return read_at(model, tok, lookups, [site], inputs=False)[site].T
-
-
 @register("PMET", hparams=PMETHyperParams, batch=True, needs_subject=True,
           tiny_setup=lambda model, tok, workdir: {**tiny_setup(model, tok, workdir), "mom2_update_weight": 1.0})
 def apply_pmet(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: PMETHyperParams) -> WeightSnapshotHandle:
@@ -93,17 +75,9 @@ def apply_pmet(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: P
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_template_seed)
     targets = _optimise_targets(model, tok, spec, requests, hparams, templates)
     handle = WeightSnapshotHandle("PMET", model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers])
-    norms = {}
-    for position, layer, module in iter_layers(spec, hparams.layers):
-        keys = average_keys(model, tok, spec, requests, [layer], templates, hparams.fact_token)[layer]
-        current = _current_mlp_outputs(model, tok, spec, requests, hparams.layers[-1], hparams.fact_token)
-        residual = (targets.mlp - current) / math.sqrt(len(hparams.layers) - position)
-        cov = covariances.get(layer)
-        if cov is None:
-            cov = torch.eye(keys.shape[0], dtype=torch.float64)
-        update = memit_update(keys, residual, cov, hparams.mom2_update_weight)
-        add_to_weight(model, module, update, spec.conv1d_weights)
-        norms[layer] = float(update.norm())
+    norms = spread_over_layers(model, tok, spec, requests, hparams.layers, templates, hparams.fact_token, targets.mlp,
+                               spec.mlp_out(hparams.layers[-1]), memit_solve(covariances, hparams.mom2_update_weight),
+                               share=math.sqrt)
     n = len(requests)
     handle.info = {"layers": list(hparams.layers), "update_norms": norms,
                    "target_nll_final_mean": sum(h[-1] for h in targets.nll) / n,
