@@ -98,3 +98,29 @@ def test_a_folder_written_before_an_evaluation_setting_existed_still_resumes(tin
 @pytest.mark.parametrize("method, cached", [("WISE", False), ("DEFER", False), ("GRACE", True), ("FT-M", True)])
 def test_methods_that_read_their_whole_input_are_scored_by_uncached_generation(tiny_llama, word_tok, method, cached):
     assert Editor(tiny_llama, word_tok, method).evaluator.config.generation_cache is cached
+
+
+def test_the_unedited_model_decodes_with_the_cache_even_for_uncached_methods(tiny_llama, word_tok, monkeypatch):
+    """Pre-edit capture of a WISE run uses the KV cache (no adapter yet, same tokens); after the edit it does not."""
+    from lmedit.evaluation import evaluator as evaluator_module
+
+    used = []
+    original = evaluator_module.generate_greedy
+
+    def spy(*args, **kwargs):
+        used.append(kwargs["use_cache"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "generate_greedy", spy)
+    editor = Editor(tiny_llama, word_tok, "WISE", overrides={"n_iter": 2, "layer": 1},
+                    eval_config=evaluator_module.EvalConfig(mode="both"))
+    assert editor.evaluator.config.generation_cache is False
+    pre = editor.evaluator.capture(tiny_llama, REQUESTS[:1])
+    assert used == [True]
+    uncached = original(tiny_llama, word_tok, [p.prompt for p in pre.probes],
+                        [len(o.generated) for o in pre.outcomes], use_cache=False)
+    assert [list(o.generated) for o in pre.outcomes] == [list(u) for u in uncached]
+    handle = editor.apply(REQUESTS[0])
+    editor.evaluator.score(tiny_llama, REQUESTS[:1], pre)
+    assert used[-1] is False
+    handle.restore()

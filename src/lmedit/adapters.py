@@ -220,6 +220,11 @@ def find_adapter(model: nn.Module, path: str) -> AdapterLayer | None:
     return module if isinstance(module, AdapterLayer) else None
 
 
+def carries_adapter(model: nn.Module) -> bool:
+    """Whether any lifelong-memory adapter (GRACE, DEFER, WISE, MELO, ...) is installed in ``model``."""
+    return any(isinstance(module, AdapterLayer) for module in model.modules())
+
+
 def adapters_of(model: nn.Module, kind: type[A]) -> list[A]:
     return [m for m in model.modules() if isinstance(m, kind)]
 

@@ -153,19 +153,32 @@ class Evaluator:
         self, model: torch.nn.Module, probes: Sequence[ProbeRef], progress: ProgressFn | None = None
     ) -> list[ProbeOutcome]:
         """Outcomes of ``probes`` in order; a model with a probe router (IKE, SERAC) is scored on its routes."""
+        use_cache = self._generation_cache(model)
         # routing hook (lmedit.routing): one route call, then each route model's probes scored in batches
         groups = route_prompts(model, self.tok, [p.prompt for p in probes])
         if groups is None:
-            return self._score_probes(model, probes, progress)
+            return self._score_probes(model, probes, progress, use_cache)
         outcomes = [ProbeOutcome() for _ in probes]
         for group in groups:
             routed = [dataclasses.replace(probes[i], prompt=prompt) for i, prompt in zip(group.indices, group.prompts)]
-            for index, outcome in zip(group.indices, self._score_probes(group.model, routed, progress)):
+            for index, outcome in zip(group.indices, self._score_probes(group.model, routed, progress, use_cache)):
                 outcomes[index] = outcome
         return outcomes
 
+    def _generation_cache(self, model: torch.nn.Module) -> bool:
+        """Decode with the key/value cache unless the method forbids it *and* its adapter is in the model.
+
+        WISE, DEFER and MELO read the whole input on every call, so their edited models decode without the cache.
+        A model that carries no adapter (the unedited model of a pre-edit capture) decodes the same either way,
+        and several times faster with the cache.
+        """
+        from lmedit.adapters import carries_adapter
+
+        return self.config.generation_cache or not carries_adapter(model)
+
     def _score_probes(
-        self, model: torch.nn.Module, probes: Sequence[ProbeRef], progress: ProgressFn | None = None
+        self, model: torch.nn.Module, probes: Sequence[ProbeRef], progress: ProgressFn | None = None,
+        use_cache: bool = True,
     ) -> list[ProbeOutcome]:
         outcomes = [ProbeOutcome() for _ in probes]
         was_training = model.training
@@ -186,7 +199,7 @@ class Evaluator:
                 targets = [self._answer_ids(p) for p in probes]
                 generated = generate_greedy(
                     model, self.tok, [p.prompt for p in probes], [len(t) for t in targets],
-                    batch_size=self.config.batch_size, progress=progress, use_cache=self.config.generation_cache,
+                    batch_size=self.config.batch_size, progress=progress, use_cache=use_cache,
                 )
                 for outcome, gen, target in zip(outcomes, generated, targets):
                     outcome.generated = gen
@@ -211,7 +224,7 @@ class Evaluator:
         from lmedit.evaluation.suites import merge_metrics
 
         for suite in self.active_suites(requests):
-            capture = suite.capture(model, self.tok, requests, self._suite_context())
+            capture = suite.capture(model, self.tok, requests, self._suite_context(model))
             merge_metrics(snapshot.metrics, capture.metrics)
             snapshot.suites[suite.name] = (suite, capture)
         return snapshot
@@ -233,7 +246,7 @@ class Evaluator:
         from lmedit.evaluation.suites import merge_metrics
 
         for suite, capture in pre.suites.values():
-            merge_metrics(rows, suite.score(model, self.tok, requests, capture, self._suite_context()))
+            merge_metrics(rows, suite.score(model, self.tok, requests, capture, self._suite_context(model)))
         return rows
 
     def active_suites(self, requests: Sequence[EditRequest]) -> list[Any]:
@@ -251,11 +264,11 @@ class Evaluator:
 
         return describe(self.active_suites(requests), self.tok)
 
-    def _suite_context(self) -> Any:
+    def _suite_context(self, model: torch.nn.Module) -> Any:
         from lmedit.evaluation.suites import SuiteContext
 
         return SuiteContext(self.config.batch_size, self.config.max_batch_tokens, self.config.packing, self._edit_prompt,
-                            self.config.generation_cache)
+                            self._generation_cache(model))
 
     @staticmethod
     def _key(probe: ProbeRef) -> tuple[Any, ...]:
