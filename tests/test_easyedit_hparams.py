@@ -138,6 +138,19 @@ model_parallel: false
     "SPHERE": locate("SPHERE", layers="0, 1", adjust="true")
               + "layer_selection: all\nmom2_update_weight: 15000\nP_loc: ./null_space_project.pt\n"
                 "nullspace_threshold: 2e-2\nL2: 1\ncumulative_ratio: 0.5\nsuppression strength: 0.3\n",
+    "KN": """
+alg_name: "KN"
+model_name: "./hugging_cache/llama-2-7b"
+device: 0
+
+lr_scale: 1.0
+n_toks: 10
+refine: false
+batch_size: 1
+steps: 1
+adaptive_threshold: 0.2
+p: 0.4
+""",
     "GRACE": """
 alg_name: "GRACE"
 model_name: "./hugging_cache/llama-2-7b"
@@ -311,6 +324,7 @@ EXPECTED = {
     "PMET": {"layers": [0, 1], "mom2_update_weight": 15000.0, "clamp_norm_factor": 1.0, "v_weight_decay": 0.5,
              "v_num_grad_steps": 20},
     "SPHERE": {"layers": [0, 1], "nullspace_threshold": 0.02, "L2": 1.0, "beta_hse": 0.5, "alpha": 0.3},
+    "KN": {"steps": 1, "batch_size": 1, "adaptive_threshold": 0.2, "p": 0.4, "refine": False},
     "GRACE": {"layer": 2, "module": "mlp_out", "inner_params": [], "edit_lr": 1.0, "n_iter": 50, "eps": 1.0,
               "replacement": "replace_last", "eps_expand": "coverage"},
     "MELO": {"layer": 0, "module": "mlp_out", "inner_params": [], "key_from": "output", "n_iter": 50, "edit_lr": 1e-3,

@@ -240,7 +240,7 @@ def _as_easyedit_values(values: dict[str, Any]) -> dict[str, Any]:
 # EasyEdit's alg_name -> lmedit's method (FT splits by objective_optimization).
 EASYEDIT_METHODS = {
     "FT": "FT", "LoRA": "LoRA", "ROME": "ROME", "MEMIT": "MEMIT", "AlphaEdit": "AlphaEdit", "EMMET": "EMMET",
-    "PMET": "PMET", "SPHERE": "SPHERE",
+    "PMET": "PMET", "SPHERE": "SPHERE", "KN": "KN",
     "GRACE": "GRACE", "DEFER": "DEFER", "WISE": "WISE", "IKE": "IKE", "SERAC": "SERAC", "MEND": "MEND",
     "MELO": "MELO",
     "FT-L": "FT-L", "FT-M": "FT-M",
@@ -748,6 +748,10 @@ METHOD_TABLES: dict[str, MethodTable] = {
         edit_batch=True,
         no_effect={**_unread("SPHERE", ("layer_selection",)),
                    "P_loc": "EasyEdit's saved null-space projection; lmedit computes it from its cached key statistics"},
+    ),
+    "KN": MethodTable(
+        direct=("steps", "batch_size", "adaptive_threshold", "p", "refine"),
+        no_effect=_unread("KN", ("lr_scale", "n_toks")),
     ),
     "GRACE": MethodTable(
         direct=("edit_lr", "n_iter", "eps", "dist_fn", "val_init", "replacement", "eps_expand"),
