@@ -59,7 +59,7 @@ def test_snapshot_subset_keeps_the_suite_captures(tiny_llama, word_tok):
         evaluator.score(tiny_llama, [requests[0], requests[2]], part)
     suite, capture = part.suites["fluency"]
     with pytest.raises(SuiteError, match="other requests"):  # the suite checks its own capture too
-        suite.score(tiny_llama, word_tok, [requests[0], requests[2]], capture, evaluator._suite_context())
+        suite.score(tiny_llama, word_tok, [requests[0], requests[2]], capture, evaluator._suite_context(tiny_llama))
 
 
 def test_run_folder_records_suite_settings_and_resumes(tiny_llama, word_tok, tmp_path):
