@@ -52,9 +52,13 @@ def test_batched_evaluation_matches_one_prompt_at_a_time(embedded, zsre):
         assert torch.allclose(torch.tensor(b.target_logprobs), torch.tensor(a.target_logprobs), atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["ROME", "MEMIT", "AlphaEdit", "EMMET"])
-def test_locate_then_edit_methods_take_effect_and_restore_exactly(embedded, zsre, method):
-    """One edit each with small statistics (64 articles, so CI computes them in seconds)."""
+@pytest.mark.parametrize("method, gain", [("ROME", 0.5), ("MEMIT", 0.5), ("AlphaEdit", 0.5), ("EMMET", 0.5),
+                                          ("SPHERE", 0.5), ("PMET", 0.25)])
+def test_locate_then_edit_methods_take_effect_and_restore_exactly(embedded, zsre, method, gain):
+    """One edit each with small statistics (64 articles, so CI computes them in seconds).
+
+    PMET's bar is lower: with its preset it moves this item from 0.25 to 0.75 (docs/locate-then-edit.md), and here
+    its targets get fewer steps and prefixes."""
     model, tok = embedded
     original = snapshot(model)
     overrides = {"mom2_n_samples": 64, "mom2_sample_length": 128, "v_num_grad_steps": 15,
@@ -66,7 +70,7 @@ def test_locate_then_edit_methods_take_effect_and_restore_exactly(embedded, zsre
     post = editor.evaluate([request], pre)[0]
     handle.restore()
     assert state_equal(model, original)
-    assert post["rewrite_acc"] >= pre.metrics[0]["rewrite_acc"] + 0.5
+    assert post["rewrite_acc"] >= pre.metrics[0]["rewrite_acc"] + gain
     assert post["locality"] >= 0.8
 
 
@@ -90,3 +94,19 @@ def test_ultraedit_turn_of_four_edits_and_the_qa_suite(embedded, zsre):
     assert mean(post, "rewrite_acc") > mean(pre.metrics, "rewrite_acc") + 0.1
     assert mean(post, "locality") >= 0.8
     assert {"rewrite_qa_em", "rewrite_qa_f1", "rewrite_qa_contains", "locality_qa_f1"} <= set(post[0])
+
+
+def test_melo_edits_are_routed_only_to_their_prompts(embedded, zsre):
+    """Two MELO edits in a row on the embedded model: both hold, locality is untouched, restore is exact."""
+    model, tok = embedded
+    original = snapshot(model)
+    editor = Editor(model, tok, "MELO", preset="smollm2-135m")
+    requests = zsre[:2]
+    pre = editor.capture(requests)
+    handles = [editor.apply(r) for r in requests]
+    post = editor.evaluate(requests, pre)
+    for handle in reversed(handles):
+        handle.restore()
+    assert state_equal(model, original)
+    assert all(row["rewrite_acc"] == 1.0 for row in post)
+    assert all(row["locality"] == 1.0 for row in post)
