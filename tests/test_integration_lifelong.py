@@ -78,3 +78,19 @@ def test_defer_edits_under_teacher_forcing_and_restores_exactly(embedded, zsre):
     assert post["rewrite_acc"] > pre.metrics[0]["rewrite_acc"]
     handle.restore()
     assert state_equal(model, original)
+
+
+def test_melo_edits_are_routed_only_to_their_prompts(embedded, zsre):
+    """Two MELO edits in a row on the embedded model: both hold, locality is untouched, restore is exact."""
+    model, tok = embedded
+    original = snapshot(model)
+    editor = Editor(model, tok, "MELO", preset="smollm2-135m")
+    requests = zsre[:2]
+    pre = editor.capture(requests)
+    handles = [editor.apply(r) for r in requests]
+    post = editor.evaluate(requests, pre)
+    for handle in reversed(handles):
+        handle.restore()
+    assert state_equal(model, original)
+    assert all(row["rewrite_acc"] == 1.0 for row in post)
+    assert all(row["locality"] == 1.0 for row in post)

@@ -502,7 +502,7 @@ def _logits_reader(model: nn.Module, sites: Sequence[str],
             return suffix, torch.zeros_like(batch.edit_cols)
     inputs = {"input_ids": batch.ids, "attention_mask": batch.mask}
     blocks = [block_of(spec, site) for site in sites]
-    block = None if None in blocks else min(b for b in blocks if b is not None)
+    block = None if None in blocks else min(blocks)  # the lowest: every site's delta enters above it
     upper = UpperForward.prepare(model, spec, block, batch.read, **inputs) if block is not None else None
     if upper is not None:
         return upper, batch.edit_cols

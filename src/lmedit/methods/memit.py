@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -59,6 +59,17 @@ class PlannedEdit:
 def plan_edit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: LocateHyperParams,
               covariances: bool) -> PlannedEdit:
     """Statistics (of the unedited model) and the target hidden state of every request."""
+    spec, templates, stats = edit_inputs(model, tok, hparams, covariances)
+    site = spec.block(hparams.layers[-1])
+    _warn_if_mlp_output_is_renormalised(model, spec, hparams.layers[-1])
+    values = in_target_batches(requests, hparams, lambda group: optimize_targets(
+        model, tok, group, site=site, templates=templates, hparams=hparams))
+    return PlannedEdit(spec, templates, torch.stack([v.target for v in values], dim=1), stats, [v.nll for v in values])
+
+
+def edit_inputs(model: Any, tok: Any, hparams: LocateHyperParams,
+                covariances: bool) -> tuple[ModelSpec, list[str], dict[int, torch.Tensor]]:
+    """What every MEMIT-like edit reads before changing a weight: the layout, the context prefixes, the statistics."""
     spec = ModelSpec.from_model(model)
     stats: dict[int, torch.Tensor] = {}
     if covariances:
@@ -66,16 +77,17 @@ def plan_edit(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: Lo
 
         stats = second_moments(model, tok, hparams.layers, hparams.stats_config(), progress=False)
     templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_template_seed)
-    site = spec.block(hparams.layers[-1])
-    _warn_if_mlp_output_is_renormalised(model, spec, hparams.layers[-1])
+    return spec, templates, stats
+
+
+T = TypeVar("T")
+
+
+def in_target_batches(requests: Sequence[EditRequest], hparams: MEMITHyperParams,
+                      optimise: Callable[[Sequence[EditRequest]], list[T]]) -> list[T]:
+    """``optimise`` over groups of ``target_batch_size`` requests, results in request order."""
     group = max(hparams.target_batch_size, 1)
-    values = [
-        value
-        for start in range(0, len(requests), group)
-        for value in optimize_targets(model, tok, requests[start : start + group], site=site, templates=templates,
-                                      hparams=hparams)
-    ]
-    return PlannedEdit(spec, templates, torch.stack([v.target for v in values], dim=1), stats, [v.nll for v in values])
+    return [result for start in range(0, len(requests), group) for result in optimise(requests[start : start + group])]
 
 
 _WARNED: set[str] = set()

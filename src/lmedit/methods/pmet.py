@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import torch
 
 from lmedit.handles import WeightSnapshotHandle
-from lmedit.locate.core import context_templates, optimize_joint_targets, spread_over_layers, tiny_setup
-from lmedit.methods.memit import MEMITHyperParams, memit_solve
+from lmedit.locate.core import optimize_joint_targets, spread_over_layers, tiny_setup
+from lmedit.methods.memit import MEMITHyperParams, edit_inputs, in_target_batches, memit_solve
 from lmedit.registry import register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec
@@ -49,13 +49,8 @@ def _optimise_targets(model: Any, tok: Any, spec: ModelSpec, requests: Sequence[
                       hparams: PMETHyperParams, templates: list[str]) -> _Targets:
     last = hparams.layers[-1]
     attn_site, mlp_site = spec.attn_out(last), spec.mlp_out(last)
-    group = max(hparams.target_batch_size, 1)
-    results = [
-        result
-        for start in range(0, len(requests), group)
-        for result in optimize_joint_targets(model, tok, requests[start : start + group],
-                                             sites=[attn_site, mlp_site], templates=templates, hparams=hparams)
-    ]
+    results = in_target_batches(requests, hparams, lambda group: optimize_joint_targets(
+        model, tok, group, sites=[attn_site, mlp_site], templates=templates, hparams=hparams))
     return _Targets(mlp=torch.stack([r[mlp_site].target for r in results], dim=1),
                     attention_delta_norm=[r[attn_site].delta_norm for r in results],
                     nll=[r[mlp_site].nll for r in results])
@@ -66,13 +61,7 @@ def _optimise_targets(model: Any, tok: Any, spec: ModelSpec, requests: Sequence[
 def apply_pmet(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: PMETHyperParams) -> WeightSnapshotHandle:
     """PMET: MEMIT's closed form, aimed at an MLP target optimised jointly with an attention delta."""
     started = time.perf_counter()
-    spec = ModelSpec.from_model(model)
-    covariances: dict[int, torch.Tensor] = {}
-    if hparams.mom2_adjustment:
-        from lmedit.locate.stats import second_moments
-
-        covariances = second_moments(model, tok, hparams.layers, hparams.stats_config(), progress=False)
-    templates = context_templates(model, tok, hparams.context_template_length_params, hparams.context_template_seed)
+    spec, templates, covariances = edit_inputs(model, tok, hparams, hparams.mom2_adjustment)
     targets = _optimise_targets(model, tok, spec, requests, hparams, templates)
     handle = WeightSnapshotHandle("PMET", model, [f"{spec.mlp_out(layer)}.weight" for layer in hparams.layers])
     norms = spread_over_layers(model, tok, spec, requests, hparams.layers, templates, hparams.fact_token, targets.mlp,

@@ -42,10 +42,10 @@ class SPHEREHyperParams(AlphaEditHyperParams):
             raise HyperParamsError(f"alpha {self.alpha}: the share of the update removed, in [0, 1]")
 
 
-def _suppress_principal_directions(hparams: SPHEREHyperParams):
+def _suppress_principal_directions(hparams: SPHEREHyperParams, conv1d: bool):
     def project(model: Any, module: str, update: torch.Tensor) -> torch.Tensor:
         weight = get_module(model, module).weight.detach()
-        if ModelSpec.from_model(model).conv1d_weights:
+        if conv1d:
             weight = weight.T  # GPT-2's Conv1D stores (d_in, d_out)
         P = principal_direction_suppressor(weight.to(update.device), hparams.beta_hse, hparams.alpha)
         return update.double() @ P
@@ -58,4 +58,5 @@ def _suppress_principal_directions(hparams: SPHEREHyperParams):
                                                   "L2": 1e-3, "alpha": 0.2})
 def apply_sphere(model: Any, tok: Any, requests: Sequence[EditRequest], hparams: SPHEREHyperParams) -> AlphaEditHandle:
     """SPHERE: AlphaEdit's update with its principal-direction component damped by ``alpha``."""
-    return null_space_edit(model, tok, requests, hparams, "SPHERE", _suppress_principal_directions(hparams))
+    conv1d = ModelSpec.from_model(model).conv1d_weights
+    return null_space_edit(model, tok, requests, hparams, "SPHERE", _suppress_principal_directions(hparams, conv1d))
