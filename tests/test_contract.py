@@ -10,7 +10,7 @@ Per (method, layout, dtype): requests are validated before any work; the edit ta
 restore is bit-exact (every parameter and buffer, the probe outputs, no per-model state
 left behind); save → load into a fresh model gives the same outputs; three sequential
 edits restore exactly; an evaluation pass changes no state (weights, method state, outputs).
-A method's own set-up (training, for MEND and SERAC) runs in float32, as users train; the
+A method's own set-up (training, for MEND, MALMEN and SERAC) runs in float32, as users train; the
 model it then edits is cast to the dtype under test.
 """
 

@@ -287,6 +287,34 @@ batch_size: 1
 max_iters: 10000
 results_dir: ./results
 """,
+    "MALMEN": """
+alg_name: "MALMEN"
+archive: ./results/models/MALMEN/gpt2-xl
+device: 0
+model_name: ./hugging_cache/gpt2-xl
+model_class: GPT2LMHeadModel
+tokenizer_class: GPT2TokenizerFast
+tokenizer_name: ./hugging_cache/gpt2-xl
+inner_params:
+- transformer.h.46.mlp.c_proj.weight
+- transformer.h.47.mlp.c_proj.weight
+dropout: 0.0
+train_base: False
+no_grad_layers: null
+rank: 1920
+n_blocks: 2
+lr: 1e-6
+meta_lr: 1e-5
+loc_coef: 1
+max_grad_norm: 1
+token: mask
+n_edits: 1
+batch_size: 1
+editor_batch_size: 1024
+max_iters: 10000
+model_parallel: false
+results_dir: ./results
+""",
     "MEND": """
 archive: ./results/models/MEND/llama-2-7b-ZsRE
 alg_name: "MEND"
@@ -336,6 +364,7 @@ EXPECTED = {
     "IKE": {"k": 4, "encoder": "all-MiniLM-L6-v2"},
     "SERAC": {"archive": "{lmedit_home}/checkpoints/SERAC/smollm2-135m"},
     "MEND": {"lr_scale": 0.5, "archive": "{lmedit_home}/checkpoints/MEND/smollm2-135m"},
+    "MALMEN": {"archive": "{lmedit_home}/checkpoints/MALMEN/smollm2-135m"},
 }
 
 IGNORED = {

@@ -265,7 +265,7 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             names = {p.rsplit(".", 1)[-1] for p in adapted if block_index(spec, p) == layer}
             assert names == set(hparams.target_modules), f"layer {layer}: adapted {sorted(names)}, asked {hparams.target_modules}"
         edited.extend(adapted)
-    elif method in ("MEND", "SERAC"):
+    elif method in ("MEND", "MALMEN", "SERAC"):
         assert hparams.archive == f"{{lmedit_home}}/checkpoints/{method}/{preset}", hparams.archive
         parsed = train_overrides(method, preset)
         assert parsed is not None, f"{method}/{preset} has no '# train: lmedit train {method.lower()} ...' line"
@@ -284,6 +284,15 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             last3 = range(arch.layers - 3, arch.layers)
             expected = {p for i in last3 for p in (*spec.mlp_in(i), spec.mlp_out(i))}
             assert set(edited) == expected, f"MEND edits {sorted(edited)}, EasyEdit's file {sorted(expected)}"
+        elif method == "MALMEN":
+            from lmedit.training.factors import edited_weights
+
+            weights = edited_weights(model, params.layers, params.modules)
+            for weight in weights:
+                check_module(model, arch, spec, weight.module, role_of(spec, weight.module))
+                edited.append(weight.module)
+            # the authors' and EasyEdit's files edit the MLP output projections of the last six blocks
+            assert set(edited) == {spec.mlp_out(i) for i in range(arch.layers - 6, arch.layers)}, sorted(edited)
         else:
             assert 1 <= params.trainable_layers <= arch.layers
     elif method == "KN":

@@ -47,7 +47,7 @@ def test_method_facts_live_in_the_registry():
     from lmedit.registry import list_methods, trainable_methods
 
     by_name = {info.name: info for info in list_methods()}
-    assert {m.name for m in trainable_methods()} == {"MEND", "SERAC"}
+    assert {m.name for m in trainable_methods()} == {"MALMEN", "MEND", "SERAC"}
     assert {n for n, i in by_name.items() if i.generation_scored} == {"GRACE", "DEFER", "WISE"}
     assert all(info.tiny_setup is not None for info in list_methods())  # the contract test can run every method
 

@@ -5,7 +5,7 @@ A method registers ``tiny_setup(model, tok, workdir) -> overrides`` (see
 model of a few layers, whatever its layout. The helpers here make the data
 such a setup needs from the tokenizer's own vocabulary, so they work with
 any tokenizer and never read a benchmark file: a small text corpus (key
-statistics), training edits (MEND, SERAC), a demonstration pool (IKE), and
+statistics), training edits (MEND, MALMEN, SERAC), a demonstration pool (IKE), and
 a hashed bag-of-words sentence encoder (retrieval without model files; it
 measures word overlap only and is not meant for real retrieval).
 """

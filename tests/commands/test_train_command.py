@@ -101,7 +101,7 @@ def test_missing_data_and_unknown_settings_are_refused(tiny_folder, tmp_path):
 def test_a_method_without_networks_is_refused_by_name():
     result = runner.invoke(app, ["train", "rome"])
     assert result.exit_code == 2
-    assert "ROME has no networks to train; trainable: MEND, SERAC" in " ".join(result.output.split())
+    assert "ROME has no networks to train; trainable: MALMEN, MEND, SERAC" in " ".join(result.output.split())
 
 
 def test_every_sub_command_is_registered_before_main():

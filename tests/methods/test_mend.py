@@ -153,3 +153,15 @@ def test_training_on_a_bfloat16_model_runs_with_float32_networks(word_tok, tmp_p
     assert result.status == "finished" and result.steps == 4
     assert all(torch.isfinite(torch.tensor(point["rewrite_acc"])) for point in result.curve)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_training_moves_the_editor_network_not_only_its_steps(trained):
+    """Every part of the editor layers must leave its start (with relu at the identity start, none of them did)."""
+    from safetensors.torch import load_file
+
+    _model, folder, _ = trained
+    tensors = load_file(folder / "model.safetensors")
+    starts = {"U": 0.0, "bias": 0.0, "scale": 1.0, "shift": 0.0}
+    for name, start in starts.items():
+        moved = [float((t - start).abs().max()) for key, t in tensors.items() if key.endswith(f".{name}")]
+        assert moved and min(moved) > 0, f"{name} never trained: {moved}"

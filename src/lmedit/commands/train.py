@@ -21,7 +21,7 @@ from lmedit.commands.common import DEVICE_HELP, DTYPE_HELP, checked_placement, c
 
 
 def train_command(
-    method: str = typer.Argument(..., help="A method with networks to train: MEND or SERAC (`lmedit methods` lists them)."),
+    method: str = typer.Argument(..., help="A method with networks to train: MEND, MALMEN or SERAC (`lmedit methods` lists them)."),
     model: str = typer.Option("smollm2-135m", help="Model preset, Hugging Face id or local folder."),
     train_data: Optional[Path] = typer.Option(None, "--train-data", help="Training edits (default: the method's, e.g. shared/data/counterfact/counterfact-train.json)."),
     val_data: Optional[Path] = typer.Option(None, "--val-data", help="Validation edits (default: the method's, e.g. shared/data/counterfact/counterfact-val.json)."),
@@ -34,7 +34,7 @@ def train_command(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the Python code a model folder or hub repository ships (only for code you trust)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Train a meta-learned editor's networks (MEND's hypernetwork, SERAC's classifier and counterfactual model); resumable."""
+    """Train a meta-learned editor's networks (MEND's and MALMEN's hypernetworks, SERAC's classifier and counterfactual model); resumable."""
     setup_logging(verbose)
     checked_placement(device, dtype)  # before any data or model is read
     writable_folder(out, "--out")

@@ -119,6 +119,8 @@ LOCATE_DIRECT = (
     "layers", "fact_token", "v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor",
     "mom2_adjustment", "context_template_length_params", "mom2_dataset", "mom2_n_samples", "mom2_dtype",
 )
+# Settings of EasyEdit's MALMEN trainer beyond the MEND/SERAC ones below.
+MALMEN_TRAINING_KEYS = ("n_blocks", "meta_lr", "loc_coef", "max_grad_norm", "token", "editor_batch_size")
 # Settings of EasyEdit's MEND and SERAC trainers; editing with a trained network reads none of them.
 TRAINING_KEYS = frozenset({
     "lr", "edit_lr", "seed", "lr_lr", "cedit", "cloc", "cbase", "dropout", "final_eval", "supervised", "train_base",
@@ -190,7 +192,7 @@ def read_easyedit_hparams(
     state = _Translation(raw=raw, source=source, spec=spec, module_names=names)
     state.method = _method_of(state)
     if names is not None:
-        _check_paths(raw, source, spec, names, mend_like=state.method in ("MEND", "SERAC"))
+        _check_paths(raw, source, spec, names, mend_like=state.method in ("MEND", "MALMEN", "SERAC"))
     table = METHOD_TABLES[_family(state.method)]
     for key, value in raw.items():
         _translate_key(state, table, key, value)
@@ -242,6 +244,7 @@ EASYEDIT_METHODS = {
     "FT": "FT", "LoRA": "LoRA", "ROME": "ROME", "MEMIT": "MEMIT", "AlphaEdit": "AlphaEdit", "EMMET": "EMMET",
     "PMET": "PMET", "SPHERE": "SPHERE", "KN": "KN",
     "GRACE": "GRACE", "DEFER": "DEFER", "WISE": "WISE", "IKE": "IKE", "SERAC": "SERAC", "MEND": "MEND",
+    "MALMEN": "MALMEN",
     "MELO": "MELO",
     "FT-L": "FT-L", "FT-M": "FT-M",
 }
@@ -786,6 +789,12 @@ METHOD_TABLES: dict[str, MethodTable] = {
                          no_effect=_training("SERAC"), edit_batch=True),
     "MEND": MethodTable(direct=("lr_scale",), special={"archive": _archive, "inner_params": _checkpoint_inner_params},
                         no_effect={k: v for k, v in _training("MEND").items() if k != "lr_scale"}, edit_batch=True),
+    "MALMEN": MethodTable(
+        special={"archive": _archive, "inner_params": _checkpoint_inner_params},
+        no_effect={**_training("MALMEN"), **{k: _training("MALMEN")["lr"] for k in MALMEN_TRAINING_KEYS},
+                   "n_edits": "EasyEdit's MALMEN edits only the first n_edits requests of a call and drops the rest; "
+                              "lmedit joins every request of a call in one solve"},
+        edit_batch=True),
 }
 
 
@@ -798,7 +807,7 @@ def check_against_model(config: EasyEditConfig, model: Any) -> None:
     spec, names = _model_layout(model)
     assert names is not None
     raw = {m.easyedit_key: m.value for m in config.mappings}
-    _check_paths(raw, config.source, spec, names, mend_like=config.method in ("MEND", "SERAC"))
+    _check_paths(raw, config.source, spec, names, mend_like=config.method in ("MEND", "MALMEN", "SERAC"))
 
 
 def _check_paths(raw: Mapping[str, Any], source: str, spec: Any, names: frozenset[str], *, mend_like: bool) -> None:

@@ -46,10 +46,17 @@ from lmedit.registry import Contract, TrainingEntry, register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
 from lmedit.training import CheckpointError, EditExample, EditorTrainingParams
+from lmedit.training.factors import (
+    EditedWeight,
+    Factors,
+    edited_weights,
+    gradient_factors,
+    merge_moments,
+    standardise,
+)
 from lmedit.training.paths import resolve_archive
 from lmedit.training.shared import (
     CheckpointCache,
-    ScoredSequence,
     check_signature,
     model_signature,
     scored_sequence,
@@ -61,7 +68,6 @@ LOG = logging.getLogger(__name__)
 
 METHOD = "MEND"
 TRAIN_COMMAND = "lmedit train mend"
-NORM_EPS = 1e-7
 
 
 # --------------------------------------------------------------------------- hyperparameters
@@ -126,7 +132,9 @@ class EditorLayer(nn.Module):
 
     def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
         pre = (z @ self.V.T) @ self.U.T + self.bias
-        return z + torch.relu(pre * self.scale[mode] + self.shift[mode])
+        # clamp, not relu: at the identity start every pre-activation is exactly 0, where relu's gradient is 0 and
+        # clamp's is 1. With relu, U, V, the bias, scale and shift never leave their initial values.
+        return z + (pre * self.scale[mode] + self.shift[mode]).clamp(min=0)
 
 
 class GradientEditor(nn.Module):
@@ -143,46 +151,18 @@ class GradientEditor(nn.Module):
 
     @torch.no_grad()
     def observe(self, mode: int, rows: torch.Tensor) -> None:
-        """Merge a batch of ``[u; δ]`` rows into the running mean and variance (Chan et al.'s update)."""
-        rows = rows.double()
-        n_b = rows.shape[0]
-        if n_b == 0:
-            return
-        mean_b = rows.mean(0)
-        m2_b = ((rows - mean_b) ** 2).sum(0)
-        n_a = self.count[mode].clone()
-        total = n_a + n_b
-        delta = mean_b - self.mean[mode]
-        self.mean[mode] += delta * (n_b / total)
-        self.m2[mode] += m2_b + delta**2 * (n_a * n_b / total)
-        self.count[mode] = total
+        """Merge a batch of ``[u; δ]`` rows into the running mean and variance of layer ``mode``."""
+        count, mean, m2 = merge_moments(self.count[mode], self.mean[mode], self.m2[mode], rows)
+        self.count[mode], self.mean[mode], self.m2[mode] = count, mean, m2
 
     def normalise(self, mode: int, rows: torch.Tensor) -> torch.Tensor:
-        if float(self.count[mode]) < 2:
-            raise CheckpointError("the MEND editor has no gradient statistics yet; train it first")
-        std = (self.m2[mode] / (self.count[mode] - 1)).sqrt()
-        return ((rows.double() - self.mean[mode]) / (std + NORM_EPS)).float()
+        return standardise(rows, self.count[mode], self.mean[mode], self.m2[mode], METHOD)
 
     def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.normalise(mode, torch.cat([u, delta], dim=-1))
         for layer in self.layers:
             z = layer(z, mode)
         return z[:, : self.in_dim], z[:, self.in_dim :]
-
-
-@dataclass(frozen=True)
-class EditedWeight:
-    """One weight matrix MEND edits: its parameter name, module path and (in, out) sizes."""
-
-    name: str
-    module: str
-    in_dim: int
-    out_dim: int
-    conv1d: bool
-
-    @property
-    def shape_key(self) -> str:
-        return f"{self.in_dim}x{self.out_dim}"
 
 
 class MENDNetwork(nn.Module):
@@ -211,95 +191,6 @@ class MENDNetwork(nn.Module):
 
     def editor_parameters(self) -> list[nn.Parameter]:
         return list(self.editors.parameters())
-
-
-def edited_weights(model: nn.Module, layers: Sequence[int], modules: Sequence[str]) -> list[EditedWeight]:
-    spec = ModelSpec.from_model(model)
-    found = []
-    for layer in layers:
-        if not -spec.num_layers <= layer < spec.num_layers:
-            raise HyperParamsError(f"layer {layer} does not exist; the model has layers 0..{spec.num_layers - 1}")
-        for role in modules:
-            paths = (spec.mlp_out(layer),) if role == "mlp_out" else spec.mlp_in(layer)
-            for path in paths:
-                module = get_module(model, path)
-                weight = module.weight
-                conv1d = not isinstance(module, nn.Linear)
-                in_dim, out_dim = (weight.shape[0], weight.shape[1]) if conv1d else (weight.shape[1], weight.shape[0])
-                found.append(EditedWeight(f"{path}.weight", path, int(in_dim), int(out_dim), conv1d))
-    names = [w.name for w in found]
-    if len(set(names)) != len(names):
-        raise HyperParamsError(f"layers {list(layers)} name the same layer twice")
-    return sorted(found, key=lambda w: _layer_order(spec, w.module))
-
-
-def _layer_order(spec: ModelSpec, path: str) -> int:
-    return next((i for i in range(spec.num_layers) if path.startswith(spec.block(i) + ".")), spec.num_layers)
-
-
-# --------------------------------------------------------------------------- gradient factors
-
-
-@dataclass
-class Factors:
-    """Per edited weight: the rows (token positions) of ``u`` and ``δ`` of each edit group."""
-
-    u: list[list[torch.Tensor]]  # [weight][group] -> (tokens, in_dim)
-    delta: list[list[torch.Tensor]]  # [weight][group] -> (tokens, out_dim)
-
-
-@contextmanager
-def _capture_io(model: nn.Module, weights: Sequence[EditedWeight]) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Record each edited module's input and (grad-tracking) output on the next forward pass."""
-    records: list[dict[str, torch.Tensor]] = [{} for _ in weights]
-    hooks = []
-    for record, weight in zip(records, weights):
-        def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor, record=record) -> torch.Tensor:
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            record["u"] = args[0].detach()
-            record["out"] = output
-            return output
-
-        hooks.append(get_module(model, weight.module).register_forward_hook(hook))
-    try:
-        yield records
-    finally:
-        for handle in hooks:
-            handle.remove()
-
-
-def gradient_factors(
-    model: nn.Module, weights: Sequence[EditedWeight], logits_fn: SequenceLogits, sequences: Sequence[ScoredSequence],
-    edit_rows: Sequence[int], groups: Sequence[Sequence[int]],
-) -> Factors:
-    """``u`` and ``δ`` of the edit loss (each edit row's mean target NLL, summed) at every edited weight.
-
-    ``groups`` lists, per independent edit, the rows whose tokens form its
-    gradient; rows of different groups never interact (one sequence per row).
-    """
-    with torch.enable_grad(), _capture_io(model, weights) as records:
-        logits = logits_fn()
-        blocks = split_rows(logits, sequences)
-        loss = sum(
-            nn.functional.cross_entropy(blocks[row], target_tensor(sequences[row], logits.device)) for row in edit_rows
-        )
-        outputs = [r["out"] for r in records]
-        grads = torch.autograd.grad(loss, outputs)
-    valid = logits_fn.valid
-    factors = Factors([], [])
-    for record, grad in zip(records, grads):
-        u_groups, d_groups = [], []
-        for group in groups:
-            rows = torch.tensor(list(group), dtype=torch.long)
-            u = record["u"][rows][valid[rows]]
-            d = grad[rows][valid[rows]]
-            keep = (d != 0).any(-1) & (u != 0).any(-1)  # tokens the loss does not reach carry no gradient
-            u_groups.append(u[keep].float())
-            d_groups.append(d[keep].float())
-        factors.u.append(u_groups)
-        factors.delta.append(d_groups)
-    return factors
 
 
 def pseudo_factors(network: MENDNetwork, factors: Factors) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -1,4 +1,4 @@
-"""Training meta-learned editors (MEND, SERAC): one loop, resumable, keeping the best checkpoint."""
+"""Training meta-learned editors (MEND, MALMEN, SERAC): one loop, resumable, keeping the best checkpoint."""
 
 from lmedit.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lmedit.training.data import EditExample, TrainingDataError, batch_indices, examples_from_requests, load_examples

@@ -1,4 +1,4 @@
-"""One small training loop for meta-learned editors (MEND's hypernetwork, SERAC's classifier and counterfactual model).
+"""One small training loop for meta-learned editors (MEND's and MALMEN's hypernetworks, SERAC's networks).
 
 What it guarantees, and what EasyEdit's ``BaseTrainer`` does not (study §1.5):
 
