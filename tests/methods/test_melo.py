@@ -155,6 +155,27 @@ def test_padding_and_generation_route_like_a_single_sequence(tiny_llama: nn.Modu
     restore_all(handles)
 
 
+def test_cached_decoding_routes_as_feeding_the_whole_sequence(tiny_llama: nn.Module, word_tok: Any) -> None:
+    """Each cached step carries its row's block: several tokens decoded with the cache equal uncached decoding."""
+    handles = [INFO.apply(tiny_llama, word_tok, [r], _hparams(tiny_llama, word_tok)) for r in FACTS]
+    prompts = [r.prompt for r in FACTS] + [FAR, "the capital of france is the"]
+    uncached = generate_greedy(tiny_llama, word_tok, prompts, [6] * len(prompts), use_cache=False)
+    cached = generate_greedy(tiny_llama, word_tok, prompts, [6] * len(prompts), use_cache=True)
+    assert [list(c) for c in cached] == [list(u) for u in uncached]
+    assert [word_tok.decode(g[:1]).strip() for g in cached[:3]] == [r.target_new for r in FACTS]
+    # without the carried block a cached step would fall back to the unedited model after the first token
+    router = _router(tiny_llama)
+    original = router._carried
+    router._carried = lambda batch, device: torch.full((batch,), NO_BLOCK, dtype=torch.long, device=device)
+    try:
+        dropped = generate_greedy(tiny_llama, word_tok, prompts, [6] * len(prompts), use_cache=True)
+    finally:
+        router._carried = original
+    assert [list(c) for c in dropped] != [list(u) for u in uncached]
+    assert INFO.cached_generation
+    restore_all(handles)
+
+
 # --------------------------------------------------------------------------- the vector database
 
 

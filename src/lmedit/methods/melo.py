@@ -43,8 +43,10 @@ Where lmedit differs from EasyEdit (``easyeditor/models/melo``), and why:
   last *prompt* token, and routing is causal: each position uses the block of
   the latest position at or before it whose key falls in a cluster (so a
   prompt routes its answer tokens, under teacher forcing and in generation
-  alike, and padding never routes). The method therefore needs the whole
-  sequence on each call (``cached_generation=False``) and one sequence per
+  alike, and padding never routes). A cached generation step feeds only its
+  new position, which carries the block its row routed to at the end of the
+  previous call, so decoding with the key/value cache gives the tokens that
+  feeding the whole sequence again gives. The method needs one sequence per
   row (``packed_evaluation=False``), like WISE and DEFER.
 * **Training sees what inference will do.** EasyEdit trains with every row
   forced onto the new block; here the new block is forced from each key
@@ -249,6 +251,10 @@ class MeloAdapter(AdapterLayer):
         self._set_targets(targets, target_shapes)
         self._route: torch.Tensor | None = None  # (batch, length) block per position, during one forward only
         self._valid: torch.Tensor | None = None  # the model's 2D attention mask, during one forward only
+        # per row, the block routed at the last position of the previous call: a cached generation step feeds only
+        # its new positions, which route to the latest routed position before them (kept across calls)
+        self._carry: torch.Tensor | None = None
+        self._continues = False  # this call extends the previous one's sequences (its mask is wider than its input)
         self._training: _Training | None = None
         self._hooks: list[Any] = []
         self._wrappers: list[MeloLoRALinear] = []
@@ -309,6 +315,10 @@ class MeloAdapter(AdapterLayer):
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._valid = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._route = None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        fed = ids.shape[1] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        # a call whose mask covers more positions than it feeds continues a cached sequence; anything else starts anew
+        self._continues = self._valid is not None and fed is not None and self._valid.shape[1] > fed
 
     def _forget(self, *_args: Any) -> None:
         self._route = self._valid = None
@@ -318,7 +328,7 @@ class MeloAdapter(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.original(x)
         if not len(self.labels) and self._training is None:
-            self._route = None
+            self._route = self._carry = None
             return out
         squeeze = x.dim() == 2
         keys = (out if self.config["key_from"] == "output" else x).detach()
@@ -346,7 +356,17 @@ class MeloAdapter(AdapterLayer):
             block[rows, columns] = self.n_blocks  # the block being trained
         positions = torch.arange(length, device=keys.device).expand(batch, length)
         latest = torch.where(hit, positions, -1).cummax(dim=1).values
-        return torch.where(latest >= 0, block.gather(1, latest.clamp(min=0)), NO_BLOCK)
+        carry = self._carried(batch, keys.device)
+        route = torch.where(latest >= 0, block.gather(1, latest.clamp(min=0)), carry[:, None])
+        self._carry = route[:, -1].clone()
+        return route
+
+    def _carried(self, batch: int, device: torch.device) -> torch.Tensor:
+        """The block each row carries in from the previous call of a cached generation, or no block."""
+        carry = self._carry
+        if self._continues and self._training is None and carry is not None and carry.shape[0] == batch:
+            return carry.to(device)
+        return torch.full((batch,), NO_BLOCK, dtype=torch.long, device=device)
 
     def _valid_positions(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
         mask = self._training.valid if self._training is not None else self._valid
@@ -553,8 +573,9 @@ def _tiny_setup(model: nn.Module, tok: Any, workdir: Any) -> dict[str, Any]:
             "n_iter": 30, "edit_lr": 2e-2}
 
 
-# Routing is causal: teacher-forced scores are what generation gives, so tables need not add generation scores.
-@register("MELO", hparams=MeloHyperParams, batch=True, packed_evaluation=False, cached_generation=False,
+# Routing is causal: teacher-forced scores are what generation gives, so tables need not add generation scores; the
+# carried block makes cached decoding route as uncached decoding does.
+@register("MELO", hparams=MeloHyperParams, batch=True, packed_evaluation=False, cached_generation=True,
           load_edit=load_adapter_edit, kept_state=melo_kept_state, tiny_setup=_tiny_setup)
 def apply_melo(
     model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: MeloHyperParams
