@@ -196,3 +196,40 @@ def test_training_moves_every_part_of_the_network(trained):
     for name, start in starts.items():
         moved = [float((t - start).abs().max()) for key, t in tensors.items() if key.endswith(f".{name}")]
         assert moved and min(moved) > 0, f"{name} never trained: {moved}"
+
+
+def test_training_on_a_bfloat16_model_runs_with_float32_networks(word_tok, tmp_path):
+    model = build_tiny_llama(len(word_tok)).to(torch.bfloat16)
+    params = MALMENTrainingParams(layers=[1, 2], rank=8, n_blocks=1, max_steps=4, batch_size=8, val_every=2,
+                                  val_examples=8, save_every=2, lr=1e-3, edit_lr=1.0)
+    result = train_malmen(model, word_tok, params, _examples(32, 4), _examples(8, 5), str(tmp_path / "bf16"),
+                          show_progress=False)
+    assert result.status == "finished" and result.steps == 4
+    assert all(torch.isfinite(torch.tensor(point["loss_rephrase"])) for point in result.curve)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    before = snapshot(model)
+    handle = apply_malmen(model, word_tok, [EditRequest("the capital of france is", "rome")],
+                          MALMENHyperParams(archive=str(tmp_path / "bf16")))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    handle.restore()
+    assert state_equal(model, before)
+
+
+@pytest.mark.embedded
+def test_embedded_short_training_then_a_batch_edit_and_exact_restore(embedded, shared_data, tmp_path):
+    from lmedit.training import load_examples
+
+    model, tok = embedded
+    train = load_examples(shared_data / "counterfact" / "counterfact-train.json", limit=8)
+    val = load_examples(shared_data / "counterfact" / "counterfact-val.json", limit=4)
+    params = MALMENTrainingParams(max_steps=2, batch_size=4, val_every=2, val_examples=4, rank=64)
+    result = train_malmen(model, tok, params, train, val, str(tmp_path), show_progress=False)
+    assert result.best_step == 2
+    before = snapshot(model)
+    requests = [EditRequest("The Eiffel Tower is located in the city of", "Rome"),
+                EditRequest("The mother tongue of Danielle Darrieux is", "English")]
+    handle = apply_malmen(model, tok, requests, MALMENHyperParams(archive=str(tmp_path)))
+    assert set(handle.delta_norms()) == {f"model.layers.{i}.mlp.down_proj.weight" for i in range(24, 30)}
+    assert all(v > 0 for v in handle.delta_norms().values())
+    handle.restore()
+    assert state_equal(model, before)
