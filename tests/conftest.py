@@ -73,6 +73,26 @@ def tiny_model(request, word_tok):
     return builder(len(word_tok))
 
 
+CAPITAL_SUBJECTS = "france italy germany london paris rome berlin madrid hamlet tolstoy".split()
+CAPITAL_TARGETS = "piano violin guitar football tennis red blue green king queen".split()
+
+
+def capital_edit_examples(n: int, seed: int, locality: str = "the mother tongue of {} is") -> list:
+    """Training examples for the meta-learned editors in the word tokenizer's vocabulary: an edit, its rephrasing,
+    and a locality prompt about another subject."""
+    import random
+
+    from lmedit.training import EditExample
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s, o = rng.choice(CAPITAL_SUBJECTS), rng.choice(CAPITAL_SUBJECTS)
+        out.append(EditExample(f"the capital of {s} is", rng.choice(CAPITAL_TARGETS), f"where is the capital of {s}",
+                               locality.format(o), rng.choice(CAPITAL_TARGETS)))
+    return out
+
+
 def state_equal(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> bool:
     """Bit-for-bit equality of every parameter and buffer."""
     current = model.state_dict()

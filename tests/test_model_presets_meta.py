@@ -273,7 +273,7 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
         assert out.endswith(f"/checkpoints/{method}/{preset}"), f"--out {out} is not where the archive points"
         params = get_method(method).trainer.params.from_dict(overrides, source=f"{method}/{preset} train line")
         if method == "MEND":
-            from lmedit.methods.mend import edited_weights
+            from lmedit.training.hypernetworks import edited_weights
 
             for weight in edited_weights(model, params.layers, params.modules):
                 role = role_of(spec, weight.module)
@@ -285,7 +285,7 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
             expected = {p for i in last3 for p in (*spec.mlp_in(i), spec.mlp_out(i))}
             assert set(edited) == expected, f"MEND edits {sorted(edited)}, EasyEdit's file {sorted(expected)}"
         elif method == "MALMEN":
-            from lmedit.training.factors import edited_weights
+            from lmedit.training.hypernetworks import edited_weights
 
             weights = edited_weights(model, params.layers, params.modules)
             for weight in weights:
@@ -417,7 +417,7 @@ def test_layer_40_on_a_32_layer_model_fails(method: str, preset: str, tmp_path: 
 
 
 def test_mend_training_layers_outside_the_model_fail(tmp_path: Any) -> None:
-    from lmedit.methods.mend import edited_weights
+    from lmedit.training.hypernetworks import edited_weights
 
     model = meta_model("qwen2.5-7b")
     with pytest.raises(Exception, match=r"\b30\b"):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import build_tiny_llama, snapshot, state_equal
+from conftest import capital_edit_examples, build_tiny_llama, snapshot, state_equal
 from lmedit.methods.malmen import (
     MALMENHyperParams,
     MALMENNetwork,
@@ -23,20 +22,12 @@ from lmedit.methods.malmen import (
 from lmedit.registry import load_edit
 from lmedit.requests import EditRequest
 from lmedit.training import CheckpointError, EditExample
-from lmedit.training.factors import EditedWeight, Factors
+from lmedit.training.hypernetworks import EditedWeight, Factors
 
-SUBJECTS = "france italy germany london paris rome berlin madrid hamlet tolstoy".split()
-TARGETS = "piano violin guitar football tennis red blue green king queen".split()
 
 
 def _examples(n: int, seed: int) -> list[EditExample]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        s, o = rng.choice(SUBJECTS), rng.choice(SUBJECTS)
-        out.append(EditExample(f"the capital of {s} is", rng.choice(TARGETS), f"where is the capital of {s}",
-                               f"the mother tongue of {o} is", rng.choice(TARGETS)))
-    return out
+    return capital_edit_examples(n, seed)
 
 
 @pytest.mark.parametrize("tokens", [3, 9])  # fewer and more tokens than the 5 key dimensions

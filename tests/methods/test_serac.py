@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import build_tiny_llama, snapshot, state_equal
+from conftest import capital_edit_examples, build_tiny_llama, snapshot, state_equal
 from lmedit.encoders import register_encoder
 from lmedit.evaluation import EvalConfig, Evaluator
 from lmedit.handles import EditHandleError, restore_all
@@ -21,8 +20,6 @@ from lmedit.routing import router_of
 from lmedit.training import CheckpointError, EditExample
 
 ENCODER = "test-bag-of-words"
-SUBJECTS = "france italy germany london paris rome berlin madrid hamlet tolstoy".split()
-TARGETS = "piano violin guitar football tennis red blue green king queen".split()
 
 
 class BagOfWords:
@@ -42,13 +39,7 @@ register_encoder(ENCODER, BagOfWords)
 
 
 def _examples(n: int, seed: int) -> list[EditExample]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        s, o = rng.choice(SUBJECTS), rng.choice(SUBJECTS)
-        out.append(EditExample(f"the capital of {s} is", rng.choice(TARGETS), f"where is the capital of {s}",
-                               f"who wrote {o}", rng.choice(TARGETS)))
-    return out
+    return capital_edit_examples(n, seed, locality="who wrote {}")
 
 
 @pytest.fixture(scope="module")

@@ -41,16 +41,23 @@ import torch
 from torch import nn
 
 from lmedit.adapters import SequenceLogits, frozen_model
-from lmedit.forward import pad_id_of
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.registry import Contract, TrainingEntry, register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
-from lmedit.training import CheckpointError, EditExample, EditorTrainingParams
-from lmedit.training.factors import EditedWeight, Factors, edited_weights, gradient_factors, merge_moments, standardise
-from lmedit.training.paths import resolve_archive
-from lmedit.training.shared import CheckpointCache, check_signature, model_signature, scored_sequence, split_rows
+from lmedit.training import EditExample, EditorTrainingParams
+from lmedit.training.hypernetworks import (
+    EditedWeight,
+    Factors,
+    HypernetworkTask,
+    gradient_factors,
+    load_hypernetwork,
+    merge_moments,
+    request_factors,
+    standardise,
+)
+from lmedit.training.shared import CheckpointCache, scored_sequence, split_rows
 
 METHOD = "MALMEN"
 TRAIN_COMMAND = "lmedit train malmen"
@@ -251,28 +258,7 @@ _NETWORKS = CheckpointCache()
 
 def load_network(model: nn.Module, archive: str) -> MALMENNetwork:
     """The trained network in ``archive``, checked against ``model`` (architecture and weight shapes)."""
-    folder = resolve_archive(str(archive))
-
-    def build(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> MALMENNetwork:
-        net = MALMENNetwork([EditedWeight(**w) for w in config["weights"]], **config["network"])
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{folder}: the weights do not fit the network its config describes ({exc})") from None
-        net.config = config
-        return net.eval().requires_grad_(False)
-
-    network = _NETWORKS.get(folder, METHOD, TRAIN_COMMAND, build)
-    check_signature(model, network.config.get("model", {}), folder, TRAIN_COMMAND)
-    params = dict(model.named_parameters())
-    for weight in network.weights:
-        shape = (weight.in_dim, weight.out_dim) if weight.conv1d else (weight.out_dim, weight.in_dim)
-        if weight.name not in params or tuple(params[weight.name].shape) != shape:
-            raise CheckpointError(
-                f"the MALMEN checkpoint at {folder} edits {weight.name} of shape {shape}, which this model does not "
-                f"have; train one for this model with `{TRAIN_COMMAND}`"
-            )
-    return network
+    return load_hypernetwork(model, archive, _NETWORKS, METHOD, TRAIN_COMMAND, MALMENNetwork)
 
 
 def apply_malmen(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: MALMENHyperParams) -> WeightSnapshotHandle:
@@ -280,12 +266,7 @@ def apply_malmen(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp
     network = load_network(model, hparams.archive)
     started = time.perf_counter()
     handle = WeightSnapshotHandle(METHOD, model, [w.name for w in network.weights])
-    sequences = [scored_sequence(tok, r.prompt, r.target_new) for r in requests]
-    rows = list(range(len(sequences)))
-    with frozen_model(model):
-        logits_fn = SequenceLogits(model, network.weights[0].module, [s.ids for s in sequences],
-                                   [s.columns for s in sequences], pad_id_of(tok))
-        factors = gradient_factors(model, network.weights, logits_fn, sequences, rows, [rows], network.token)
+    factors = request_factors(model, tok, requests, network.weights, network.token)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for weight, (_, shift) in zip(network.weights, weight_shifts(network, factors)):
@@ -299,47 +280,19 @@ def apply_malmen(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hp
 # --------------------------------------------------------------------------- training
 
 
-class MALMENTask:
-    """The training task for :class:`lmedit.training.Trainer`: a batch of edits joined into one shift per weight."""
+class MALMENTask(HypernetworkTask):
+    """The training task for :class:`lmedit.training.Trainer`: a batch of edits joined into one shift per weight.
+
+    Validation edits each chunk of ``batch_size`` examples at once, as training does.
+    """
 
     method = METHOD
 
     def __init__(self, model: nn.Module, tok: Any, params: MALMENTrainingParams) -> None:
-        self.model, self.tok, self.params = model, tok, params
-        self.weights = edited_weights(model, params.layers, params.modules)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(params.seed)
-            self.network = MALMENNetwork(self.weights, **params.network_settings())
-        self.pad_id = pad_id_of(tok)
-
-    def module(self) -> nn.Module:
-        return self.network
+        super().__init__(model, tok, params, MALMENNetwork)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.network.parameters()), "lr": self.params.lr}]
-
-    def checkpoint_config(self) -> dict[str, Any]:
-        return {"weights": [w.__dict__ for w in self.weights], "network": self.params.network_settings(),
-                "model": model_signature(self.model)}
-
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.network.state_dict())
-
-    def train_step(self, batch: Sequence[EditExample], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return self._edit_batch(batch, training=True)
-
-    def validate(self, examples: Sequence[EditExample]) -> dict[str, float]:
-        """Edit each validation batch of ``batch_size`` examples at once, as training does, and average."""
-        totals: dict[str, float] = {}
-        size = self.params.batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            _, metrics = self._edit_batch(chunk, training=False)
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * len(chunk)
-        means = {key: value / len(examples) for key, value in totals.items()}
-        means["score"] = (means["rewrite_acc"] + means["rephrase_acc"] + means["locality"]) / 3
-        return means
 
     def _edit_batch(self, batch: Sequence[EditExample], *, training: bool) -> tuple[torch.Tensor, dict[str, float]]:
         b = len(batch)
@@ -386,6 +339,7 @@ class MALMENTask:
                    "rewrite_acc": sum(accuracy[:b]) / b, "rephrase_acc": sum(accuracy[b:]) / b,
                    "locality": sum(agreement) / b}
         return gen_loss + self.params.loc_coef * loc_loss, metrics
+
 
 def train_malmen(
     model: nn.Module, tok: Any, params: MALMENTrainingParams, train: Sequence[EditExample], val: Sequence[EditExample],

@@ -39,30 +39,23 @@ import torch
 from torch import nn
 
 from lmedit.adapters import SequenceLogits, frozen_model
-from lmedit.forward import pad_id_of
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.registry import Contract, TrainingEntry, register
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
-from lmedit.training import CheckpointError, EditExample, EditorTrainingParams
-from lmedit.training.factors import (
+from lmedit.training import EditExample, EditorTrainingParams
+from lmedit.training.hypernetworks import (
     EditedWeight,
     Factors,
-    edited_weights,
+    HypernetworkTask,
     gradient_factors,
+    load_hypernetwork,
     merge_moments,
+    request_factors,
     standardise,
 )
-from lmedit.training.paths import resolve_archive
-from lmedit.training.shared import (
-    CheckpointCache,
-    check_signature,
-    model_signature,
-    scored_sequence,
-    split_rows,
-    target_tensor,
-)
+from lmedit.training.shared import CheckpointCache, scored_sequence, split_rows, target_tensor
 
 LOG = logging.getLogger(__name__)
 
@@ -253,29 +246,7 @@ _NETWORKS = CheckpointCache()
 
 def load_network(model: nn.Module, archive: str | Path) -> MENDNetwork:
     """The trained network in ``archive``, checked against ``model`` (architecture and weight shapes)."""
-    folder = resolve_archive(str(archive))
-
-    def build(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[MENDNetwork, dict[str, Any]]:
-        weights = [EditedWeight(**w) for w in config["weights"]]
-        net = MENDNetwork(weights, **config["network"])
-        try:
-            net.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{folder}: the weights do not fit the network its config describes ({exc})") from None
-        net.eval().requires_grad_(False)
-        return net, config
-
-    network, config = _NETWORKS.get(folder, METHOD, TRAIN_COMMAND, build)
-    check_signature(model, config.get("model", {}), folder, TRAIN_COMMAND)
-    params = dict(model.named_parameters())
-    for weight in network.weights:
-        shape = (weight.in_dim, weight.out_dim) if weight.conv1d else (weight.out_dim, weight.in_dim)
-        if weight.name not in params or tuple(params[weight.name].shape) != shape:
-            raise CheckpointError(
-                f"the MEND checkpoint at {folder} edits {weight.name} of shape {shape}, which this model does not have; "
-                f"train one for this model with `{TRAIN_COMMAND}`"
-            )
-    return network
+    return load_hypernetwork(model, str(archive), _NETWORKS, METHOD, TRAIN_COMMAND, MENDNetwork)
 
 
 def apply_mend(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: MENDHyperParams) -> WeightSnapshotHandle:
@@ -283,12 +254,7 @@ def apply_mend(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hpar
     network = load_network(model, hparams.archive)
     started = time.perf_counter()
     handle = WeightSnapshotHandle(METHOD, model, [w.name for w in network.weights])
-    sequences = [scored_sequence(tok, r.prompt, r.target_new) for r in requests]
-    rows = list(range(len(sequences)))
-    with frozen_model(model):
-        logits_fn = SequenceLogits(model, network.weights[0].module, [s.ids for s in sequences],
-                                   [s.columns for s in sequences], pad_id_of(tok))
-        factors = gradient_factors(model, network.weights, logits_fn, sequences, rows, [rows])
+    factors = request_factors(model, tok, requests, network.weights)
     params = dict(model.named_parameters())
     with torch.no_grad():
         transformed = pseudo_factors(network, factors)
@@ -308,51 +274,17 @@ def apply_mend(model: nn.Module, tok: Any, requests: Sequence[EditRequest], hpar
 # --------------------------------------------------------------------------- training
 
 
-class MENDTask:
+class MENDTask(HypernetworkTask):
     """The training task for :class:`lmedit.training.Trainer`: independent single edits, batched."""
 
     method = METHOD
 
     def __init__(self, model: nn.Module, tok: Any, params: MENDTrainingParams) -> None:
-        self.model, self.tok, self.params = model, tok, params
-        self.weights = edited_weights(model, params.layers, params.modules)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(params.seed)
-            self.network = MENDNetwork(self.weights, **params.network_settings())
-        self.pad_id = pad_id_of(tok)
-
-    def module(self) -> nn.Module:
-        return self.network
+        super().__init__(model, tok, params, MENDNetwork)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": self.network.editor_parameters(), "lr": self.params.lr},
                 {"params": [self.network.edit_lrs], "lr": self.params.lr_lr}]
-
-    def checkpoint_config(self) -> dict[str, Any]:
-        return {"weights": [w.__dict__ for w in self.weights], "network": self.params.network_settings(),
-                "model": model_signature(self.model)}
-
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.network.state_dict())
-
-    def train_step(self, batch: Sequence[EditExample], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, metrics = self._edit_batch(batch, training=True)
-        return loss, metrics
-
-    def validate(self, examples: Sequence[EditExample]) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        count = 0
-        size = self.params.batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            with torch.no_grad():
-                _, metrics = self._edit_batch(chunk, training=False)
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * len(chunk)
-            count += len(chunk)
-        means = {key: value / count for key, value in totals.items()}
-        means["score"] = (means["rewrite_acc"] + means["rephrase_acc"] + means["locality"]) / 3
-        return means
 
     def _edit_batch(self, batch: Sequence[EditExample], *, training: bool) -> tuple[torch.Tensor, dict[str, float]]:
         """Edit each example independently (one row group each), then score edit, rephrase and locality rows."""

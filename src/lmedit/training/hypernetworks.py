@@ -1,26 +1,39 @@
-"""Gradient factors of linear layers, shared by the gradient-editing hypernetworks (MEND, MALMEN).
+"""What the gradient-editing hypernetworks (MEND, MALMEN) share: edited weights, gradient factors, moments, loading.
 
 For a linear layer ``y = W u`` the gradient of a loss over a sequence is a
 sum of rank-1 terms ``Σ_t δ_t u_tᵀ``: ``u_t`` the layer's input and ``δ_t``
 the loss gradient at its output, per token. Both hypernetworks read those
 per-token factors (never the full gradient matrix), standardised by running
-per-coordinate moments gathered while training.
+per-coordinate moments gathered while training. Their checkpoints are loaded
+and checked against the model the same way, and their training tasks share
+the trainer plumbing (:class:`HypernetworkTask`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
-from lmedit.adapters import SequenceLogits
+from lmedit.adapters import SequenceLogits, frozen_model
+from lmedit.forward import pad_id_of
 from lmedit.hparams import HyperParamsError
+from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
 from lmedit.training.checkpoint import CheckpointError
-from lmedit.training.shared import ScoredSequence, split_rows, target_tensor
+from lmedit.training.paths import resolve_archive
+from lmedit.training.shared import (
+    CheckpointCache,
+    ScoredSequence,
+    check_signature,
+    model_signature,
+    scored_sequence,
+    split_rows,
+    target_tensor,
+)
 
 NORM_EPS = 1e-7
 
@@ -175,3 +188,95 @@ def _group_selector(logits_fn: SequenceLogits, group: Sequence[int], positions: 
         return read[torch.isin(torch.div(read, width, rounding_mode="floor"), rows)]
     grid = torch.arange(valid.numel(), device=valid.device).reshape(valid.shape)
     return grid[rows][valid[rows]]
+
+
+def request_factors(model: nn.Module, tok: Any, requests: Sequence[EditRequest], weights: Sequence[EditedWeight],
+                    positions: Positions = "reached") -> Factors:
+    """The factors of all ``requests`` as one edit group (the model frozen; only the upper blocks rerun)."""
+    sequences = [scored_sequence(tok, r.prompt, r.target_new) for r in requests]
+    rows = list(range(len(sequences)))
+    with frozen_model(model):
+        logits_fn = SequenceLogits(model, weights[0].module, [s.ids for s in sequences], [s.columns for s in sequences],
+                                   pad_id_of(tok))
+        return gradient_factors(model, weights, logits_fn, sequences, rows, [rows], positions)
+
+
+# --------------------------------------------------------------------------- checkpoints and training
+
+
+NetworkFactory = Callable[..., nn.Module]  # (weights, **network settings) -> a network with a ``weights`` list
+
+
+def load_hypernetwork(model: nn.Module, archive: str, cache: CheckpointCache, method: str, train_command: str,
+                      make: NetworkFactory) -> Any:
+    """The trained network in ``archive``, checked against ``model`` (signature, and every edited weight's shape)."""
+    folder = resolve_archive(str(archive))
+
+    def build(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+        network = make([EditedWeight(**w) for w in config["weights"]], **config["network"])
+        try:
+            network.load_state_dict(tensors)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{folder}: the weights do not fit the network its config describes ({exc})") from None
+        return network.eval().requires_grad_(False), config
+
+    network, config = cache.get(folder, method, train_command, build)
+    check_signature(model, config.get("model", {}), folder, train_command)
+    params = dict(model.named_parameters())
+    for weight in network.weights:
+        shape = (weight.in_dim, weight.out_dim) if weight.conv1d else (weight.out_dim, weight.in_dim)
+        if weight.name not in params or tuple(params[weight.name].shape) != shape:
+            raise CheckpointError(
+                f"the {method} checkpoint at {folder} edits {weight.name} of shape {shape}, which this model does not "
+                f"have; train one for this model with `{train_command}`"
+            )
+    return network
+
+
+class HypernetworkTask:
+    """A :class:`lmedit.training.TrainingTask` for a network over the edited weights ``params.layers × params.modules``.
+
+    Subclasses set ``method`` and implement ``param_groups`` and
+    ``_edit_batch(batch, training=...) -> (loss, metrics)``; validation runs
+    ``_edit_batch`` on chunks of ``batch_size`` and scores the mean of rewrite,
+    rephrase and locality.
+    """
+
+    method = ""
+
+    def __init__(self, model: nn.Module, tok: Any, params: Any, make: NetworkFactory) -> None:
+        self.model, self.tok, self.params = model, tok, params
+        self.weights = edited_weights(model, params.layers, params.modules)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            self.network = make(self.weights, **params.network_settings())
+        self.pad_id = pad_id_of(tok)
+
+    def module(self) -> nn.Module:
+        return self.network
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        return {"weights": [w.__dict__ for w in self.weights], "network": self.params.network_settings(),
+                "model": model_signature(self.model)}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.network.state_dict())
+
+    def train_step(self, batch: Sequence[Any], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return self._edit_batch(batch, training=True)
+
+    def validate(self, examples: Sequence[Any]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        size = self.params.batch_size
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            with torch.no_grad():
+                _, metrics = self._edit_batch(chunk, training=False)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value * len(chunk)
+        means = {key: value / len(examples) for key, value in totals.items()}
+        means["score"] = (means["rewrite_acc"] + means["rephrase_acc"] + means["locality"]) / 3
+        return means
+
+    def _edit_batch(self, batch: Sequence[Any], *, training: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
