@@ -322,6 +322,7 @@ class MeloAdapter(AdapterLayer):
 
     def _forget(self, *_args: Any) -> None:
         self._route = self._valid = None
+        self._continues = False  # a later call that bypasses the model's pre-hook never reads a stale carry
 
     # ---------------------------------------------------------------- routing
 
