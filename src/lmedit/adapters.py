@@ -34,6 +34,7 @@ from lmedit.handles import EDIT_FORMAT_VERSION, EditHandle, EditHandleError
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.forward import UpperForward, block_of, build_inputs
 from lmedit.spec import ModelSpec, ModelSpecError, get_module, in_out_features, is_linear_like, set_module
+from lmedit.forward.head_loss import head_weighted_nll, weighted_nll
 
 ADAPTER_FORMAT = "lmedit-adapter"
 
@@ -429,6 +430,25 @@ class SequenceLogits:
         if self._tail is not None:
             return self._tail()
         return self._full()
+
+    def weighted_nll(self, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_i weights_i * NLL of ``targets_i`` at the i-th column read.
+
+        With the shortcut the LM head is streamed (:mod:`lmedit.forward.head_loss`):
+        no (columns, vocab) logit matrix is built, which is most of a step's
+        cost when the loop reruns only the top blocks.
+        """
+        if self._tail is not None:
+            return head_weighted_nll(self._tail.head_input(), self._tail.head, targets, weights)
+        return weighted_nll(self._full(), targets, weights)
+
+    def run_adapter_block(self) -> None:
+        """Run the rows through the adapter's block and no further, for what the adapter records on the way
+        (WISE's Δ of a row whose logits are never read); the whole model without the shortcut."""
+        if self._tail is not None:
+            self._tail.run_blocks(1)
+        else:
+            self._full()
 
     @property
     def uses_shortcut(self) -> bool:

@@ -127,10 +127,24 @@ def test_joint_target_optimisation_equals_one_request_at_a_time(tiny_llama, word
         assert torch.allclose(together.target, alone.target, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shortcut", ["suffix", "upper"])
+@pytest.mark.parametrize("shortcut", ["suffix_from_block", "suffix", "upper"])
 def test_target_optimisation_shortcuts_equal_full_forward_passes(tiny_model, word_tok, corpus_env, monkeypatch, shortcut):
-    """v* computed with the cached-prefix or upper-blocks shortcut equals v* from full forward passes."""
+    """v* computed with the cached-prefix shortcut (skipping the blocks below the edited one, or not), or with the
+    upper-blocks shortcut, equals v* from full forward passes."""
+    from lmedit.forward import partial
     from lmedit.locate import core
+
+    readers = []
+    original_reader = core._logits_reader
+
+    def reader_spy(*args, **kwargs):
+        result = original_reader(*args, **kwargs)
+        readers.append(type(result[0]).__name__)
+        return result
+
+    monkeypatch.setattr(core, "_logits_reader", reader_spy)
+    if shortcut == "suffix":
+        monkeypatch.setattr(partial._SuffixFromBlock, "prepare", classmethod(lambda klass, *a, **k: None))
 
     hp = MEMITHyperParams(layers=[0, 1], clamp_norm_factor=1000.0, **_common(corpus_env))
     templates = core.context_templates(tiny_model, word_tok, hp.context_template_length_params)
@@ -148,6 +162,8 @@ def test_target_optimisation_shortcuts_equal_full_forward_passes(tiny_model, wor
         monkeypatch.setattr(cls, "prepare", classmethod(spy))
     fast = core.optimize_targets(tiny_model, word_tok, requests, site=_block(tiny_model, 1), templates=templates, hparams=hp)
     assert ("SuffixForward", True) in used or shortcut == "upper"
+    if shortcut != "upper":
+        assert readers[-1] == {"suffix_from_block": "_SuffixFromBlock", "suffix": "SuffixForward"}[shortcut]
     if shortcut == "upper":  # force the second shortcut
         monkeypatch.setattr(SuffixForward, "prepare", classmethod(lambda klass, *a, **k: None))
         fast = core.optimize_targets(tiny_model, word_tok, requests, site=_block(tiny_model, 1), templates=templates, hparams=hp)

@@ -310,3 +310,40 @@ def test_presets_load_and_llama_7b_has_easyedit_values():
     assert (smollm2.edit_lr, smollm2.act_ratio, smollm2.exclude_first_token) == (0.5, 0.88, True)
     assert (smollm2.save_freq, smollm2.merge_freq, smollm2.retrieve) == (1, 1000, True)  # a memory per edit
     assert hparams.exclude_first_token is False  # the reference keeps the first token in the deviation
+
+
+def test_a_training_pass_equals_the_loss_and_deviations_of_each_row_alone(tiny_llama, word_tok):
+    """The template rows and the long irrelevant row run as separately padded batches, the edit loss
+    through the streamed head; both must give what each row computes unpadded, on its own."""
+    from lmedit.adapters import ensure_adapter, frozen_model, remove_adapter
+    from lmedit.forward import pad_id_of, tokenize_pair
+    from lmedit.methods.wise import _EditContext, _TrainingPass
+
+    adapter = ensure_adapter(tiny_llama, LLAMA_PATH, WiseAdapter, lambda original: WiseAdapter(original, LLAMA_PATH))
+    side = (adapter.original.weight.detach() + 0.05 * torch.randn(adapter.original.weight.shape,
+                                                                   generator=torch.Generator().manual_seed(0)))
+    pairs = [tokenize_pair(word_tok, template.format(FACTS[0].prompt), FACTS[0].target_new)
+             for template in ("{}", "yes the sky {}", "i think that {}")]
+    irrelevant = word_tok("the river flows through london and the sun is a star and grass is green").input_ids
+    context = _EditContext(side, torch.zeros(0, 0, dtype=torch.bool))
+    adapter._editing = context
+    try:
+        with frozen_model(tiny_llama), torch.no_grad():
+            training_pass = _TrainingPass(tiny_llama, LLAMA_PATH, context, pairs, irrelevant, pad_id_of(word_tok),
+                                          exclude_first=True)
+            assert training_pass.edit[1].uses_shortcut and training_pass.irrelevant[1].uses_shortcut
+            loss, deviations = training_pass()
+            row_losses, row_deviations = [], []
+            for ids, targets in [(list(p.ids), list(p.target_ids)) for p in pairs] + [(irrelevant, [])]:
+                context.scored = scored_tokens(torch.ones(1, len(ids), dtype=torch.bool), len(ids), True)
+                logits = tiny_llama(input_ids=torch.tensor([ids])).logits[0].float()
+                row_deviations.append(float(context.deviations[0]))
+                if targets:
+                    n = len(targets)
+                    row_losses.append(torch.nn.functional.cross_entropy(logits[-n - 1 : -1], torch.tensor(targets)))
+    finally:
+        adapter._editing = None
+        remove_adapter(tiny_llama, adapter)
+    assert loss.item() == pytest.approx(torch.stack(row_losses).mean().item(), rel=1e-5)
+    assert deviations.tolist() == pytest.approx(row_deviations, rel=1e-5)
+    assert min(row_deviations) > 0

@@ -66,12 +66,21 @@ class UpperForward:
         return _agreeing(cls(model, spec, first, captured, read), reference)
 
     def __call__(self) -> torch.Tensor:
+        return self.head(self.head_input()).float()
+
+    def head_input(self) -> torch.Tensor:
+        """The final-normed hidden states at the positions read: what the LM head is applied to."""
+        hidden = self.run_blocks(len(self.blocks))
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.read)
+        return self.norm(picked)
+
+    def run_blocks(self, count: int) -> torch.Tensor:
+        """The hidden states after the first ``count`` of the rerun blocks (for a loop that reads only inside them)."""
         hidden = self.captured.hidden
-        for block in self.blocks:
+        for block in self.blocks[:count]:
             out = block(hidden, *self.captured.args, **(self.captured.kwargs or {}))
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.read)
-        return self.head(self.norm(picked)).float()
+        return hidden
 
 
 def block_of(spec: ModelSpec, module_path: str) -> int | None:
@@ -125,9 +134,15 @@ class SuffixForward:
     @classmethod
     def prepare(
         cls, model: nn.Module, spec: ModelSpec, read: torch.Tensor, split: int, input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor, first_block: int | None = None,
     ) -> "SuffixForward | None":
-        """Cache columns ``..split``; ``None`` if the model cannot take a cache or the result differs."""
+        """Cache columns ``..split``; ``None`` if the model cannot take a cache or the result differs.
+
+        With ``first_block`` (the lowest block the loop changes) the remaining
+        columns' pass through the blocks below it is also done once: each step
+        runs only blocks ``first_block..`` on them (:class:`_SuffixFromBlock`),
+        if that reproduces the full pass; otherwise every block, as without it.
+        """
         rows, width = input_ids.shape
         if split <= 0 or split >= width or not takes_cache(model) or bool((read % width < split).any()):
             return None
@@ -143,13 +158,81 @@ class SuffixForward:
         inputs = {"input_ids": input_ids[:, split:], "attention_mask": attention_mask,
                   "position_ids": positions[:, split:]}
         suffix_read = (read // width) * (width - split) + (read % width - split)
-        return _agreeing(cls(model, [(k.detach(), v.detach()) for k, v in kv], inputs, suffix_read), reference)
+        suffix = cls(model, [(k.detach(), v.detach()) for k, v in kv], inputs, suffix_read)
+        if first_block is not None and first_block > 0:
+            upper = _SuffixFromBlock.prepare(suffix, spec, first_block)
+            if upper is not None and _agreeing(upper, reference) is not None:
+                return upper
+        return _agreeing(suffix, reference)
 
     def __call__(self) -> torch.Tensor:
         cache = build_cache(self.model, self.kv)
         logits, _ = forward_reading(self.model, self.read, use_cache=True, **self.inputs,
                                     **{cache_keyword(self.model): cache})
         return logits
+
+
+class _SuffixFromBlock:
+    """A :class:`SuffixForward` step that also skips the blocks below ``first``.
+
+    Below the lowest block a loop changes, the suffix columns' hidden states
+    are the same at every step, so they are recorded once (the input of block
+    ``first`` in one cached pass, with everything the model hands its blocks)
+    and each step runs blocks ``first..``, the final norm and the LM head at the
+    positions read. Each step gets a fresh copy of the prefix cache: blocks
+    extend it in place.
+    """
+
+    def __init__(self, suffix: SuffixForward, blocks: list[nn.Module], norm: nn.Module, head: nn.Module,
+                 captured: _BlockInput, cache_place: int | str) -> None:
+        self.suffix = suffix
+        self.blocks = blocks
+        self.norm = norm
+        self.head = head
+        self.captured = captured
+        self.cache_place = cache_place
+
+    @classmethod
+    def prepare(cls, suffix: SuffixForward, spec: ModelSpec, first: int) -> "_SuffixFromBlock | None":
+        model = suffix.model
+        blocks = get_module(model, spec.layers_path)
+        captured = _BlockInput()
+
+        def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.hidden = args[0].detach()
+            captured.args = args[1:]
+            captured.kwargs = dict(kwargs)
+
+        hook = blocks[first].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                cache = build_cache(model, suffix.kv)
+                model(**suffix.inputs, use_cache=True, **{cache_keyword(model): cache})
+        finally:
+            hook.remove()
+        if captured.hidden is None or captured.kwargs is None:
+            return None
+        # where the blocks get the cache: a keyword (Llama) or a positional argument (GPT-2)
+        places: list[int | str] = [i for i, value in enumerate(captured.args) if value is cache]
+        places += [key for key, value in captured.kwargs.items() if value is cache]
+        if len(places) != 1:
+            return None  # no single cache argument to refresh per step
+        return cls(suffix, list(blocks)[first:], get_module(model, spec.final_norm_path),
+                   get_module(model, spec.lm_head_path), captured, places[0])
+
+    def __call__(self) -> torch.Tensor:
+        cache = build_cache(self.suffix.model, self.suffix.kv)
+        args, kwargs = list(self.captured.args), dict(self.captured.kwargs or {})
+        if isinstance(self.cache_place, int):
+            args[self.cache_place] = cache
+        else:
+            kwargs[self.cache_place] = cache
+        hidden = self.captured.hidden
+        for block in self.blocks:
+            out = block(hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.suffix.read)
+        return self.head(self.norm(picked)).float()
 
 
 def _agreeing(shortcut: Any, reference: torch.Tensor) -> Any:

@@ -494,15 +494,15 @@ def _logits_reader(model: nn.Module, sites: Sequence[str],
     row, the column of its fact token in the reader's inputs.
     """
     spec = ModelSpec.from_model(model)
+    blocks = [block_of(spec, site) for site in sites]
+    block = None if None in blocks else min(blocks)  # the lowest: every site's delta enters above it
     aligned = _align_fact_tokens(batch)
     if aligned is not None:
         ids, mask, read, split = aligned
-        suffix = SuffixForward.prepare(model, spec, read, split, ids, mask)
+        suffix = SuffixForward.prepare(model, spec, read, split, ids, mask, first_block=block)
         if suffix is not None:
             return suffix, torch.zeros_like(batch.edit_cols)
     inputs = {"input_ids": batch.ids, "attention_mask": batch.mask}
-    blocks = [block_of(spec, site) for site in sites]
-    block = None if None in blocks else min(blocks)  # the lowest: every site's delta enters above it
     upper = UpperForward.prepare(model, spec, block, batch.read, **inputs) if block is not None else None
     if upper is not None:
         return upper, batch.edit_cols

@@ -583,8 +583,6 @@ def _edit_one(
 ) -> dict[str, Any]:
     pairs = [tokenize_pair(tok, template.format(request.prompt), request.target_new) for template in adapter.templates]
     irrelevant = _irrelevant_text(request, pool, adapter.edits_made)
-    sequences = [list(p.ids) for p in pairs] + [tok(irrelevant).input_ids]
-    columns = [range(p.prompt_len - 1, len(p.ids) - 1) for p in pairs] + [[]]
     adapter.start_shard_if_due()
     alpha, beta, gamma = hparams.act_margin
     # trained as float32 (a half-precision copy would round small SGD steps away), stored back in the layer's dtype
@@ -592,16 +590,15 @@ def _edit_one(
     original = adapter.original.weight.detach().float()
     mask = adapter.mask.to(side.dtype)
     losses: list[float] = []
-    padded = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id_of(tok), torch.float32)
-    attention = padded.attention_mask.bool()
-    context = _EditContext(side, scored_tokens(attention, attention.shape[1], hparams.exclude_first_token))
+    context = _EditContext(side, torch.zeros(0, 0, dtype=torch.bool))
     with frozen_model(model):
         adapter._editing = context  # before the first pass, so the training shortcut is checked in editing mode
         try:
-            logits_of = SequenceLogits(model, adapter.path, sequences, columns, pad_id_of(tok))
+            training_pass = _TrainingPass(model, adapter.path, context, pairs, tok(irrelevant).input_ids,
+                                          pad_id_of(tok), hparams.exclude_first_token)
             for _ in range(hparams.n_iter):
-                logits = logits_of()
-                loss = _edit_loss(logits, pairs) + _margin_loss(context.deviations, len(pairs), alpha, beta, gamma)
+                edit_loss, deviations = training_pass()
+                loss = edit_loss + _margin_loss(deviations, len(pairs), alpha, beta, gamma)
                 side.grad = None
                 loss.backward()
                 with torch.no_grad():
@@ -613,8 +610,7 @@ def _edit_one(
                 if len(losses) > 1 and losses[-1] <= EARLY_STOP_LOSS and abs(losses[-1] - losses[-2]) <= EARLY_STOP_DELTA:
                     break
             with torch.no_grad():
-                logits_of()
-            deviations = context.deviations.detach()
+                _, deviations = training_pass()
         finally:
             adapter._editing = None
     adapter.side = side.detach().to(adapter.side.dtype)
@@ -623,15 +619,48 @@ def _edit_one(
     return {"losses": losses, "steps": len(losses), "in_scope": in_scope, "irrelevant": float(deviations[len(pairs):].mean())}
 
 
-def _edit_loss(logits: torch.Tensor, pairs: Sequence[Any]) -> torch.Tensor:
-    """Mean over edit rows of each row's mean target-token NLL (``only_label``: prompts masked)."""
-    losses, offset = [], 0
-    for pair in pairs:
-        count = len(pair.target_ids)
-        target = torch.tensor(pair.target_ids, device=logits.device)
-        losses.append(F.cross_entropy(logits[offset : offset + count], target))
-        offset += count
-    return torch.stack(losses).mean()
+class _TrainingPass:
+    """One forward pass of an edit's rows: the edit loss of the template rows and every row's Δ.
+
+    The template rows and the irrelevant row are separately padded batches:
+    the irrelevant row (a passage of 60-100 tokens from WISE's train file) is
+    several times longer than the template rows, and in one left-padded batch
+    every template row would run at its length, about 2.5x the tokens. Each
+    batch has its own scored-token mask; Δ comes back in row order, and the
+    loss is the same as for one batch. No logit of the irrelevant row is read,
+    so it runs only through the adapter's block, where its Δ is taken.
+    """
+
+    def __init__(self, model: nn.Module, adapter_path: str, context: _EditContext, pairs: Sequence[Any],
+                 irrelevant: list[int], pad_id: int, exclude_first: bool) -> None:
+        self.context = context
+        targets = [t for pair in pairs for t in pair.target_ids]
+        # only_label: each row's mean target NLL, then the mean over rows
+        weights = [1.0 / (len(pair.target_ids) * len(pairs)) for pair in pairs for _ in pair.target_ids]
+        self.targets = torch.tensor(targets, dtype=torch.long)
+        self.weights = torch.tensor(weights)
+        self.edit = self._part(model, adapter_path, [list(p.ids) for p in pairs],
+                               [range(p.prompt_len - 1, len(p.ids) - 1) for p in pairs], pad_id, exclude_first)
+        self.irrelevant = self._part(model, adapter_path, [irrelevant], [[]], pad_id, exclude_first)
+
+    def _part(self, model: nn.Module, adapter_path: str, sequences: list[list[int]], columns: list[Any], pad_id: int,
+              exclude_first: bool) -> tuple[torch.Tensor, SequenceLogits]:
+        attention = build_inputs([[i] for i in range(len(sequences))], sequences, pad_id, torch.float32).attention_mask
+        device = next(model.parameters()).device
+        scored = scored_tokens(attention.bool().to(device), attention.shape[1], exclude_first)
+        self.context.scored = scored  # the shortcut's check pass runs the adapter on these rows
+        return scored, SequenceLogits(model, adapter_path, sequences, columns, pad_id)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(edit loss, Δ of every row: the template rows, then the irrelevant row)."""
+        scored, logits_of = self.edit
+        self.context.scored = scored
+        loss = logits_of.weighted_nll(self.targets, self.weights)
+        edit_deviations = self.context.deviations
+        scored, logits_of = self.irrelevant
+        self.context.scored = scored
+        logits_of.run_adapter_block()  # no column read: Δ is all it gives, and the blocks above cannot change it
+        return loss, torch.cat([edit_deviations, self.context.deviations])
 
 
 def _margin_loss(deviations: torch.Tensor, n_edit: int, alpha: float, beta: float, gamma: float) -> torch.Tensor:
