@@ -13,8 +13,9 @@ misses.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +33,31 @@ class _BlockInput:
     kwargs: dict[str, Any] | None = None
 
 
+@contextmanager
+def _recording_block_input(model: nn.Module, spec: ModelSpec, first: int) -> Iterator[_BlockInput]:
+    """What block ``first`` receives (hidden states, other arguments) in the forward pass run inside this block."""
+    captured = _BlockInput()
+
+    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.hidden = args[0].detach()
+        captured.args = args[1:]
+        captured.kwargs = dict(kwargs)
+
+    hook = get_module(model, spec.layers_path)[first].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        hook.remove()
+
+
+def _run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> torch.Tensor:
+    for block in blocks:
+        out = block(hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    return hidden
+
+
 class UpperForward:
     """Float logits at flat positions ``read`` (row * width + column), computed from block ``first`` upward."""
 
@@ -47,20 +73,8 @@ class UpperForward:
         cls, model: nn.Module, spec: ModelSpec, first: int, read: torch.Tensor, **model_inputs: Any
     ) -> "UpperForward | None":
         """Record block ``first``'s input in one full pass; ``None`` if the shortcut does not reproduce it."""
-        blocks = get_module(model, spec.layers_path)
-        captured = _BlockInput()
-
-        def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured.hidden = args[0].detach()
-            captured.args = args[1:]
-            captured.kwargs = dict(kwargs)
-
-        hook = blocks[first].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                reference, _ = forward_reading(model, read, use_cache=False, **model_inputs)
-        finally:
-            hook.remove()
+        with _recording_block_input(model, spec, first) as captured, torch.no_grad():
+            reference, _ = forward_reading(model, read, use_cache=False, **model_inputs)
         if captured.hidden is None or captured.kwargs is None:
             return None
         return _agreeing(cls(model, spec, first, captured, read), reference)
@@ -76,11 +90,7 @@ class UpperForward:
 
     def run_blocks(self, count: int) -> torch.Tensor:
         """The hidden states after the first ``count`` of the rerun blocks (for a loop that reads only inside them)."""
-        hidden = self.captured.hidden
-        for block in self.blocks[:count]:
-            out = block(hidden, *self.captured.args, **(self.captured.kwargs or {}))
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-        return hidden
+        return _run_blocks(self.blocks[:count], self.captured.hidden, self.captured.args, self.captured.kwargs or {})
 
 
 def block_of(spec: ModelSpec, module_path: str) -> int | None:
@@ -195,21 +205,9 @@ class _SuffixFromBlock:
     @classmethod
     def prepare(cls, suffix: SuffixForward, spec: ModelSpec, first: int) -> "_SuffixFromBlock | None":
         model = suffix.model
-        blocks = get_module(model, spec.layers_path)
-        captured = _BlockInput()
-
-        def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured.hidden = args[0].detach()
-            captured.args = args[1:]
-            captured.kwargs = dict(kwargs)
-
-        hook = blocks[first].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                cache = build_cache(model, suffix.kv)
-                model(**suffix.inputs, use_cache=True, **{cache_keyword(model): cache})
-        finally:
-            hook.remove()
+        cache = build_cache(model, suffix.kv)
+        with _recording_block_input(model, spec, first) as captured, torch.no_grad():
+            model(**suffix.inputs, use_cache=True, **{cache_keyword(model): cache})
         if captured.hidden is None or captured.kwargs is None:
             return None
         # where the blocks get the cache: a keyword (Llama) or a positional argument (GPT-2)
@@ -217,7 +215,7 @@ class _SuffixFromBlock:
         places += [key for key, value in captured.kwargs.items() if value is cache]
         if len(places) != 1:
             return None  # no single cache argument to refresh per step
-        return cls(suffix, list(blocks)[first:], get_module(model, spec.final_norm_path),
+        return cls(suffix, list(get_module(model, spec.layers_path))[first:], get_module(model, spec.final_norm_path),
                    get_module(model, spec.lm_head_path), captured, places[0])
 
     def __call__(self) -> torch.Tensor:
@@ -227,10 +225,7 @@ class _SuffixFromBlock:
             args[self.cache_place] = cache
         else:
             kwargs[self.cache_place] = cache
-        hidden = self.captured.hidden
-        for block in self.blocks:
-            out = block(hidden, *args, **kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
+        hidden = _run_blocks(self.blocks, self.captured.hidden, tuple(args), kwargs)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.suffix.read)
         return self.head(self.norm(picked)).float()
 
