@@ -46,7 +46,8 @@ def head_weighted_nll(
     weights = weights.to(hidden.device)
     if hidden.shape[0] == 0:
         return hidden.new_zeros((), dtype=torch.float32)
-    if not streamable(head) or head.weight.requires_grad:
+    # no gradient wanted (a last pass for the record): the streamed form would compute one for nothing
+    if not streamable(head) or head.weight.requires_grad or not (torch.is_grad_enabled() and hidden.requires_grad):
         return weighted_nll(head(hidden), targets, weights)
     return _StreamedHeadNLL.apply(hidden, head.weight, targets, weights, chunk)
 
