@@ -17,6 +17,7 @@ model it then edits is cast to the dtype under test.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -262,3 +263,68 @@ def test_evaluation_changes_no_state(method: str, layout: str, dtype: str, word_
     assert state_equal(editor.model, state)
     assert _saved_bytes(handles[-1], tmp_path / "after") == saved  # the method's own state did not move
     restore_all(handles)
+
+
+class _Stop(RuntimeError):
+    """Stands for the end of a process in the middle of a chunk."""
+
+
+def _comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A chunk's records without the timings, which differ from run to run."""
+    def without_time(info: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in info.items() if "seconds" not in k}
+
+    return [{**{k: v for k, v in r.items() if k not in ("edit_seconds", "step_seconds")},
+             "edit_info": without_time(r["edit_info"])} for r in records]
+
+
+# a fourth request: a chunk stopped twice, the second time after it had been continued once
+CHUNK_REQUESTS = REQUESTS + [EditRequest("the color of the sky", "green", subject="sky", case_id="sky")]
+
+
+@methods
+def test_a_stopped_chunk_continues_from_its_checkpoint_as_if_never_stopped(method: str, word_tok: Any, prepared: Any,
+                                                                           tmp_path: Path) -> None:
+    """Four sequential edits, stopped after the second's checkpoint, continued by a fresh model (a new process)
+    and stopped again after the third's, then continued by another: the same outputs after the fourth edit and the
+    same records as an uninterrupted chunk, and every model ends restored."""
+    from lmedit.checkpoint import ChunkCheckpoints
+    from lmedit.protocols import Chunk, run_chunk
+
+    chunk = Chunk(0, ((0,), (1,), (2,), (3,)))
+
+    def run(checkpoints: ChunkCheckpoints | None, stop_at: int | None) -> tuple[Any, list[Any], bool]:
+        editor = _editor(method, "llama", word_tok, prepared, "float32")
+        clean, owners = snapshot(editor.model), model_state.owners(editor.model)
+        seen: list[Any] = []
+
+        def after_step(_: Chunk, done: int) -> None:
+            if done == stop_at:
+                raise _Stop
+            if done == len(chunk.steps):
+                seen.append(_outputs(editor, CHUNK_REQUESTS))
+
+        pre = editor.capture(CHUNK_REQUESTS)
+        result = None
+        try:
+            result = run_chunk(editor.session(seed=0), CHUNK_REQUESTS, chunk, pre, after_step=after_step,
+                               checkpoints=checkpoints)
+        except _Stop:
+            pass
+        restored = (state_equal(editor.model, clean) and router_of(editor.model) is None
+                    and set(model_state.owners(editor.model)) <= set(owners) | CACHES_THAT_OUTLIVE_AN_EDIT)
+        return result, seen, restored
+
+    reference, reference_outputs, restored = run(None, None)
+    assert restored
+    checkpoints = ChunkCheckpoints(tmp_path / "checkpoints", {"method": method}, minutes=1e-9)
+    progress = tmp_path / "checkpoints" / "chunk-0" / "progress.json"
+    assert run(checkpoints, stop_at=3)[2]
+    if not progress.is_file():  # the chain has state no codec writes (logged): such a chunk restarts instead
+        pytest.skip(f"{method} chains are not checkpointed")
+    assert json.loads(progress.read_text())["progress"]["steps_done"] == 2
+    assert run(checkpoints, stop_at=4)[2]
+    assert json.loads(progress.read_text())["progress"]["steps_done"] == 3
+    resumed, resumed_outputs, restored = run(checkpoints, None)
+    assert restored and resumed_outputs == reference_outputs
+    assert _comparable(resumed.records) == _comparable(reference.records)

@@ -70,7 +70,9 @@ def run(
     eval_each: bool = typer.Option(False, help="Also score each request right after its own edit (EasyEdit HEAD's 'sequential')."),
     retention_every: int = typer.Option(0, help="Also record retention curves (ERR/TRR) every k edits of a chunk; 0: off."),
     retention_items: int = typer.Option(50, help="Held-out probes for test retention (TRR), from the records after the edited ones."),
+    retention_data: Optional[Path] = typer.Option(None, help="Draw the held-out probes from this file instead (a run that edits a whole file leaves no records after it); edited prompts are left out."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
+    checkpoint_minutes: float = typer.Option(15.0, help="A sequential chunk writes its state this often while it edits, and a rerun continues it from there; 0: never."),
     out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -91,6 +93,10 @@ def run(
     method, model = _run_settings(hparams, method, model)
     if retention_every < 0 or (retention_every and retention_items < 1):
         fail("--retention-every must be 0 (off) or positive, and --retention-items at least 1")
+    if checkpoint_minutes < 0:
+        fail(f"--checkpoint-minutes must be 0 (never) or positive, got {checkpoint_minutes}")
+    if retention_data is not None and not retention_data.is_file():
+        fail(f"--retention-data {retention_data} is not a file; pass a data file to draw held-out probes from")
     folder = writable_folder(out or default_out_dir(_canonical_method(method)), "--out")
     created = first_missing(folder)  # what a run that fails before its first record must not leave behind
     try:
@@ -102,7 +108,8 @@ def run(
 
         retention = None  # held-out probes from the records after the edited ones, in <run folder>/held_out.json
         if retention_every:
-            retention = RetentionSettings(every=retention_every, items=retention_items, data=data, data_format=data_format)
+            retention = RetentionSettings(every=retention_every, items=retention_items, data=data, data_format=data_format,
+                                          held_out_data=retention_data)
         editor = _make_editor(method, model, preset, hparams, parse_overrides(set_),
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
                                          max_batch_tokens=eval_max_tokens, packing=packing,
@@ -110,7 +117,8 @@ def run(
         spec = make_spec(editor, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
                          data=str(data) if data else "demo", data_sha256=file_sha256(data) if data else None,
                          offset=offset, limit=limit)
-        summary, folder = run_experiment(editor, requests, spec, folder, retention=retention, show_progress=progress)
+        summary, folder = run_experiment(editor, requests, spec, folder, retention=retention, show_progress=progress,
+                                         checkpoint_minutes=checkpoint_minutes)
     except RunFolderBusy as exc:  # the folder is another process's: leave it alone
         fail(str(exc))
     except (ValueError, RuntimeError, OSError) as exc:

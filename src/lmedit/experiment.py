@@ -32,7 +32,10 @@ class RetentionSettings:
     The probes come from the ``scan`` records of ``data`` (None: the demo set) after
     the edited range, and are chosen once and kept in ``held_out_file`` (None: the
     run folder's ``held_out.json``); runs that must share one held-out set (a
-    reproduction) point it at one file. ``title`` heads ``lifelong.png`` (None: the
+    reproduction) point it at one file. ``held_out_data`` draws them instead from
+    the first ``scan`` records of another file, for a run that edits a whole file
+    (T=1000 on all of zsRE leaves no records after it); probes asking an edited
+    prompt or rephrasing are left out. ``title`` heads ``lifelong.png`` (None: the
     method and protocol).
     """
 
@@ -42,6 +45,7 @@ class RetentionSettings:
     data_format: str | None = None
     scan: int = 400
     held_out_file: Path | None = None
+    held_out_data: str | Path | None = None
     title: str | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +106,7 @@ def run_experiment(
     retention: RetentionSettings | None = None,
     show_progress: bool = True,
     after_step: AfterStep | None = None,
+    checkpoint_minutes: float | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run ``spec`` with ``editor`` over ``requests`` into ``out_dir`` (None: ``runs/<time>-<method>``).
 
@@ -109,35 +114,45 @@ def run_experiment(
     process is writing raises :class:`lmedit.runner.RunFolderBusy` before anything is written.
     ``retention`` also records retention curves (``retention.jsonl``, ``lifelong.json``,
     ``lifelong.png``); ``after_step`` is any other hook called after each edit step,
-    which must not change the model.
+    which must not change the model. ``checkpoint_minutes``: how often a long sequential chunk writes
+    its state, so that a rerun continues it (None: the runner's default; 0: never).
     """
     out = Path(out_dir) if out_dir is not None else default_out_dir(spec.method)
     session = editor.session(seed=spec.seed, eval_each=spec.eval_each)
     chunks = check_run(session, requests, spec)  # bad input fails before the folder is touched
     with hold_run_folder(out):  # the whole run, retention files included: a second writer stops at once
         tracker = _retention_tracker(editor, requests, spec, out, retention) if retention is not None else None
+        checkpointing = {} if checkpoint_minutes is None else {"checkpoint_minutes": checkpoint_minutes}
         summary = run_benchmark(session, requests, spec, out, show_progress=show_progress,
-                                after_step=_chain(tracker, after_step), chunks=chunks)
+                                after_step=_chain(tracker, after_step), chunks=chunks, **checkpointing)
         if tracker is not None:
             _write_curves(out, tracker, spec, retention)
     return summary, out
 
 
-def _held_out(editor: "Editor", spec: RunSpec, retention: RetentionSettings, out: Path) -> "HeldOutSet":
-    """The run's held-out probes, from the records after its edited range (chosen once, then read back)."""
+def _held_out(editor: "Editor", requests: Sequence[EditRequest], spec: RunSpec, retention: RetentionSettings,
+              out: Path) -> "HeldOutSet":
+    """The run's held-out probes (chosen once, then read back): from the records after its edited range, or from
+    the start of ``retention.held_out_data``, never a prompt the run edits."""
     from lmedit.lifelong import HELD_OUT_FILE, choose_held_out
 
-    edited = spec.limit if spec.limit is not None else spec.n_requests  # raw records, as --limit counts them
-    return choose_held_out(retention.data, editor.model, editor.tok, after=spec.offset + edited, items=retention.items,
+    if retention.held_out_data is not None:
+        data, after, data_format = retention.held_out_data, 0, None
+    else:
+        edited = spec.limit if spec.limit is not None else spec.n_requests  # raw records, as --limit counts them
+        data, after, data_format = retention.data, spec.offset + edited, retention.data_format
+    edited_prompts = {prompt for r in requests for prompt in (r.prompt, *r.rephrase)}
+    return choose_held_out(data, editor.model, editor.tok, after=after, items=retention.items,
                            path=retention.held_out_file or out / HELD_OUT_FILE, scan=retention.scan,
-                           batch_size=editor.evaluator.config.batch_size, data_format=retention.data_format)
+                           batch_size=editor.evaluator.config.batch_size, data_format=data_format,
+                           exclude=edited_prompts)
 
 
 def _retention_tracker(editor: "Editor", requests: Sequence[EditRequest], spec: RunSpec, out: Path,
                        retention: RetentionSettings) -> "RetentionTracker":
     from lmedit.lifelong import RetentionTracker
 
-    held_out = _held_out(editor, spec, retention, out)
+    held_out = _held_out(editor, requests, spec, retention, out)
     return RetentionTracker(editor.model, editor.evaluator, requests, out, held_out, retention.every)
 
 

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Collection, Iterable, Sequence
 
 import torch
 
@@ -184,13 +184,14 @@ def own_answers(
 
 def choose_held_out(
     data: str | Path | None, model: torch.nn.Module, tok: Any, *, after: int, items: int, path: str | Path,
-    scan: int = 400, batch_size: int = 128, data_format: str | None = None,
+    scan: int = 400, batch_size: int = 128, data_format: str | None = None, exclude: Collection[str] = (),
 ) -> HeldOutSet:
     """The held-out set of a run on ``data`` whose edits end at record ``after``, chosen once and kept at ``path``.
 
     ``data`` None is the packaged demo set. Candidates come from the ``scan`` records after the edited range. Short answers (question answering) are held
     out when the unedited model answers them; when it answers too few (a small model), its own greedy answers are
-    held out instead. Passages (hallucination data) are all kept and read by perplexity.
+    held out instead. Passages (hallucination data) are all kept and read by perplexity. Candidates whose prompt is
+    in ``exclude`` (the run's edited prompts) are never held out.
     """
     from lmedit.data import load_requests
     from lmedit.evaluation.evaluator import EvalConfig
@@ -198,10 +199,13 @@ def choose_held_out(
     path = Path(path)
     if path.is_file():
         return HeldOutSet.load(path)
-    candidates = held_out_candidates(load_requests(data, offset=after, limit=scan, format=data_format))
+    excluded = set(exclude)
+    candidates = [c for c in held_out_candidates(load_requests(data, offset=after, limit=scan, format=data_format))
+                  if c.prompt not in excluded]
     if not candidates:
-        raise LifelongError(f"{data or 'the demo set'} has no records after the edited range (record {after}) to hold out; "
-                            "lower --limit or --offset")
+        raise LifelongError(f"{data or 'the demo set'} has no records after record {after} that the run does not edit, "
+                            "to hold out; lower --limit or --offset, or draw the probes from another file "
+                            "(--retention-data)")
     evaluator = Evaluator(tok, EvalConfig(mode="teacher", batch_size=batch_size))
     require_correct = _short_answers(candidates)
     held_out = select_held_out(model, evaluator, candidates, items, require_correct=require_correct)

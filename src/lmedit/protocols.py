@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from lmedit.checkpoint import ChunkCheckpoints, ChunkProgress
 from lmedit.evaluation.evaluator import Evaluator, Snapshot
 from lmedit.forward.tokens import ContextLengthError, check_fits_context
 from lmedit.handles import EditHandle, keep_first_copies, restore_all
@@ -133,47 +134,62 @@ def run_chunk(
     *,
     on_step: Callable[[], None] | None = None,
     after_step: Callable[[Chunk, int], None] | None = None,
+    checkpoints: ChunkCheckpoints | None = None,
 ) -> ChunkResult:
     """Apply the chunk's edits in order, evaluate its requests, restore the original model.
 
     ``pre`` is the pre-edit capture of exactly ``chunk.requests`` (in that order).
     ``after_step(chunk, steps_done)`` is called on the edited model after each step, outside the
     edit timing (e.g. for retention curves, :mod:`lmedit.lifelong`); it must not change the model.
+    ``checkpoints`` writes the chunk's state every few minutes of editing and continues a chunk
+    from the one a stopped run left (:mod:`lmedit.checkpoint`); ``on_step`` is then called at
+    once for the steps the checkpoint holds.
     """
     torch.manual_seed(session.seed + chunk.index)
     chunk_requests = [requests[i] for i in chunk.requests]
     position = {request: p for p, request in enumerate(chunk.requests)}
     result = ChunkResult(chunk.index)
-    post_each: dict[int, dict[str, float]] = {}
-    step_info: dict[int, dict[str, Any]] = {}
-    step_seconds: dict[int, float] = {}  # each request's share of its own step: how cost grows along a chunk
+    progress = ChunkProgress()
     handles: list[EditHandle] = []
     try:
+        if checkpoints is not None and checkpoints.wanted(len(chunk.steps)):
+            resumed = checkpoints.load(session.model, chunk.index, chunk.steps)
+            if resumed is not None:
+                handles, progress = resumed
+                for _ in range(progress.steps_done * (on_step is not None)):
+                    on_step()  # type: ignore[misc]
+            checkpoints.start()
         for done, step in enumerate(chunk.steps, start=1):
+            if done <= progress.steps_done:
+                continue
             started = time.perf_counter()
             handle = session.method.apply(session.model, session.tok, [requests[i] for i in step], session.hparams)
             keep_first_copies(handles, handle)
             handles.append(handle)
             elapsed = time.perf_counter() - started
-            result.edit_seconds += elapsed
+            progress.edit_seconds += elapsed
             for i in step:
-                step_info[i] = _summarise_info(handle.info)
-                step_seconds[i] = elapsed / len(step)
+                progress.step_info[i] = _summarise_info(handle.info)
+                progress.step_seconds[i] = elapsed / len(step)
             if session.eval_each:
                 started = time.perf_counter()
                 local = [position[i] for i in step]
                 scores = session.evaluator.score(session.model, [requests[i] for i in step], pre.subset(local))
-                post_each.update(zip(step, scores))
-                result.eval_seconds += time.perf_counter() - started
+                progress.post_each.update(zip(step, scores))
+                progress.eval_seconds += time.perf_counter() - started
+            progress.steps_done = done
             if on_step:
                 on_step()
             if after_step:
                 after_step(chunk, done)
+            if checkpoints is not None and checkpoints.due(done, len(chunk.steps)):
+                checkpoints.save(session.model, handles, chunk.index, chunk.steps, progress)
         started = time.perf_counter()
         post = session.evaluator.score(session.model, chunk_requests, pre)
-        result.eval_seconds += time.perf_counter() - started
+        progress.eval_seconds += time.perf_counter() - started
     finally:
         restore_all(handles)
+    result.edit_seconds, result.eval_seconds = progress.edit_seconds, progress.eval_seconds
     per_request_edit = result.edit_seconds / max(len(chunk_requests), 1)
     for p, i in enumerate(chunk.requests):
         record: dict[str, Any] = {
@@ -182,12 +198,12 @@ def run_chunk(
             "chunk": chunk.index,
             "pre": pre.metrics[p],
             "post": post[p],
-            "edit_info": step_info.get(i, {}),
+            "edit_info": progress.step_info.get(i, {}),
             "edit_seconds": per_request_edit,
-            "step_seconds": step_seconds.get(i, 0.0),
+            "step_seconds": progress.step_seconds.get(i, 0.0),
         }
         if session.eval_each:
-            record["post_each"] = post_each[i]
+            record["post_each"] = progress.post_each[i]
         result.records.append(record)
     return result
 

@@ -70,7 +70,9 @@ class WiseTableConfig:
     retention_every: int = 0
     retention_items: int = 50
     retention_scan: int = 400
+    retention_data: Path | None = None  # None: the records of ``data`` after the edited ones
     irrelevant_file: Path | None = None
+    checkpoint_minutes: float | None = None  # how often a chunk writes its state (None: the runner's default)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     layout: str | None = None  # a key of TABLE_COLUMNS ("zsre", "hallucination"); None: detected from the data
 
@@ -93,6 +95,11 @@ class WiseTableConfig:
             raise ReproduceError(f"eval mode {self.eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
         if self.retention_every < 0 or self.retention_items < 1:
             raise ReproduceError("--retention-every must be >= 0 (0: off) and --retention-items >= 1")
+        if self.retention_data is not None:
+            self.retention_data = Path(self.retention_data)
+            if not self.retention_data.is_file():
+                raise ReproduceError(f"--retention-data {self.retention_data} does not exist; pass a data file to draw "
+                                     "held-out probes from")
         self.methods = tuple(get_method(m).name for m in self.methods)  # canonical names; unknown ones fail here
         self.overrides = {get_method(m).name: dict(v) for m, v in self.overrides.items()}
         self.Ts = tuple(sorted(set(self.Ts)))
@@ -189,6 +196,7 @@ def _write_plan(config: WiseTableConfig, n_requests: int) -> None:
         "T": list(config.Ts), "limit": config.limit, "offset": config.offset, "n_requests": n_requests,
         "eval_mode": config.eval_mode, "retention_every": config.retention_every,
         "retention_items": config.retention_items,
+        "retention_data": None if config.retention_data is None else str(config.retention_data),
         "irrelevant_file": None if config.irrelevant_file is None else str(config.irrelevant_file),
     }
     (config.out / "reproduce.json").write_text(json.dumps(plan, indent=2))
@@ -259,7 +267,7 @@ def _run_method(
                      data_sha256=file_sha256(config.data), offset=config.offset, limit=config.limit,
                      extra={"reproduce": TABLE_NAME})
     run_experiment(editor, requests, spec, config.folder(method, T), retention=_retention(config, method, T),
-                   show_progress=show_progress)
+                   show_progress=show_progress, checkpoint_minutes=config.checkpoint_minutes)
 
 
 def _retention(config: WiseTableConfig, method: str, T: int) -> Any:
@@ -271,6 +279,7 @@ def _retention(config: WiseTableConfig, method: str, T: int) -> Any:
 
     return RetentionSettings(every=config.retention_every, items=config.retention_items, data=config.data,
                              scan=config.retention_scan, held_out_file=config.out / HELD_OUT_FILE,
+                             held_out_data=config.retention_data,
                              title=f"{method}, sequential T={T}, {config.model}")
 
 

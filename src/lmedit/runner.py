@@ -13,6 +13,9 @@ one write and fsynced. A kill can leave part of a chunk's records, or half a
 line, at the end of ``results.jsonl``; resuming first rewrites the file with
 only the complete chunks, then runs the rest, so a run killed any number of
 times ends with the same records as an uninterrupted one (each request once).
+A long sequential chunk also writes its state to ``checkpoints/`` every
+:data:`DEFAULT_CHECKPOINT_MINUTES` of editing (:mod:`lmedit.checkpoint`), and a
+rerun continues it from there rather than from its first edit.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from lmedit.checkpoint import CHECKPOINTS_DIR, ChunkCheckpoints
 from lmedit.devices import peak_memory_bytes
 from lmedit.precision import is_half
 from lmedit.progress import progress_bar
@@ -41,6 +45,7 @@ LOG = logging.getLogger(__name__)
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+DEFAULT_CHECKPOINT_MINUTES = 15.0  # a sequential chunk's state is written this often while it edits (0: never)
 
 
 class RunError(RuntimeError):
@@ -103,6 +108,7 @@ def run_benchmark(
     show_progress: bool = True,
     after_step: Callable[[Chunk, int], None] | None = None,
     chunks: Sequence[Chunk] | None = None,
+    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES,
 ) -> dict[str, Any]:
     """Run the protocol over ``requests`` and return the summary (also written to ``out_dir``).
 
@@ -112,7 +118,9 @@ def run_benchmark(
     out = Path(out_dir)
     chunks = check_run(session, requests, spec) if chunks is None else chunks
     with hold_run_folder(out):
-        return _run_held(session, requests, spec, out, chunks, show_progress, after_step)
+        checkpoints = ChunkCheckpoints(out / CHECKPOINTS_DIR, json.loads(json.dumps(spec.identity())),
+                                       minutes=checkpoint_minutes)
+        return _run_held(session, requests, spec, out, chunks, show_progress, after_step, checkpoints)
 
 
 def check_run(session: EditSession, requests: Sequence[EditRequest], spec: RunSpec) -> list[Chunk]:
@@ -125,8 +133,8 @@ def check_run(session: EditSession, requests: Sequence[EditRequest], spec: RunSp
 
 
 def _run_held(session: EditSession, requests: Sequence[EditRequest], spec: RunSpec, out: Path,
-              chunks: Sequence[Chunk], show_progress: bool, after_step: Callable[[Chunk, int], None] | None
-              ) -> dict[str, Any]:
+              chunks: Sequence[Chunk], show_progress: bool, after_step: Callable[[Chunk, int], None] | None,
+              checkpoints: ChunkCheckpoints | None = None) -> dict[str, Any]:
     """The run itself, while this process holds ``out``."""
     done = _prepare_folder(out, spec, chunks)
     todo = [c for c in chunks if c.index not in done]
@@ -152,8 +160,11 @@ def _run_held(session: EditSession, requests: Sequence[EditRequest], spec: RunSp
                 pre_seconds += time.perf_counter() - chunk_started
             else:
                 pre = pre_all.subset([offsets[i] for i in chunk.requests])
-            result = run_chunk(session, requests, chunk, pre, on_step=lambda: advance(1), after_step=after_step)
+            result = run_chunk(session, requests, chunk, pre, on_step=lambda: advance(1), after_step=after_step,
+                               checkpoints=checkpoints)
             _append_records(out / RESULTS_FILE, result.records, result.eval_seconds)
+            if checkpoints is not None:
+                checkpoints.discard(chunk.index)
     summary = summarize(read_records(out / RESULTS_FILE), chunks)
     summary["timing"]["pre_eval_seconds_this_session"] = pre_seconds
     summary["timing"]["wall_seconds_this_session"] = time.perf_counter() - started

@@ -47,9 +47,11 @@ def wise_table(
     eval_batch_size: int = typer.Option(128, help="Most prompts per evaluation forward pass."),
     retention_every: int = typer.Option(0, help="Also record retention curves (ERR/TRR), every k edits; 0: off."),
     retention_items: int = typer.Option(50, help="Held-out probes for test retention (TRR)."),
+    retention_data: Optional[Path] = typer.Option(None, help="Draw the held-out probes from this file (default: the records after the edited ones; a run over a whole file needs another); edited prompts are left out."),
     irrelevant_file: Optional[Path] = typer.Option(None, help="WISE's irrelevant prompts (default: shared/data/wise/hallucination/hallucination-train.json if found)."),
     set_: list[str] = typer.Option([], "--set", help="Override a hyperparameter of one method: METHOD.key=value (repeatable)."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
+    checkpoint_minutes: float = typer.Option(15.0, help="A chunk writes its state this often while it edits, and a rerun continues it from there; 0: never."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     table_only: bool = typer.Option(False, "--table-only", help="Run nothing: write the table from the run folders already in --out."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -76,9 +78,9 @@ def wise_table(
         config = WiseTableConfig(
             data=data, out=out, model=model, device=device, dtype=dtype, methods=parse_methods(methods, WISE_TABLE_METHODS), Ts=Ts, limit=limit,
             offset=offset, eval_mode=eval_mode, eval_batch_size=eval_batch_size, seed=seed,
-            retention_every=retention_every, retention_items=retention_items,
+            retention_every=retention_every, retention_items=retention_items, retention_data=retention_data,
             irrelevant_file=irrelevant_file or find_shared_file(WISE_IRRELEVANT_FILE),
-            overrides=parse_method_overrides(set_),
+            overrides=parse_method_overrides(set_), checkpoint_minutes=checkpoint_minutes,
         )
         if table_only:
             payload = write_table(config)

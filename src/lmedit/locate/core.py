@@ -27,6 +27,7 @@ from torch import nn
 from lmedit.adapters import frozen_model
 from lmedit.forward import SuffixForward, UpperForward, block_of, forward_reading, pad_id_of, tokenize_pair
 from lmedit import model_state
+from lmedit.checkpoint import register_session_codec
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.requests import EditRequest
 from lmedit.spec import ModelSpec, get_module
@@ -114,6 +115,10 @@ def session_state(model: nn.Module) -> dict[str, Any]:
 
 def reset_session_state(model: nn.Module) -> None:
     model_state.drop(model, _OWNER)
+
+
+# a chunk checkpoint carries the unedited model's prefixes: a resumed process must not sample them from edited weights
+register_session_codec("context_templates", lambda templates: ({}, list(templates)), lambda tensors, data: list(data))
 
 
 # --------------------------------------------------------------------------- context templates

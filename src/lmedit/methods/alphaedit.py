@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lmedit.checkpoint import register_session_codec
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParamsError
 from lmedit.locate.core import alphaedit_update, average_keys, null_space_projector, session_state, tiny_setup
@@ -69,6 +70,22 @@ def alphaedit_state(model: Any) -> AlphaEditState:
 def reset_alphaedit(model: Any) -> None:
     """Forget cached projectors and accumulated keys for this model (e.g. after loading other weights)."""
     session_state(model).pop(_STATE_KEY, None)
+
+
+def _dump_state(state: AlphaEditState) -> tuple[dict[str, torch.Tensor], list[list[Any]]]:
+    """The keys of earlier edits, in the order they were made (their sum is taken in that order);
+    the projectors are recomputed from the statistics."""
+    tensors = {f"{n}/{layer}": k for n, by_layer in enumerate(state.keys.values()) for layer, k in by_layer.items()}
+    return tensors, [list(by_layer) for by_layer in state.keys.values()]
+
+
+def _load_state(tensors: dict[str, torch.Tensor], layers: list[list[int]]) -> AlphaEditState:
+    # fresh edit ids: this process may already have handed out the ones the checkpoint was written with
+    return AlphaEditState({}, {next(_edit_ids): {layer: tensors[f"{n}/{layer}"] for layer in by_layer}
+                               for n, by_layer in enumerate(layers)})
+
+
+register_session_codec(_STATE_KEY, _dump_state, _load_state)
 
 
 class AlphaEditHandle(WeightSnapshotHandle):

@@ -41,6 +41,7 @@ import torch
 
 from lmedit.adapters import frozen_model, module_path
 from lmedit.forward import left_pad, pad_id_of, tokenize_pair
+from lmedit.checkpoint import register_session_codec
 from lmedit.handles import WeightSnapshotHandle
 from lmedit.hparams import HyperParams, HyperParamsError
 from lmedit.locate.core import add_to_weight, memit_update, session_state
@@ -134,6 +135,21 @@ _EPS = torch.finfo(torch.float32).eps
 def ultraedit_stats(model: torch.nn.Module) -> dict[tuple[int, int], RunningStats]:
     """The lifelong statistics of this model object, by (d_in, d_out) of the edited weights."""
     return session_state(model).setdefault(_STATE_KEY, {})
+
+
+def _dump_stats(stats: dict[tuple[int, int], RunningStats]) -> tuple[dict[str, torch.Tensor], list[list[Any]]]:
+    tensors = {}
+    for n, s in enumerate(stats.values()):
+        tensors[f"{n}/mean"], tensors[f"{n}/var"] = s.mean, s.var
+    return tensors, [[list(shape), s.n] for shape, s in stats.items()]
+
+
+def _load_stats(tensors: dict[str, torch.Tensor], entries: list[list[Any]]) -> dict[tuple[int, int], RunningStats]:
+    return {tuple(shape): RunningStats(float(count), tensors[f"{n}/mean"], tensors[f"{n}/var"])
+            for n, (shape, count) in enumerate(entries)}
+
+
+register_session_codec(_STATE_KEY, _dump_stats, _load_stats)
 
 
 class UltraEditHandle(WeightSnapshotHandle):
