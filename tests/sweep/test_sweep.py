@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -174,3 +175,30 @@ def test_a_rerun_runs_only_the_unfinished_chunks(grid, serial, local_ray, tmp_pa
     assert sorted(ran) == [(jobs[0].name, 2), (jobs[0].name, 3)]
     for name in expected:
         assert _comparable(got[name])["post"] == _comparable(expected[name])["post"], name
+
+
+def test_a_worker_continues_a_chunk_from_the_checkpoint_a_dead_worker_left(grid, tmp_path):
+    """What a Ray retry does after a worker died inside a chunk (here without Ray: the worker class itself)."""
+    from lmedit.sweep.engine import ChunkWorker
+
+    job = next(j for j in expand(read_sweep(grid)) if j.method == "GRACE" and j.T == 2)
+    folder = tmp_path / "checkpoints"
+    reference = ChunkWorker().run(job.to_dict(), 0, [0, 1])
+    dying = ChunkWorker()
+    prepared = dying.prepared(job)
+    apply = prepared.session.method.apply
+    calls = []
+
+    def apply_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit("the worker's process ends in the chunk's second edit")
+        return apply(*args, **kwargs)
+
+    prepared.session.method = dataclasses.replace(prepared.session.method, apply=apply_then_die)
+    with pytest.raises(SystemExit):
+        dying.run(job.to_dict(), 0, [0, 1], str(folder), checkpoint_minutes=1e-9)
+    assert json.loads((folder / "chunk-0" / "progress.json").read_text())["progress"]["steps_done"] == 1
+    retried = ChunkWorker().run(job.to_dict(), 0, [0, 1], str(folder), checkpoint_minutes=1e-9)
+    strip = lambda records: [{k: r[k] for k in ("index", "pre", "post")} for r in records]  # noqa: E731
+    assert strip(retried["records"]) == strip(reference["records"])

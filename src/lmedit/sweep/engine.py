@@ -12,7 +12,10 @@ when the job's last chunk is in. So
 * a worker that dies has its chunk run again on the restarted worker (Ray
   restarts the actor and retries the task), and the chunk is written once;
 * rerunning a sweep skips the chunks already written (the runner's resume);
-* the driver's death loses only the chunks in flight.
+* the driver's death loses only the chunks in flight, and those continue from
+  their last checkpoint (``checkpoints/`` in the job's folder, written by the
+  worker every few minutes of a long chunk) where the workers share the folder's
+  file system.
 
 A worker computes a job's pre-edit reference over the same requests, in the
 same batches, as ``lmedit run`` does (all chunks still to run, or per chunk in
@@ -105,10 +108,18 @@ class ChunkWorker:
         prepared = self.prepared(Job.from_dict(job_dict))
         return {"spec": prepared.spec, "chunks": prepared.chunks}
 
-    def run(self, job_dict: Mapping[str, Any], chunk_index: int, todo: Sequence[int]) -> dict[str, Any]:
-        """Run one chunk; ``todo`` is every chunk of the job still to run (the pre-edit batches cover those)."""
+    def run(self, job_dict: Mapping[str, Any], chunk_index: int, todo: Sequence[int],
+            checkpoint_folder: str | None = None, checkpoint_minutes: float | None = None) -> dict[str, Any]:
+        """Run one chunk; ``todo`` is every chunk of the job still to run (the pre-edit batches cover those).
+
+        ``checkpoint_folder`` (the job's ``checkpoints/``): a long chunk writes its state there and a retry
+        continues from it, as ``lmedit run`` does. Workers on machines that do not share the run folder's file
+        system write a copy no retry elsewhere sees: their retried chunk starts from its first edit.
+        """
+        from lmedit.checkpoint import ChunkCheckpoints
         from lmedit.precision import is_half
         from lmedit.protocols import run_chunk
+        from lmedit.runner import DEFAULT_CHECKPOINT_MINUTES
 
         prepared = self.prepared(Job.from_dict(job_dict))
         chunk = prepared.chunks[chunk_index]
@@ -126,7 +137,12 @@ class ChunkWorker:
             position = {request: p for p, request in enumerate(order)}
             pre = prepared.pre[key].subset([position[i] for i in chunk.requests])
         pre_seconds = time.perf_counter() - started
-        result = run_chunk(prepared.session, prepared.requests, chunk, pre)
+        checkpoints = None
+        if checkpoint_folder is not None:
+            minutes = DEFAULT_CHECKPOINT_MINUTES if checkpoint_minutes is None else checkpoint_minutes
+            checkpoints = ChunkCheckpoints(Path(checkpoint_folder), json.loads(json.dumps(prepared.spec.identity())),
+                                           minutes=minutes)
+        result = run_chunk(prepared.session, prepared.requests, chunk, pre, checkpoints=checkpoints)
         from lmedit.devices import peak_memory_bytes
 
         return {"records": result.records, "eval_seconds": result.eval_seconds, "pre_seconds": pre_seconds,
@@ -225,6 +241,7 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
     ``on_chunk(job, chunk, result)`` is called as each chunk is written; ``on_plan(written, total)``
     once the folders are read, with the chunks already written by an earlier run and all of them.
     """
+    from lmedit.checkpoint import CHECKPOINTS_DIR, ChunkCheckpoints
     from lmedit.progress import progress_bar
     from lmedit.runner import RESULTS_FILE, _append_records, _prepare_folder, hold_run_folder
 
@@ -264,12 +281,14 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
                 while queue and free:
                     actor, task = free.pop(0), queue.pop(0)
                     name, chunk, todo = task
-                    running[actor.run.remote(states[name].job.to_dict(), chunk, list(todo))] = (actor, task)
+                    running[actor.run.remote(states[name].job.to_dict(), chunk, list(todo),
+                                             str(states[name].folder / CHECKPOINTS_DIR))] = (actor, task)
                 ready, _ = ray.wait(list(running), num_returns=1)
                 actor, (name, chunk, _todo) = running.pop(ready[0])
                 result = ray.get(ready[0])
                 state = states[name]
                 _append_records(state.folder / RESULTS_FILE, result["records"], result["eval_seconds"])
+                ChunkCheckpoints(state.folder / CHECKPOINTS_DIR, {}).discard(chunk)  # the chunk is written
                 state.todo.remove(chunk)
                 state.pre_seconds += result["pre_seconds"]
                 state.memory = _larger(state.memory, result["memory"])
