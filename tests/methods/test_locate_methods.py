@@ -201,3 +201,32 @@ def test_memit_warns_once_where_the_mlp_output_is_normalised_again(word_tok, cap
         editor.apply(request).restore()
     warnings = [r for r in caplog.records if "normalises each MLP output again" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_neighbour_prompts_keep_the_subjects_other_facts_closer_to_the_unedited_model(tiny_llama, word_tok, corpus_env):
+    """Opt-in same-subject protection: v* also keeps the next-token distributions of other prompts about the subject."""
+    request = _requests(1)
+    neighbour = "the mother tongue of france"
+
+    def next_token_log_probs() -> torch.Tensor:
+        ids = torch.tensor([word_tok(neighbour).input_ids])
+        with torch.no_grad():
+            return tiny_llama(input_ids=ids).logits[0, -1].log_softmax(-1)
+
+    before = next_token_log_probs()
+    drift = {}
+    for prompts in ([], ["the mother tongue of {}"]):
+        hp = ROMEHyperParams(layers=[1], clamp_norm_factor=1000.0, neighbour_prompts=prompts, neighbour_factor=100.0,
+                             neighbour_tokens=1, **_common(corpus_env))
+        handle = apply_rome(tiny_llama, word_tok, request, hp)
+        after = next_token_log_probs()
+        drift[bool(prompts)] = float((before.exp() * (before - after)).sum())  # KL(unedited || edited)
+        handle.restore()
+    assert drift[True] < 0.5 * drift[False], drift
+
+
+def test_neighbour_prompts_must_name_the_subject():
+    from lmedit.hparams import HyperParamsError
+
+    with pytest.raises(HyperParamsError, match="neighbour_prompts need"):
+        ROMEHyperParams(neighbour_prompts=["the mother tongue of"]).validate()

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lmedit.adapters import frozen_model
-from lmedit.forward import SuffixForward, UpperForward, block_of, forward_reading, pad_id_of, tokenize_pair
+from lmedit.forward import (SuffixForward, UpperForward, block_of, forward_reading, generate_greedy, pad_id_of,
+                            tokenize_pair)
 from lmedit import model_state
 from lmedit.checkpoint import register_session_codec
 from lmedit.hparams import HyperParams, HyperParamsError
@@ -60,8 +61,18 @@ class LocateHyperParams(HyperParams):
     mom2_n_samples: int = 1000
     mom2_sample_length: int = 256
     mom2_dtype: str = "float64"
+    # opt-in same-subject protection (neighbour-assisted editing, Baghel et al. 2025, for the subject's other facts):
+    # prompts with "{}" for the subject whose next-token distributions v* must keep (off: an empty list)
+    neighbour_prompts: list[str] = field(default_factory=list)
+    neighbour_tokens: int = 3  # the unedited model's greedy answer this long is teacher-forced after each prompt
+    neighbour_factor: float = 1.0  # weight of their KL term beside the edit's NLL
 
     def validate(self) -> None:
+        if self.neighbour_prompts and (self.neighbour_tokens < 1 or self.neighbour_factor < 0
+                                       or any("{}" not in p for p in self.neighbour_prompts)):
+            raise HyperParamsError("neighbour_prompts need '{}' where the subject goes, neighbour_tokens >= 1 and "
+                                   f"neighbour_factor >= 0; got {self.neighbour_prompts!r}, {self.neighbour_tokens}, "
+                                   f"{self.neighbour_factor}")
         if not self.layers:
             raise HyperParamsError("layers must name at least one layer")
         if self.fact_token not in ("subject_last", "last"):
@@ -326,12 +337,16 @@ class _TargetBatch:
     loss_weight: torch.Tensor
     kl_owner: torch.Tensor
     bare: list[Lookup]
+    neighbour_owner: torch.Tensor  # per neighbour read position (they come after the KL positions)
 
 
 def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], kl_prompts: Sequence[str],
-                  fact_token: str, device: torch.device) -> _TargetBatch:
+                  fact_token: str, device: torch.device,
+                  neighbours: Sequence[Sequence[tuple[str, tuple[int, ...]]]] = ()) -> _TargetBatch:
     rows: list[tuple[int, ...]] = []
     edit_cols, edit_owner, loss_at, loss_targets, loss_owner, loss_weight, kl_at, kl_owner = ([] for _ in range(8))
+    neighbour_at: list[tuple[int, int]] = []
+    neighbour_owner: list[int] = []
     bare = []
     for owner, request in enumerate(requests):
         subject = request.subject or ""
@@ -355,9 +370,17 @@ def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence
             edit_cols.append(lk.index)
             edit_owner.append(owner)
             rows.append(lk.ids)
+        for prompt, answer in (neighbours[owner] if neighbours else ()):
+            # the subject's other facts: delta at its last token, the distributions over the answer read after it
+            lk = lookup(tok, "{}", prompt, subject, fact_token)
+            neighbour_at.extend((len(rows), len(lk.ids) + j - 1) for j in range(len(answer)))
+            neighbour_owner.extend([owner] * len(answer))
+            edit_cols.append(lk.index)
+            edit_owner.append(owner)
+            rows.append(lk.ids + answer[:-1])
     ids, mask = _right_pad(rows, pad_id_of(tok), device)
     width = ids.shape[1]
-    read = [r * width + c for r, c in loss_at + kl_at]
+    read = [r * width + c for r, c in loss_at + kl_at + neighbour_at]
 
     def tensor(values: list[Any], dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
@@ -366,8 +389,21 @@ def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence
         ids=ids, mask=mask, edit_rows=torch.arange(len(rows), device=device), edit_cols=tensor(edit_cols),
         edit_owner=tensor(edit_owner), read=tensor(read), loss_targets=tensor(loss_targets),
         loss_owner=tensor(loss_owner), loss_weight=tensor(loss_weight, torch.float32), kl_owner=tensor(kl_owner),
-        bare=bare,
+        bare=bare, neighbour_owner=tensor(neighbour_owner),
     )
+
+
+def neighbour_rows(model: nn.Module, tok: Any, requests: Sequence[EditRequest],
+                   hparams: LocateHyperParams) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Per request, each ``neighbour_prompts`` entry filled with its subject and the model's own greedy answer to it
+    (the current model's: in a sequence of edits, what the earlier edits left)."""
+    if not hparams.neighbour_prompts:
+        return []
+    prompts = [p.format(r.subject or "") for r in requests for p in hparams.neighbour_prompts]
+    answers = generate_greedy(model, tok, prompts, [hparams.neighbour_tokens] * len(prompts))
+    per = len(hparams.neighbour_prompts)
+    filled = list(zip(prompts, (tuple(a) for a in answers)))
+    return [[(p, a) for p, a in filled[i * per : (i + 1) * per] if a] for i in range(len(requests))]
 
 
 def optimize_targets(
@@ -415,7 +451,8 @@ def optimize_joint_targets(
         raise ValueError("optimize_joint_targets needs at least one site")
     device = next(model.parameters()).device
     n = len(requests)
-    batch = _target_batch(tok, requests, templates, kl_prompts, hparams.fact_token, device)
+    batch = _target_batch(tok, requests, templates, kl_prompts, hparams.fact_token, device,
+                          neighbours=neighbour_rows(model, tok, requests, hparams))
     read = read_at(model, tok, batch.bare, list(sites), inputs=False)
     init = torch.stack([read[site].to(device) for site in sites])  # (sites, n, hidden)
     delta = torch.zeros_like(init, requires_grad=True)
@@ -450,10 +487,12 @@ def optimize_joint_targets(
                 if kl_init is None:
                     kl_init = kl_log_probs.detach().clone()
                 kl_rows = (kl_log_probs.exp() * (kl_log_probs - kl_init)).sum(-1)
-                kl_counts = torch.zeros(n, device=device).index_add(0, batch.kl_owner, torch.ones_like(kl_rows))
-                kl = torch.zeros(n, device=device).index_add(0, batch.kl_owner, kl_rows) / kl_counts
+                n_kl = len(batch.kl_owner)
+                kl = _mean_per_owner(kl_rows[:n_kl], batch.kl_owner, n)
                 decay = hparams.v_weight_decay * (delta.norm(dim=2) / init.norm(dim=2) ** 2).sum(0)
                 loss = nll + hparams.kl_factor * kl + decay
+                if len(batch.neighbour_owner):
+                    loss = loss + hparams.neighbour_factor * _mean_per_owner(kl_rows[n_kl:], batch.neighbour_owner, n)
                 for i in range(n):
                     if active[i]:
                         history[i].append(float(nll[i].detach()))
@@ -482,6 +521,12 @@ def optimize_joint_targets(
         }
         for i in range(n)
     ]
+
+
+def _mean_per_owner(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """The mean of ``values`` per request (0 for a request with none)."""
+    counts = torch.zeros(n, device=values.device).index_add(0, owner, torch.ones_like(values))
+    return torch.zeros(n, device=values.device).index_add(0, owner, values) / counts.clamp_min(1)
 
 
 def _logits_reader(model: nn.Module, sites: Sequence[str],
