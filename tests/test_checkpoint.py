@@ -8,7 +8,7 @@ import torch
 
 from conftest import snapshot, state_equal
 from lmedit.checkpoint import _CODECS, ChunkCheckpoints, ChunkProgress, register_session_codec
-from lmedit.handles import EditHandle, WeightSnapshotHandle, restore_all
+from lmedit.handles import EditHandle, WeightSnapshotHandle, keep_first_copies, restore_all
 from lmedit.locate.core import session_state
 
 STEPS = ((0,), (1,), (2,))
@@ -31,7 +31,10 @@ def test_a_checkpoint_holds_the_edited_weights_and_undoes_to_the_original(tiny_l
     restore_all(handles)
     loaded, progress = checkpoints.load(tiny_llama, 0, STEPS)
     assert state_equal(tiny_llama, edited) and progress.steps_done == 1 and progress.step_info == {0: {"loss": 0.25}}
-    restore_all(loaded)
+    later = _edit(tiny_llama, 0.25)
+    keep_first_copies(loaded, later)  # the continued chain still keeps one copy per weight, not one per edit
+    assert later.released_names == [NAME]
+    restore_all(loaded + [later])
     assert state_equal(tiny_llama, clean)
 
 

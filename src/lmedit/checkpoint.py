@@ -186,6 +186,8 @@ def write_chain(model: torch.nn.Module, handles: Sequence[EditHandle], method: s
 class _SessionStateHandle(EditHandle):
     """Puts back the session-state entries a checkpoint replaced, when the chunk's edits are undone."""
 
+    touches_model = False
+
     def __init__(self, model: torch.nn.Module, before: dict[Any, Any]) -> None:
         super().__init__("checkpoint")
         self.model = model

@@ -48,7 +48,13 @@ class EditHandleError(RuntimeError):
 
 
 class EditHandle:
-    """Base class. ``info`` carries what a method wants to report (losses, steps, seconds)."""
+    """Base class. ``info`` carries what a method wants to report (losses, steps, seconds).
+
+    ``touches_model`` False: the handle restores state kept beside the model, never its weights or modules
+    (a chunk checkpoint's session state), so it does not stop a chain from sharing weight copies.
+    """
+
+    touches_model = True
 
     def __init__(self, method: str) -> None:
         self.method = method
@@ -305,7 +311,7 @@ def keep_first_copies(chain: Iterable[EditHandle], handle: EditHandle) -> None:
     would otherwise keep 5,000 layer copies). Only when every handle in the
     chain is a weight snapshot: other handles may rewire the model between.
     """
-    chain = list(chain)
+    chain = [h for h in chain if h.touches_model]
     if not isinstance(handle, WeightSnapshotHandle) or not all(isinstance(h, WeightSnapshotHandle) for h in chain):
         return
     held = {name for older in chain for name in older.param_names} | {
