@@ -293,6 +293,14 @@ class ChunkCheckpoints:
     _last: float = field(default_factory=time.perf_counter, init=False)
     _warned: bool = field(default=False, init=False)
 
+    def __post_init__(self) -> None:
+        self.identity = json.loads(json.dumps(self.identity))  # compared with the JSON a checkpoint stores
+
+    @classmethod
+    def discard_written(cls, folder: Path, chunk_index: int) -> None:
+        """The chunk's records are written: its checkpoint in ``folder`` has served (any run's)."""
+        cls(folder, {}).discard(chunk_index)
+
     def path(self, chunk_index: int) -> Path:
         return self.folder / f"chunk-{chunk_index}"
 

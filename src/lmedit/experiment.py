@@ -122,9 +122,9 @@ def run_experiment(
     chunks = check_run(session, requests, spec)  # bad input fails before the folder is touched
     with hold_run_folder(out):  # the whole run, retention files included: a second writer stops at once
         tracker = _retention_tracker(editor, requests, spec, out, retention) if retention is not None else None
-        checkpointing = {} if checkpoint_minutes is None else {"checkpoint_minutes": checkpoint_minutes}
         summary = run_benchmark(session, requests, spec, out, show_progress=show_progress,
-                                after_step=_chain(tracker, after_step), chunks=chunks, **checkpointing)
+                                after_step=_chain(tracker, after_step), chunks=chunks,
+                                checkpoint_minutes=checkpoint_minutes)
         if tracker is not None:
             _write_curves(out, tracker, spec, retention)
     return summary, out

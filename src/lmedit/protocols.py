@@ -156,8 +156,9 @@ def run_chunk(
             resumed = checkpoints.load(session.model, chunk.index, chunk.steps)
             if resumed is not None:
                 handles, progress = resumed
-                for _ in range(progress.steps_done * (on_step is not None)):
-                    on_step()  # type: ignore[misc]
+                if on_step:
+                    for _ in range(progress.steps_done):
+                        on_step()
             checkpoints.start()
         for done, step in enumerate(chunk.steps, start=1):
             if done <= progress.steps_done:

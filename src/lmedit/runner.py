@@ -108,7 +108,7 @@ def run_benchmark(
     show_progress: bool = True,
     after_step: Callable[[Chunk, int], None] | None = None,
     chunks: Sequence[Chunk] | None = None,
-    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES,
+    checkpoint_minutes: float | None = None,
 ) -> dict[str, Any]:
     """Run the protocol over ``requests`` and return the summary (also written to ``out_dir``).
 
@@ -118,8 +118,8 @@ def run_benchmark(
     out = Path(out_dir)
     chunks = check_run(session, requests, spec) if chunks is None else chunks
     with hold_run_folder(out):
-        checkpoints = ChunkCheckpoints(out / CHECKPOINTS_DIR, json.loads(json.dumps(spec.identity())),
-                                       minutes=checkpoint_minutes)
+        minutes = DEFAULT_CHECKPOINT_MINUTES if checkpoint_minutes is None else checkpoint_minutes
+        checkpoints = ChunkCheckpoints(out / CHECKPOINTS_DIR, spec.identity(), minutes=minutes)
         return _run_held(session, requests, spec, out, chunks, show_progress, after_step, checkpoints)
 
 

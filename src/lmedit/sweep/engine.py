@@ -140,8 +140,7 @@ class ChunkWorker:
         checkpoints = None
         if checkpoint_folder is not None:
             minutes = DEFAULT_CHECKPOINT_MINUTES if checkpoint_minutes is None else checkpoint_minutes
-            checkpoints = ChunkCheckpoints(Path(checkpoint_folder), json.loads(json.dumps(prepared.spec.identity())),
-                                           minutes=minutes)
+            checkpoints = ChunkCheckpoints(Path(checkpoint_folder), prepared.spec.identity(), minutes=minutes)
         result = run_chunk(prepared.session, prepared.requests, chunk, pre, checkpoints=checkpoints)
         from lmedit.devices import peak_memory_bytes
 
@@ -288,7 +287,7 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
                 result = ray.get(ready[0])
                 state = states[name]
                 _append_records(state.folder / RESULTS_FILE, result["records"], result["eval_seconds"])
-                ChunkCheckpoints(state.folder / CHECKPOINTS_DIR, {}).discard(chunk)  # the chunk is written
+                ChunkCheckpoints.discard_written(state.folder / CHECKPOINTS_DIR, chunk)
                 state.todo.remove(chunk)
                 state.pre_seconds += result["pre_seconds"]
                 state.memory = _larger(state.memory, result["memory"])
