@@ -61,6 +61,21 @@ def test_a_checkpoint_of_another_run_or_plan_is_not_loaded(tiny_llama, tmp_path,
     assert state_equal(tiny_llama, clean) and "belongs to another run" in caplog.text
 
 
+def test_a_checkpoint_written_before_a_hyperparameter_existed_is_loaded(tiny_llama, tmp_path):
+    """The stored identity lacks a field added since; it ran as the field's default, so it is the same run."""
+    from lmedit.registry import get_method
+
+    hparams = get_method("FT-L").hparams_class().to_dict()
+    older = {k: v for k, v in hparams.items() if k != "norm_constraint"}
+    handles = [_edit(tiny_llama, 0.5)]
+    ChunkCheckpoints(tmp_path, {"method": "FT-L", "hparams": older}).save(tiny_llama, handles, 0, STEPS,
+                                                                           ChunkProgress(1))
+    restore_all(handles)
+    loaded, progress = ChunkCheckpoints(tmp_path, {"method": "FT-L", "hparams": hparams}).load(tiny_llama, 0, STEPS)
+    assert progress.steps_done == 1
+    restore_all(loaded)
+
+
 class _Opaque(EditHandle):
     def _restore(self) -> None:
         pass

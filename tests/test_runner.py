@@ -62,6 +62,22 @@ def test_a_folder_of_another_run_is_not_overwritten(tiny_llama, word_tok, tmp_pa
         editor.run(REQUESTS[:1], protocol="sequential", T=1, out_dir=tmp_path / "r", show_progress=False)
 
 
+def test_a_folder_written_before_a_hyperparameter_existed_resumes_at_its_default(tiny_llama, word_tok, tmp_path):
+    """A field added to a method later ran, for the old folder, as its default does: the folder resumes."""
+    editor = _editor(tiny_llama, word_tok)
+    out = tmp_path / "r"
+    editor.run(REQUESTS[:1], protocol="single", out_dir=out, show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    del config["hparams"]["norm_constraint"]  # as if written before the field existed
+    (out / "config.json").write_text(json.dumps(config))
+    summary, _ = editor.run(REQUESTS[:1], protocol="single", out_dir=out, show_progress=False)
+    assert summary["n"] == 1
+    config["hparams"]["lr"] = 1e-3  # a field the folder did record still has to match
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="differs in hparams"):
+        editor.run(REQUESTS[:1], protocol="single", out_dir=out, show_progress=False)
+
+
 def test_summary_means_per_chunk_and_of_chunks():
     records = [
         {"index": 0, "chunk": 0, "pre": {"a": 0.0}, "post": {"a": 1.0}},

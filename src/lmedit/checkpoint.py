@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from lmedit import model_state
 from lmedit.adapters import AdapterEditHandle, LoadedAdapterHandle, load_adapter_edit, save_adapter
 from lmedit.handles import EditHandle, WeightSnapshotHandle
+from lmedit.registry import with_hparam_defaults
 
 LOG = logging.getLogger(__name__)
 
@@ -358,7 +359,8 @@ class ChunkCheckpoints:
         if not (final / _PROGRESS).is_file():
             return None
         payload = json.loads((final / _PROGRESS).read_text())
-        if (payload.get("format") != CHECKPOINT_FORMAT or payload.get("identity") != self.identity
+        if (payload.get("format") != CHECKPOINT_FORMAT
+                or with_hparam_defaults(payload.get("identity") or {}) != self.identity
                 or payload.get("steps") != [list(s) for s in steps]):
             LOG.warning("%s belongs to another run or plan; chunk %d starts from its first edit", final, chunk_index)
             return None

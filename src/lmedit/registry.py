@@ -215,6 +215,25 @@ def get_method(name: str) -> MethodInfo:
     return _REGISTRY[key]
 
 
+def with_hparam_defaults(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run identity (config.json, a checkpoint) in JSON form, its ``hparams`` completed with defaults.
+
+    A field added to a method after a run was written did not exist for that run, which therefore ran as the
+    field's default does (new fields default to the behaviour from before them: docs/adding-a-method.md). Filling
+    it in keeps such a run resumable; a field the run did record is never changed.
+    """
+    completed = json.loads(json.dumps(dict(identity)))
+    stored = completed.get("hparams")
+    if not isinstance(stored, dict):
+        return completed
+    _import_builtin_methods()
+    key = _canonical(str(completed.get("method", "")))
+    if key is not None:
+        defaults = json.loads(json.dumps(_REGISTRY[key].hparams_class.defaults()))
+        completed["hparams"] = {**defaults, **stored}
+    return completed
+
+
 def _canonical(name: str) -> str | None:
     if name in _REGISTRY:
         return name

@@ -36,6 +36,7 @@ from lmedit.devices import peak_memory_bytes
 from lmedit.precision import is_half
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
+from lmedit.registry import with_hparam_defaults
 from lmedit.requests import EditRequest
 from lmedit.safe_files import (FolderBusy, append_lines, atomic_write_json, atomic_write_text, ensure_folder_free,
                                hold_folder, remove_stale_temp_files)
@@ -187,7 +188,7 @@ def _prepare_folder(out: Path, spec: RunSpec, chunks: Sequence[Chunk]) -> set[in
     payload = {**spec.identity(), "extra": spec.extra, "environment": _environment()}
     remove_stale_temp_files(out)
     if config_path.is_file():
-        previous = _read_config(config_path)
+        previous = with_hparam_defaults(_read_config(config_path))
         previous["eval"] = _with_eval_defaults(previous.get("eval"))
         previous.setdefault("dtype", "float32")  # folders written before runs recorded it were all float32
         # compared as JSON, the form config.json stores (a tuple setting reads back as a list)
