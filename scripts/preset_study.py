@@ -2,8 +2,8 @@
 
 A study is one or more `lmedit sweep` folders whose jobs cross settings (the sweep's method labels) with two
 validation files held apart from the test items: KnowEdit ZsRE items past the table's range, whose locality probes
-ask the *same subject* under another relation, and CounterFact's training file, whose locality probes ask *other
-subjects* that share the relation and the true object. Each setting gets one row; the balance is the mean of edit
+ask the *same subject* under another relation, and CounterFact records (ROME's format) past the ones the docs use,
+whose ten neighbourhood prompts ask *other subjects* that share the relation and the true object. Each setting gets one row; the balance is the mean of edit
 success, rephrase and locality on both files, the criterion docs/locate-then-edit.md uses to choose presets.
 
     python scripts/preset_study.py runs/study/rome runs/study/memit --out docs/preset-study.md \
@@ -20,14 +20,15 @@ from typing import Any
 SAME_SUBJECT = "locality/Relation_Specificity"
 
 
-def _kind(data: str) -> str:
-    """'zsre' for KnowEdit ZsRE (same-subject locality), 'cf' for CounterFact (other subjects)."""
+def _kind(data: str) -> str | None:
+    """'zsre' for KnowEdit ZsRE (same-subject locality), 'cf' for CounterFact in ROME's format (ten other-subject
+    neighbourhood prompts per record); None for anything else, which the table leaves out."""
     name = Path(data).name.lower()
     if "zsre" in name:
         return "zsre"
-    if "counterfact" in name:
+    if name.startswith("counterfact_portability"):
         return "cf"
-    raise SystemExit(f"{data}: a study reads KnowEdit ZsRE and CounterFact files only")
+    return None
 
 
 def read_study(folders: list[Path]) -> dict[str, dict[str, Any]]:
@@ -39,10 +40,13 @@ def read_study(folders: list[Path]) -> dict[str, dict[str, Any]]:
             summary_path = folder / job["folder"] / "summary.json"
             if not summary_path.is_file():
                 continue
+            kind = _kind(job["data"])
+            if kind is None:
+                continue
             summary = json.loads(summary_path.read_text())
             row = rows.setdefault(job["label"], {"method": job["method"], "overrides": job["overrides"],
                                                  "seconds": []})
-            row[_kind(job["data"])] = summary["post"]
+            row[kind] = summary["post"]
             row["seconds"].append(summary["timing"]["edit_seconds_per_request"])
     return rows
 
@@ -89,7 +93,7 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     panels = (("same_subject", "zsre_success", "KnowEdit ZsRE (held apart): same-subject locality"),
-              ("other_subjects", "cf_success", "CounterFact train: other-subject locality"))
+              ("other_subjects", "cf_success", "CounterFact (held apart): other-subject locality"))
     markers = {}
     for ax, (x_key, y_key, title) in zip(axes, panels):
         for label, row in rows.items():
