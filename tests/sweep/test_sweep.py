@@ -111,6 +111,19 @@ def test_serial_sweep_writes_run_folders_and_the_sweep_table(serial):
     assert result.exit_code == 0 and "4 of 4 jobs complete; 12 of 12 chunks written" in result.output, result.output
 
 
+def test_the_sweep_table_tells_jobs_on_different_data_apart(tmp_path):
+    from lmedit.sweep.status import sweep_rows, sweep_table
+
+    jobs = [{"name": f"ROME-{stem}", "label": "ROME-base", "method": "ROME", "model": "tiny", "data": f"d/{stem}.json",
+             "offset": offset, "limit": 20, "protocol": "single", "T": None, "seed": 0, "eval_mode": "teacher",
+             "chunks": 20} for stem, offset in (("zsre", 1000), ("counterfact", 0))]
+    (tmp_path / "sweep.json").write_text(json.dumps({"jobs": jobs}))
+    table = sweep_table(sweep_rows(tmp_path))
+    assert "| ROME-base | tiny | zsre.json[1000:1020] | single |" in table
+    assert "| ROME-base | tiny | counterfact.json[0:20] | single |" in table
+    assert "0 of 2 jobs complete; 0 of 40 chunks written" in table
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = _ray()

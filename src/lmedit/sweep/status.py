@@ -29,6 +29,7 @@ def sweep_rows(root: str | Path) -> list[dict[str, Any]]:
         done = len({r["chunk"] for r in records})
         means = summary.get("chunk_mean", {}).get("post", {})
         rows.append({"job": job["name"], "method": job["label"] or job["method"], "model": job["model"],
+                     "data": _data_window(job), "protocol": job.get("protocol"),
                      "T": job["T"], "seed": job["seed"], "eval": job["eval_mode"],
                      "chunks_done": done, "chunks_total": job.get("chunks"),
                      "complete": (root / job["name"] / "summary.json").is_file() and done == job.get("chunks"),
@@ -36,12 +37,20 @@ def sweep_rows(root: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _data_window(job: dict[str, Any]) -> str | None:
+    """The job's data file and its items, e.g. ``ZsRE-test-all.json[1000:1020]``: one sweep may cross several."""
+    if not job.get("data"):
+        return None
+    offset, limit = job.get("offset") or 0, job.get("limit")
+    return f"{Path(job['data']).name}[{offset}:{'' if limit is None else offset + limit}]"
+
+
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     """The rows as markdown, with totals of chunks written."""
-    columns = ["method", "model", "T", "seed", "eval", "chunks", *HEADLINE]
+    columns = ["method", "model", "data", "protocol", "T", "seed", "eval", "chunks", *HEADLINE]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        shown = {**row, "chunks": f"{row['chunks_done']}/{row['chunks_total'] or '?'}"}
+        shown = {"data": None, "protocol": None, **row, "chunks": f"{row['chunks_done']}/{row['chunks_total'] or '?'}"}
         cells = [("—" if shown[c] is None else f"{shown[c]:.3f}") if c in HEADLINE
                  else str(shown[c] if shown[c] is not None else "—") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
