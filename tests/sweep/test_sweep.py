@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,6 +110,18 @@ def test_serial_sweep_writes_run_folders_and_the_sweep_table(serial):
     assert config["method"] == "FT-M" and config["T"] == 1 and config["n_requests"] == 4
     result = CliRunner().invoke(app, ["report", "--sweep", str(root)])
     assert result.exit_code == 0 and "4 of 4 jobs complete; 12 of 12 chunks written" in result.output, result.output
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sweeps"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_sweep_file_expands(path, monkeypatch):
+    """The files the docs tell users to run are checked like any sweep file, from the checkout's root."""
+    monkeypatch.chdir(EXAMPLES.parents[1])
+    if not (EXAMPLES.parents[2] / "shared" / "data").is_dir():
+        pytest.skip("the shared benchmark files (../shared/data) are not next to this checkout")
+    assert expand(read_sweep(path), check_models=False)
 
 
 def test_the_sweep_table_tells_jobs_on_different_data_apart(tmp_path):
