@@ -174,6 +174,16 @@ def test_retention_file_resumes_newest_rows_and_curves_average_chunks(tmp_path):
     assert curves["held_out_ppl"] == [None, None]
 
 
+def test_a_short_last_chunk_adds_no_point_off_the_longest_chunks_cadence():
+    """Chunks of 1,000 and 37: the 37-edit chunk's end is not the 1,000-edit chunk's state at t = 37."""
+    rows = [{"chunk": 0, "edits": t, "edit_retention": 0.5} for t in (100, 200)]
+    rows += [{"chunk": 1, "edits": 37, "edit_retention": 1.0}]
+    curves = retention_curves(rows)
+    assert curves["edits"] == [100, 200] and curves["chunks"] == [1, 1]
+    rows += [{"chunk": 1, "edits": 100, "edit_retention": 1.0}]  # on the cadence, it counts
+    assert retention_curves(rows)["edit_retention"] == [0.75, 0.5]
+
+
 def test_write_curves_starts_at_the_unedited_model_and_draws_a_png(tiny_llama, word_tok, tmp_path):
     right, _ = _answered(tiny_llama, word_tok, PROMPTS)
     held = select_held_out(tiny_llama, Evaluator(word_tok), right, 3)

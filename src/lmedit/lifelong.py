@@ -353,10 +353,17 @@ def read_retention(path: str | Path) -> list[dict[str, Any]]:
 
 
 def retention_curves(rows: Sequence[dict[str, Any]], held_out: HeldOutSet | None = None) -> dict[str, Any]:
-    """Mean over chunks of each metric at each number of edits; edits = 0 is the unedited model's held-out state."""
+    """Mean over chunks of each metric at each number of edits; edits = 0 is the unedited model's held-out state.
+
+    The points are those the longest chunk recorded. A shorter last chunk (37 edits after chunks of 1,000) also
+    records where it ends, off that cadence; alone at t = 37 it would read as the long chunks' state there.
+    """
+    longest = max(rows, key=lambda row: row["edits"], default=None)
+    grid = {row["edits"] for row in rows if longest is not None and row["chunk"] == longest["chunk"]}
     by_edits: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_edits[row["edits"]].append(row)
+        if row["edits"] in grid:
+            by_edits[row["edits"]].append(row)
     points = sorted(by_edits)
     curves: dict[str, Any] = {"edits": points, "chunks": [len(by_edits[t]) for t in points]}
     for metric in CURVE_METRICS:
