@@ -92,20 +92,20 @@ def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    panels = (("same_subject", "zsre_success", "KnowEdit ZsRE (held apart): same-subject locality"),
-              ("other_subjects", "cf_success", "CounterFact (held apart): other-subject locality"))
-    markers = {}
-    for ax, (x_key, y_key, title) in zip(axes, panels):
+    panels = (("same_subject", ("zsre_success", "zsre_rephrase"), "KnowEdit ZsRE (held apart): same-subject locality"),
+              ("other_subjects", ("cf_success", "cf_rephrase"), "CounterFact (held apart): other-subject locality"))
+    styles: dict[str, tuple[str, str]] = {}
+    for ax, (x_key, y_keys, title) in zip(axes, panels):
         for label, row in rows.items():
             c = _cells(row)
-            if c[x_key] is None or c[y_key] is None:
+            if c[x_key] is None or any(c[k] is None for k in y_keys):
                 continue
-            marker = markers.setdefault(row["method"], "osD^v"[len(markers) % 5])
-            ax.scatter(c[x_key] * 100, c[y_key] * 100, marker=marker)
-            ax.annotate(label, (c[x_key] * 100, c[y_key] * 100), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            y = sum(c[k] for k in y_keys) / len(y_keys) * 100  # success alone sits at 100 for most settings
+            marker, color = styles.setdefault(row["method"], ("osD^v"[len(styles) % 5], f"C{len(styles)}"))
+            ax.scatter(c[x_key] * 100, y, marker=marker, color=color)
+            ax.annotate(label, (c[x_key] * 100, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("locality (%)")
-        ax.set_ylabel("edit success (%)")
+        ax.set_ylabel("edit success and rephrase, mean (%)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
