@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmedit.cli import app
-from lmedit.reports.knowedit_published import PUBLISHED, kendall_tau, ordering_comparison
+from lmedit.reports.knowedit_published import PUBLISHED, kendall_tau, ordering_comparison, published_value
 from lmedit.reproduce import ReproduceError
 from lmedit.reproduce_knowedit import KnowEditTableConfig, run_knowedit_table
 
@@ -64,6 +64,15 @@ def test_ordering_comparison_uses_methods_with_a_published_value():
     assert compared["Edit Succ."]["ours"] == "ROME > FT-M" and compared["Edit Succ."]["published"] == "FT-M > ROME"
     assert compared["Edit Succ."]["kendall_tau"] == -1.0 and not compared["Edit Succ."]["same_order"]
     assert compared["Locality"]["same_order"] is False  # ours: ROME 60 > FT-M 40; published: FT-M > ROME
+
+
+def test_ike_is_compared_with_the_published_ice_column():
+    """KnowEdit's ICE is EasyEdit's in-context editor (models/ike), lmedit's IKE; plain LoRA is not AdaLoRA."""
+    assert published_value("ZsRE", "Edit Succ.", "IKE") == PUBLISHED["ZsRE"]["Edit Succ."]["ICE"] == 66.01
+    assert published_value("ZsRE", "Edit Succ.", "LoRA") is None
+    rows = [{"dataset": "ZsRE", "method": "IKE", "Locality": 20.0}, {"dataset": "ZsRE", "method": "FT-M", "Locality": 80.0}]
+    (compared,) = ordering_comparison(rows, ("Locality",))
+    assert compared["published"] == "FT-M > IKE" and compared["same_order"] is True
 
 
 def test_a_tie_is_not_the_published_order():

@@ -58,8 +58,15 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 }
 
 
+# lmedit's name for a method the published table names otherwise. KnowEdit's "ICE" is EasyEdit's in-context editor,
+# `models/ike` (the same code serves `--editing_method IKE`), which is lmedit's IKE. Its "AdaLoRA" column is EasyEdit's
+# LoRA with `lora_type: adalora`; lmedit's LoRA trains plain LoRA, a different adapter, so it is not matched.
+PUBLISHED_NAME = {"IKE": "ICE"}
+
+
 def published_value(dataset: str, metric: str, method: str) -> float | None:
-    return PUBLISHED.get(dataset, {}).get(metric, {}).get(method)
+    """The published value of lmedit's ``method`` (its name, or the published one) on that row; None if none."""
+    return PUBLISHED.get(dataset, {}).get(metric, {}).get(PUBLISHED_NAME.get(method, method))
 
 
 def kendall_tau(ours: Sequence[float], theirs: Sequence[float]) -> float | None:
