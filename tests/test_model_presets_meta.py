@@ -246,7 +246,7 @@ def check_preset(method: str, hparams: Any, arch: Arch, model: torch.nn.Module |
         path, _ = site_layer(model, hparams)
         check_module(model, arch, spec, path, None if hparams.inner_params else hparams.module)
         edited.append(path)
-    elif method == "LoRA":
+    elif method in ("LoRA", "AdaLoRA"):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         from lmedit.methods.lora import inject
@@ -353,7 +353,7 @@ def test_meta_model_has_the_real_sizes(arch_name: str) -> None:
 def test_preset_fits_its_model(method: str, preset: str, arch_name: str) -> None:
     arch = ARCHS[arch_name]
     hparams = get_method(method).load_hparams(preset=preset)
-    model = build_meta(arch) if method == "LoRA" else None
+    model = build_meta(arch) if method in ("LoRA", "AdaLoRA") else None
     edited = check_preset(method, hparams, arch, model, preset)
     if method != "IKE" and method != "SERAC":
         assert edited, f"{method}/{preset} resolves to no module"

@@ -69,6 +69,7 @@ def test_ordering_comparison_uses_methods_with_a_published_value():
 def test_ike_is_compared_with_the_published_ice_column():
     """KnowEdit's ICE is EasyEdit's in-context editor (models/ike), lmedit's IKE; plain LoRA is not AdaLoRA."""
     assert published_value("ZsRE", "Edit Succ.", "IKE") == PUBLISHED["ZsRE"]["Edit Succ."]["ICE"] == 66.01
+    assert published_value("ZsRE", "Locality", "AdaLoRA") == 75.76
     assert published_value("ZsRE", "Edit Succ.", "LoRA") is None
     rows = [{"dataset": "ZsRE", "method": "IKE", "Locality": 20.0}, {"dataset": "ZsRE", "method": "FT-M", "Locality": 80.0}]
     (compared,) = ordering_comparison(rows, ("Locality",))

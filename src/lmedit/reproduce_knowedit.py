@@ -36,7 +36,7 @@ KNOWEDIT_FILES: dict[str, Path] = {
 }
 KNOWEDIT_DEFAULT_SETS: tuple[str, ...] = ("ZsRE", "WikiBio", "ConvSent", "Sanitation")
 KNOWEDIT_TABLE_METHODS: tuple[str, ...] = (
-    "FT-L", "FT-M", "LoRA", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE", "IKE", "SERAC", "MEND")
+    "FT-L", "FT-M", "LoRA", "AdaLoRA", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE", "IKE", "SERAC", "MEND")
 COMPARED_METRICS: tuple[str, ...] = ("Edit Succ.", "Portability", "Locality", "Fluency")
 
 

@@ -59,6 +59,38 @@ def test_edit_takes_effect_and_restore_removes_peft_exactly(tiny_model, word_tok
     assert not hasattr(tiny_model, "peft_config")
 
 
+def test_adalora_trains_an_svd_adapter_and_restore_removes_it_exactly(tiny_llama, word_tok):
+    """EasyEdit's default LoRA (KnowEdit's AdaLoRA column): P Λ Q with the orthogonality penalty, rank fixed."""
+    info, hparams = _hparams(tiny_llama, lora_type="adalora")
+    original, structure = snapshot(tiny_llama), _structure(tiny_llama)
+    handles = []
+    for request in FACTS[:2]:  # the second edit keeps training the same adapter
+        handles.append(info.apply(tiny_llama, word_tok, [request], hparams))
+        assert _holds(tiny_llama, word_tok, request)
+    singular = {n: p for n, p in lora_parameters(tiny_llama).items() if ".lora_E." in n}
+    assert singular and all(p.shape == (4, 1) and p.abs().sum() > 0 for p in singular.values())
+    restore_all(handles)
+    assert state_equal(tiny_llama, original) and _structure(tiny_llama) == structure
+    assert not hasattr(tiny_llama, "peft_config")
+
+
+def test_the_orthogonality_penalty_by_hand(tiny_llama):
+    """Rows of A orthonormal (P Pᵀ = I: 0) and columns of B twice orthonormal (QᵀQ = 4I: ‖3I‖ = 3√r); mean of two."""
+    from lmedit.methods.lora import _unload, inject, orthogonality_penalty
+
+    session = inject(tiny_llama, {"lora_type": "adalora", "layers": [1], "target_modules": ["down_proj"], "rank": 4,
+                                  "lora_alpha": 8, "lora_dropout": 0.0})
+    params = lora_parameters(tiny_llama)
+    (a,) = [p for n, p in params.items() if ".lora_A." in n]
+    (b,) = [p for n, p in params.items() if ".lora_B." in n]
+    with torch.no_grad():
+        a.copy_(torch.eye(*a.shape))
+        b.copy_(2 * torch.eye(*b.shape))
+    assert orthogonality_penalty(tiny_llama).item() == pytest.approx((0 + 3 * 4 ** 0.5) / 2)
+    _unload(tiny_llama, session)
+    assert orthogonality_penalty(tiny_llama) is None
+
+
 def test_sequential_edits_train_one_adapter_and_restore_newest_first(tiny_llama, word_tok):
     info, hparams = _hparams(tiny_llama)
     original, structure = snapshot(tiny_llama), _structure(tiny_llama)
@@ -107,10 +139,11 @@ def test_unknown_target_modules_name_the_fix(tiny_llama, word_tok):
     assert state_equal(tiny_llama, original) and _structure(tiny_llama) == structure
 
 
+@pytest.mark.parametrize("lora_type", ["lora", "adalora"])
 @pytest.mark.parametrize("builder", [build_tiny_llama, build_tiny_gpt2])
-def test_save_and_load_round_trip(builder, word_tok, tmp_path):
+def test_save_and_load_round_trip(builder, lora_type, word_tok, tmp_path):
     model = builder(len(word_tok))
-    info, hparams = _hparams(model)
+    info, hparams = _hparams(model, lora_type=lora_type)
     handles = [info.apply(model, word_tok, [r], hparams) for r in FACTS[:2]]
     ids = torch.tensor([word_tok("the capital of france is rome").input_ids])
     with torch.no_grad():

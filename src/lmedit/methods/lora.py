@@ -17,9 +17,15 @@ back in place, the ``peft_config`` attribute goes, and every parameter's
 ``requires_grad`` flag is as before, so the model's ``state_dict``, classes
 and modules are exactly those of the unedited model.
 
-Where this differs from EasyEdit (docs/memory-and-peft.md): only plain LoRA
-(EasyEdit's default ``lora_type: adalora`` never calls AdaLoRA's rank
-allocation, so it trains a fixed-rank SVD-form adapter); the model stays in
+``lora_type: adalora`` trains what EasyEdit's default LoRA trains (its KnowEdit
+"AdaLoRA" column): peft's AdaLoRA layers, an SVD-form adapter ``P Λ Q`` scaled by
+``alpha / r``, with AdaLoRA's orthogonality penalty on P and Q added to the loss
+(``orth_reg_weight``, peft's 0.5). EasyEdit never calls AdaLoRA's rank
+allocation, so the rank stays fixed; lmedit does the same.
+
+Where this differs from EasyEdit (docs/memory-and-peft.md): the adapter's rank
+is ``rank`` for both types (EasyEdit's AdaLoRA takes peft's ``init_r``, 12,
+whatever its ``rank`` says); the model stays in
 eval mode while training (no dropout in the base model; LoRA's own dropout,
 0 by default, is the only one switched on); optional early stopping.
 """
@@ -51,9 +57,9 @@ ADAPTER_NAME = "lmedit"
 
 @dataclass
 class LoRAHyperParams(HyperParams):
-    """EasyEdit's LoRA fields that the algorithm reads (``lora_type`` accepts only ``lora``)."""
+    """EasyEdit's LoRA fields that the algorithm reads; ``orth_reg_weight`` is AdaLoRA's only."""
 
-    lora_type: Literal["lora"] = "lora"
+    lora_type: Literal["lora", "adalora"] = "lora"
     layers: list[int] = field(default_factory=list)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     rank: int = 8
@@ -64,8 +70,11 @@ class LoRAHyperParams(HyperParams):
     weight_decay: float = 0.0
     batch_size: int = 128
     early_stop_loss: float | None = None
+    orth_reg_weight: float = 0.5
 
     def validate(self) -> None:
+        if self.orth_reg_weight < 0:
+            raise HyperParamsError("orth_reg_weight must be non-negative (AdaLoRA's penalty weight; peft uses 0.5)")
         if self.rank < 1:
             raise HyperParamsError("rank must be at least 1")
         if not self.target_modules:
@@ -124,11 +133,14 @@ def inject(model: nn.Module, config: dict[str, Any]) -> LoraSession:
             "adapter, so merge or unload the existing ones first"
         )
     layers = config["layers"]
-    lora_config = peft.LoraConfig(
-        r=config["rank"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
-        target_modules=list(config["target_modules"]), layers_to_transform=list(layers) if layers else None,
-        bias="none", fan_in_fan_out=_targets_conv1d(model, config["target_modules"]),
-    )
+    shared = dict(lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+                  target_modules=list(config["target_modules"]), layers_to_transform=list(layers) if layers else None,
+                  bias="none", fan_in_fan_out=_targets_conv1d(model, config["target_modules"]))
+    if config.get("lora_type", "lora") == "adalora":
+        # the rank stays at init_r: nothing calls AdaLoRA's update_and_allocate, as in EasyEdit
+        lora_config = peft.AdaLoraConfig(init_r=config["rank"], target_r=config["rank"], total_step=1, **shared)
+    else:
+        lora_config = peft.LoraConfig(r=config["rank"], **shared)
     try:
         spec: ModelSpec | None = ModelSpec.from_model(model)
     except ModelSpecError:
@@ -156,8 +168,24 @@ def _targets_conv1d(model: nn.Module, targets: Sequence[str]) -> bool:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's A and B matrices, by their parameter names in ``model``."""
-    return {n: p for n, p in model.named_parameters() if f".lora_A.{ADAPTER_NAME}." in n or f".lora_B.{ADAPTER_NAME}." in n}
+    """The adapter's trained tensors by their names in ``model``: A and B, and AdaLoRA's singular values E."""
+    return {n: p for n, p in model.named_parameters()
+            if f".lora_A.{ADAPTER_NAME}" in n or f".lora_B.{ADAPTER_NAME}" in n or f".lora_E.{ADAPTER_NAME}" in n}
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor | None:
+    """AdaLoRA's regulariser: the mean over P and Q matrices of ‖P Pᵀ − I‖_F (rows of A) and ‖QᵀQ − I‖_F (columns
+    of B); None for plain LoRA, which has no E."""
+    params = lora_parameters(model)
+    if not any(".lora_E." in n for n in params):
+        return None
+    terms = []
+    for name, p in params.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            gram = p @ p.T if ".lora_A." in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                    device=gram.device)))
+    return torch.stack(terms).mean()
 
 
 def _unload(model: nn.Module, session: LoraSession) -> None:
@@ -227,10 +255,15 @@ def _train(
             total, tokens = 0.0, 0
             for batch, logits_of in zip(batches, batch_logits):
                 loss, count = target_token_loss(logits_of(), batch)
+                penalty = orthogonality_penalty(model) if hparams.lora_type == "adalora" else None
+                if penalty is not None:  # added to the loss, as AdaLoRA's model does; the recorded loss is the NLL
+                    nll, loss = loss, loss + hparams.orth_reg_weight * penalty
+                else:
+                    nll = loss
                 optimizer.zero_grad()
                 optimizer.backward(loss)
                 optimizer.step()
-                total, tokens = total + loss.item() * count, tokens + count
+                total, tokens = total + nll.item() * count, tokens + count
             losses.append(total / tokens)
             if hparams.early_stop_loss is not None and losses[-1] < hparams.early_stop_loss:
                 break
@@ -361,3 +394,17 @@ def tiny_setup(model: nn.Module, tok: Any, workdir: Path) -> dict[str, Any]:
 
 
 register("LoRA", hparams=LoRAHyperParams, batch=True, load_edit=load_lora_edit, tiny_setup=tiny_setup)(apply_lora)
+
+
+@dataclass
+class AdaLoRAHyperParams(LoRAHyperParams):
+    """LoRA's fields with ``lora_type: adalora``, EasyEdit's default, under the name KnowEdit's table gives it."""
+
+    lora_type: Literal["lora", "adalora"] = "adalora"
+
+
+@register("AdaLoRA", hparams=AdaLoRAHyperParams, batch=True, load_edit=load_lora_edit, tiny_setup=tiny_setup)
+def apply_adalora(model: nn.Module, tok: Any, requests: Sequence[EditRequest],
+                  hparams: AdaLoRAHyperParams) -> "LoRAEditHandle":
+    """Train an AdaLoRA adapter (SVD form, orthogonality penalty, fixed rank): EasyEdit's default LoRA."""
+    return apply_lora(model, tok, requests, hparams)

@@ -60,7 +60,7 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 
 # lmedit's name for a method the published table names otherwise. KnowEdit's "ICE" is EasyEdit's in-context editor,
 # `models/ike` (the same code serves `--editing_method IKE`), which is lmedit's IKE. Its "AdaLoRA" column is EasyEdit's
-# LoRA with `lora_type: adalora`; lmedit's LoRA trains plain LoRA, a different adapter, so it is not matched.
+# LoRA with `lora_type: adalora`, which is lmedit's AdaLoRA; lmedit's LoRA (plain LoRA) has no published column.
 PUBLISHED_NAME = {"IKE": "ICE"}
 
 
