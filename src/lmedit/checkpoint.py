@@ -43,6 +43,7 @@ from lmedit.handles import EditHandle, WeightSnapshotHandle
 from lmedit.registry import with_hparam_defaults
 
 LOG = logging.getLogger(__name__)
+DEFAULT_CHECKPOINT_MINUTES = 15.0  # a sequential chunk's state is written this often while it edits (0: never)
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FORMAT = "lmedit-chunk-checkpoint"
@@ -289,13 +290,15 @@ class ChunkCheckpoints:
 
     folder: Path
     identity: dict[str, Any]
-    minutes: float = 15.0
+    minutes: float | None = None  # None: DEFAULT_CHECKPOINT_MINUTES
     min_steps: int = 2
     _last: float = field(default_factory=time.perf_counter, init=False)
     _warned: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.identity = json.loads(json.dumps(self.identity))  # compared with the JSON a checkpoint stores
+        if self.minutes is None:
+            self.minutes = DEFAULT_CHECKPOINT_MINUTES
 
     @classmethod
     def discard_written(cls, folder: Path, chunk_index: int) -> None:

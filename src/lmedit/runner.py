@@ -14,7 +14,7 @@ line, at the end of ``results.jsonl``; resuming first rewrites the file with
 only the complete chunks, then runs the rest, so a run killed any number of
 times ends with the same records as an uninterrupted one (each request once).
 A long sequential chunk also writes its state to ``checkpoints/`` every
-:data:`DEFAULT_CHECKPOINT_MINUTES` of editing (:mod:`lmedit.checkpoint`), and a
+:data:`lmedit.checkpoint.DEFAULT_CHECKPOINT_MINUTES` of editing (:mod:`lmedit.checkpoint`), and a
 rerun continues it from there rather than from its first edit.
 """
 
@@ -46,7 +46,6 @@ LOG = logging.getLogger(__name__)
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
-DEFAULT_CHECKPOINT_MINUTES = 15.0  # a sequential chunk's state is written this often while it edits (0: never)
 
 
 class RunError(RuntimeError):
@@ -119,8 +118,7 @@ def run_benchmark(
     out = Path(out_dir)
     chunks = check_run(session, requests, spec) if chunks is None else chunks
     with hold_run_folder(out):
-        minutes = DEFAULT_CHECKPOINT_MINUTES if checkpoint_minutes is None else checkpoint_minutes
-        checkpoints = ChunkCheckpoints(out / CHECKPOINTS_DIR, spec.identity(), minutes=minutes)
+        checkpoints = ChunkCheckpoints(out / CHECKPOINTS_DIR, spec.identity(), minutes=checkpoint_minutes)
         return _run_held(session, requests, spec, out, chunks, show_progress, after_step, checkpoints)
 
 

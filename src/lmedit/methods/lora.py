@@ -173,10 +173,10 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             if f".lora_A.{ADAPTER_NAME}" in n or f".lora_B.{ADAPTER_NAME}" in n or f".lora_E.{ADAPTER_NAME}" in n}
 
 
-def orthogonality_penalty(model: nn.Module) -> torch.Tensor | None:
+def orthogonality_penalty(adapter: nn.Module | dict[str, nn.Parameter]) -> torch.Tensor | None:
     """AdaLoRA's regulariser: the mean over P and Q matrices of ‖P Pᵀ − I‖_F (rows of A) and ‖QᵀQ − I‖_F (columns
-    of B); None for plain LoRA, which has no E."""
-    params = lora_parameters(model)
+    of B); None for plain LoRA, which has no E. Takes the model or its :func:`lora_parameters`."""
+    params = lora_parameters(adapter) if isinstance(adapter, nn.Module) else adapter
     if not any(".lora_E." in n for n in params):
         return None
     terms = []
@@ -234,7 +234,8 @@ def _train(
     model: nn.Module, tok: Any, requests: Sequence[EditRequest], hparams: LoRAHyperParams, session: LoraSession
 ) -> list[float]:
     examples = [tokenize_pair(tok, r.prompt, r.target_new) for r in requests]
-    params = list(lora_parameters(model).values())
+    named = lora_parameters(model)
+    params = list(named.values())
     pad_id = pad_id_of(tok)
     spec, first = session.spec, _first_adapted_block(model, session.spec)
     batches = [examples[start : start + hparams.batch_size] for start in range(0, len(examples), hparams.batch_size)]
@@ -255,7 +256,7 @@ def _train(
             total, tokens = 0.0, 0
             for batch, logits_of in zip(batches, batch_logits):
                 loss, count = target_token_loss(logits_of(), batch)
-                penalty = orthogonality_penalty(model) if hparams.lora_type == "adalora" else None
+                penalty = orthogonality_penalty(named)
                 if penalty is not None:  # added to the loss, as AdaLoRA's model does; the recorded loss is the NLL
                     nll, loss = loss, loss + hparams.orth_reg_weight * penalty
                 else:

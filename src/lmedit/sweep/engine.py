@@ -119,7 +119,6 @@ class ChunkWorker:
         from lmedit.checkpoint import ChunkCheckpoints
         from lmedit.precision import is_half
         from lmedit.protocols import run_chunk
-        from lmedit.runner import DEFAULT_CHECKPOINT_MINUTES
 
         prepared = self.prepared(Job.from_dict(job_dict))
         chunk = prepared.chunks[chunk_index]
@@ -139,8 +138,7 @@ class ChunkWorker:
         pre_seconds = time.perf_counter() - started
         checkpoints = None
         if checkpoint_folder is not None:
-            minutes = DEFAULT_CHECKPOINT_MINUTES if checkpoint_minutes is None else checkpoint_minutes
-            checkpoints = ChunkCheckpoints(Path(checkpoint_folder), prepared.spec.identity(), minutes=minutes)
+            checkpoints = ChunkCheckpoints(Path(checkpoint_folder), prepared.spec.identity(), minutes=checkpoint_minutes)
         result = run_chunk(prepared.session, prepared.requests, chunk, pre, checkpoints=checkpoints)
         from lmedit.devices import peak_memory_bytes
 

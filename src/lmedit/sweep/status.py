@@ -50,7 +50,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
     columns = ["method", "model", "data", "protocol", "T", "seed", "eval", "chunks", *HEADLINE]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
-        shown = {"data": None, "protocol": None, **row, "chunks": f"{row['chunks_done']}/{row['chunks_total'] or '?'}"}
+        shown = {**row, "chunks": f"{row['chunks_done']}/{row['chunks_total'] or '?'}"}
         cells = [("—" if shown[c] is None else f"{shown[c]:.3f}") if c in HEADLINE
                  else str(shown[c] if shown[c] is not None else "—") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
