@@ -91,6 +91,21 @@ def test_the_orthogonality_penalty_by_hand(tiny_llama):
     assert orthogonality_penalty(tiny_llama) is None
 
 
+def test_adalora_training_includes_the_orthogonality_penalty(word_tok):
+    """The penalty is in the loss the optimiser follows: weighted up, the trained P and Q end nearer orthonormal."""
+    from lmedit.methods.lora import orthogonality_penalty
+
+    penalties = {}
+    for weight in (0.0, 10.0):
+        model = build_tiny_llama(len(word_tok))
+        torch.manual_seed(0)  # the same initial adapter for both weights
+        info, hparams = _hparams(model, lora_type="adalora", orth_reg_weight=weight)
+        handle = info.apply(model, word_tok, [FACTS[0]], hparams)
+        penalties[weight] = orthogonality_penalty(model).item()
+        handle.restore()
+    assert penalties[10.0] < 0.5 * penalties[0.0], penalties
+
+
 def test_sequential_edits_train_one_adapter_and_restore_newest_first(tiny_llama, word_tok):
     info, hparams = _hparams(tiny_llama)
     original, structure = snapshot(tiny_llama), _structure(tiny_llama)
