@@ -72,7 +72,7 @@ class WiseTableConfig:
     retention_scan: int = 400
     retention_data: Path | None = None  # None: the records of ``data`` after the edited ones
     irrelevant_file: Path | None = None
-    checkpoint_minutes: float | None = None  # how often a chunk writes its state (None: the runner's default)
+    checkpoint_minutes: float | None = None  # how often a chunk writes its state (None: lmedit.checkpoint's default)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     layout: str | None = None  # a key of TABLE_COLUMNS ("zsre", "hallucination"); None: detected from the data
 
