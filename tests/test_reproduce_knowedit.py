@@ -112,6 +112,8 @@ def test_reproduction_writes_the_table_beside_the_published_one_and_resumes(root
     ft_m = next(r for r in payload["rows"] if r["dataset"] == "ZsRE" and r["method"] == "FT-M")
     assert "| ZsRE (n=2) | Edit Succ. | " in text and f"{ft_m['Edit Succ.']:.2f} (99.98)" in text
     assert "· Relation_Specificity" in text and "Kendall τ" in text
+    cost = text.split("## Cost")[1]
+    assert f"{ft_m['seconds_per_edit']:.1f} · {ft_m['work_minutes']:.1f}" in cost and ft_m["work_minutes"] > 0
     assert {(c["dataset"], c["metric"]) for c in payload["ordering"]} >= {("ZsRE", "Edit Succ."), ("ZsRE", "Locality")}
     assert (config.out / "knowedit-table.png").is_file() and (config.out / "knowedit-table.json").is_file()
     again = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)

@@ -183,7 +183,7 @@ def plan_runs(config: KnowEditTableConfig) -> list[dict[str, Any]]:
 
 def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome] = ()) -> dict[str, Any]:
     """``knowedit-table.md``, ``.json`` and ``.png`` in the output folder, from the run folders."""
-    from lmedit.reports.knowedit import knowedit_rows, knowedit_table
+    from lmedit.reports.knowedit import cost_table, knowedit_rows, knowedit_table
     from lmedit.reports.knowedit_published import comparison_table, ordering_comparison
 
     runs = plan_runs(config)
@@ -199,6 +199,10 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
             + "\n## Method order per row, against the published table\n\n"
             + (f"{agreeing} of {len(comparisons)} rows in the published order.\n\n" + comparison_table(comparisons)
                if comparisons else "No row has two methods with a published value yet.\n"))
+    if rows:
+        hours = sum(r["work_minutes"] or 0 for r in rows) / 60
+        text += (f"\n## Cost\n\nSeconds per edit · minutes of work per run (edits, post-edit scoring and the "
+                 f"pre-edit capture), on this machine; {hours:.1f} h in all.\n\n" + cost_table(rows))
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         text += "\n## Runs that failed\n\n" + "".join(f"* {o.method} on {o.dataset}: {o.error}\n" for o in failed)

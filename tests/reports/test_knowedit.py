@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmedit.reports.knowedit import knowedit_rows, knowedit_table
+from lmedit.reports.knowedit import cost_table, knowedit_rows, knowedit_table, run_cost
 
 
 def _run(method: str, data: str, post: dict, pre: dict | None = None, n: int = 10) -> dict:
@@ -28,6 +28,21 @@ def test_knowedit_table_as_knowedit_prints_it():
     assert "|  | Portability | 50.00 | — |" in table
     assert "|  | Locality (KL ↓) | 0.1230 | — |" in table
     assert "Portability" not in table.split("ConvSent")[1]
+
+
+def test_cost_counts_edits_and_scores_of_every_session_and_the_last_capture():
+    timing = {"edit_seconds_total": 100.0, "post_eval_seconds_total": 320.0, "pre_eval_seconds_this_session": 40.0,
+              "edit_seconds_per_request": 2.0, "wall_seconds_this_session": 12.0}
+    assert run_cost({"timing": timing}) == {"seconds_per_edit": 2.0, "work_minutes": pytest.approx(460 / 60)}
+    assert run_cost({"timing": {"edit_seconds_per_request": 2.0}})["work_minutes"] is None  # an old summary
+    runs = [_run("FT-M", "/d/ZsRE-test-all.json", {}), _run("ROME", "/d/ZsRE-test-all.json", {}),
+            _run("ROME", "/d/wikibio-test-all.json", {})]
+    for run, seconds in zip(runs, (60.0, 600.0, 1200.0)):
+        run["summary"]["timing"] = {**timing, "edit_seconds_total": seconds, "edit_seconds_per_request": seconds / 10}
+    table = cost_table(knowedit_rows(runs))
+    assert table.splitlines()[0] == "| Dataset | FT-M | ROME | total min |"
+    assert "| ZsRE | 6.0 · 7.0 | 60.0 · 16.0 | 23.0 |" in table  # (60 + 320 + 40) / 60 and (600 + 360) / 60
+    assert "| WikiBio | — | 120.0 · 26.0 | 26.0 |" in table
 
 
 def test_groups_and_realistic_scores_get_their_own_rows():

@@ -98,9 +98,35 @@ def knowedit_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "dataset": dataset_label(config), "method": config["method"], "protocol": config.get("protocol"),
             "n": summary.get("n"), "complete": summary.get("complete", True), "folder": run.get("folder"),
-            **knowedit_values(summary),
+            **knowedit_values(summary), **run_cost(summary),
         })
     return rows
+
+
+def run_cost(summary: dict[str, Any]) -> dict[str, float | None]:
+    """Seconds per edit, and the run's minutes of work: every edit and post-edit score, plus the pre-edit capture.
+
+    Edits and scores are summed from the records, so a run resumed over several sessions counts them all; the
+    capture is the last session's (a resumed run captures only what it still needs).
+    """
+    timing = summary.get("timing", {})
+    parts = [timing.get(k) for k in ("edit_seconds_total", "post_eval_seconds_total", "pre_eval_seconds_this_session")]
+    minutes = sum(parts) / 60 if all(isinstance(p, (int, float)) for p in parts) else None
+    return {"seconds_per_edit": timing.get("edit_seconds_per_request"), "work_minutes": minutes}
+
+
+def cost_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per dataset and method: seconds per edit and minutes of work (``s/edit · min``), and each dataset's total."""
+    methods = list(dict.fromkeys(_method_label(r, rows) for r in rows))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    lines = ["| Dataset | " + " | ".join(methods) + " | total min |", "|---|" + "---|" * (len(methods) + 1)]
+    for dataset in datasets:
+        mine = {_method_label(r, rows): r for r in rows if r["dataset"] == dataset}
+        cells = [f"{number(mine[m]['seconds_per_edit'], 1)} · {number(mine[m]['work_minutes'], 1)}" if m in mine
+                 else "—" for m in methods]
+        total = sum(r["work_minutes"] for r in mine.values() if r["work_minutes"] is not None)
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {total:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def knowedit_table(rows: Sequence[dict[str, Any]], published: bool = False) -> str:
