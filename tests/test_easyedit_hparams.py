@@ -315,6 +315,29 @@ max_iters: 10000
 model_parallel: false
 results_dir: ./results
 """,
+    "UltraEdit": """
+alg_name: "ULTRAEDIT"
+device: 0
+model_name: ./hugging_cache/llama-2-7b
+model_class: AutoModelForCausalLM
+tokenizer_class: AutoTokenizer
+tokenizer_name: ./hugging_cache/llama-2-7b
+inner_params:
+- model.layers.0.mlp.gate_proj
+- model.layers.1.mlp.gate_proj
+- model.layers.2.mlp.up_proj
+dropout: 0.0
+no_grad_layers: null
+lr: 1e-6
+token: mask
+batch_size: 100
+batch_size_once: 10
+editor_batch_size: 1024
+silent: False
+half: true
+model_parallel: false
+results_dir: ./results
+""",
     "MEND": """
 archive: ./results/models/MEND/llama-2-7b-ZsRE
 alg_name: "MEND"
@@ -365,6 +388,8 @@ EXPECTED = {
     "SERAC": {"archive": "{lmedit_home}/checkpoints/SERAC/smollm2-135m"},
     "MEND": {"lr_scale": 0.5, "archive": "{lmedit_home}/checkpoints/MEND/smollm2-135m"},
     "MALMEN": {"archive": "{lmedit_home}/checkpoints/MALMEN/smollm2-135m"},
+    "UltraEdit": {"inner_params": ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj",
+                                   "model.layers.2.mlp.up_proj"], "lr": 1e-6, "token": "all", "grad_batch_size": 10},
 }
 
 IGNORED = {
@@ -375,6 +400,8 @@ IGNORED = {
     "GRACE": ["val_train", "val_reg", "reg", "num_pert", "dropout"],
     "DEFER": [],
     "IKE": ["results_dir", "model_parallel"],
+    "UltraEdit": ["model_class", "tokenizer_class", "tokenizer_name", "dropout", "no_grad_layers", "batch_size",
+                  "editor_batch_size", "silent", "model_parallel", "results_dir"],
 }
 
 
@@ -425,6 +452,16 @@ def test_values_that_differ_in_behaviour_say_so(tmp_path: Path) -> None:
     assert ft_clamped.hparams.norm_constraint == 5e-4  # "5e-4" is a string to PyYAML; EasyEdit casts it
     serac = read_easyedit_hparams(write(tmp_path, "SERAC"))
     assert "archive" in serac.ignored and "not read" in serac.mapping_of("archive").note
+
+
+def test_ultraedit_run_settings_and_token_modes(tmp_path: Path) -> None:
+    config = read_easyedit_hparams(write(tmp_path, "UltraEdit"), model=build_tiny_llama(64, layers=3))
+    assert (config.batch_size, config.dtype) == (100, "float16")  # turns of 100 edits; the model in half precision
+    answer = FILES["UltraEdit"].replace("token: mask", "token: ans")
+    assert read_easyedit_hparams(write(tmp_path, "UltraEdit", answer)).hparams.token == "answer"
+    missing = FILES["UltraEdit"].replace("model.layers.2.mlp.up_proj", "model.layers.2.mlp.fc_in")
+    with pytest.raises(EasyEditHparamsError, match="inner_params.*fc_in"):
+        read_easyedit_hparams(write(tmp_path, "UltraEdit", missing), model=build_tiny_llama(64, layers=3))
 
 
 def test_wise_alpha_beta_gamma_fill_act_margin(tmp_path: Path) -> None:

@@ -245,7 +245,7 @@ EASYEDIT_METHODS = {
     "PMET": "PMET", "SPHERE": "SPHERE", "KN": "KN",
     "GRACE": "GRACE", "DEFER": "DEFER", "WISE": "WISE", "IKE": "IKE", "SERAC": "SERAC", "MEND": "MEND",
     "MALMEN": "MALMEN",
-    "MELO": "MELO",
+    "MELO": "MELO", "ULTRAEDIT": "UltraEdit",
     "FT-L": "FT-L", "FT-M": "FT-M",
 }
 FT_OBJECTIVES = {"prompt_last": "FT-L", "target_new": "FT-M"}
@@ -601,9 +601,9 @@ def _pmet_nll_loss_factor(state: _Translation, key: str, value: Any) -> None:
                          "target probability, a stopping heuristic lmedit does not copy (docs/locate-then-edit.md)")
 
 
-def _renamed(lmedit_key: str, note: str) -> Translate:
+def _renamed(lmedit_key: str, note: str, kind: Callable[[Any], Any] = float) -> Translate:
     def translate(state: _Translation, key: str, value: Any) -> None:
-        state.set(key, lmedit_key, float(value), note)
+        state.set(key, lmedit_key, kind(value), note)
 
     return translate
 
@@ -699,6 +699,21 @@ def _melo_task(state: _Translation, key: str, value: Any) -> None:
     state.map(key, None, note)
 
 
+def _ultraedit_inner_params(state: _Translation, key: str, value: Any) -> None:
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise state.fail(f"{key} must list the edited linear modules, e.g. model.layers.11.mlp.gate_proj")
+    state.set(key, "inner_params", [str(p) for p in paths], "the edited linear modules, by path")
+
+
+def _ultraedit_token(state: _Translation, key: str, value: Any) -> None:
+    if value == "ans":
+        state.set(key, "token", "answer", "rows at the answer positions. EasyEdit's 'ans' masks the positions of its "
+                                          "labels, which are the answer's own token ids there, not the sentence's")
+    else:
+        state.set(key, "token", "all", f"EasyEdit's {value!r} keeps every attended position of prompt + answer")
+
+
 _LOCATE_SPECIAL: dict[str, Translate] = {
     "rewrite_module_tmp": _locate_rewrite_module, "v_loss_layer": _v_loss_layer, "mom2_dataset": _mom2_dataset,
     **TEMPLATE_RULES,
@@ -767,6 +782,19 @@ METHOD_TABLES: dict[str, MethodTable] = {
         no_effect={"lora_task_type": "peft's task type; lmedit's MELO edits causal language models",
                    "check_dir": "EasyEdit would load a MELO checkpoint from there (its loader only prints the path); "
                                 "in lmedit re-apply a saved edit with lmedit.registry.load_edit"},
+    ),
+    "UltraEdit": MethodTable(
+        direct=("lr",),
+        special={"inner_params": _ultraedit_inner_params, "token": _ultraedit_token, "half": _fp16,
+                 "batch_size_once": _renamed("grad_batch_size", "requests per forward/backward pass; EasyEdit drops "
+                                                                "the requests past the last whole sub-batch, lmedit "
+                                                                "edits them all", int)},
+        edit_batch=True,
+        no_effect={**_unread("UltraEdit", ("dropout", "no_grad_layers", "silent", "max_length")),
+                   "editor_batch_size": "EasyEdit normalises the rows in zero-padded slices of this many and drops "
+                                        "the padding before the solve; the update does not depend on it",
+                   **{k: "the model and tokenizer to load (--model)"
+                      for k in ("model_class", "tokenizer_class", "tokenizer_name")}},
     ),
     "DEFER": MethodTable(direct=("edit_lr", "n_iter", "threshold"), special={"inner_params": _adapter_site},
                          edit_batch=True),
