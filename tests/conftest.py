@@ -15,6 +15,17 @@ WORDS = (
 ).split()
 
 
+def require_ray():
+    """Ray, or a skip; under LMEDIT_REQUIRE_RAY=1 (CI, which installs the `cluster` extra) a missing Ray fails."""
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("LMEDIT_REQUIRE_RAY") == "1":
+            pytest.fail("Ray is not installed (LMEDIT_WITH_CLUSTER=1 bash scripts/install.sh)")
+        pytest.skip("Ray is not installed (LMEDIT_WITH_CLUSTER=1 bash scripts/install.sh)")
+    return ray
+
+
 def build_word_tokenizer():
     """A whitespace word-level tokenizer: one token per word, no special tokens added to inputs."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -139,3 +139,42 @@ def test_command_line_checks_and_table_only(root, tmp_path):
     result = runner.invoke(app, ["reproduce", "knowedit-table", "--root", str(root), "--sets", "ZsRE",
                                  "--out", str(tmp_path / "missing"), "--table-only"])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_ray_and_serial_runs_share_folders_and_equal_each_other(root, tmp_path, word_tok):
+    """FT-L serially, then FT-M on two Ray workers, then FT-M's last item serially again: the serial run's summaries."""
+    from conftest import build_tiny_llama, require_ray
+    from lmedit.models import load_model
+    from lmedit.reproduce_knowedit import run_knowedit_table_on_ray
+    from lmedit.sweep.engine import start_ray
+
+    ray = require_ray()
+    folder = tmp_path / "tiny"
+    build_tiny_llama(len(word_tok)).save_pretrained(folder)
+    word_tok.save_pretrained(folder)
+    model, tok = load_model(str(folder))
+    same = dict(sets=("ZsRE",), model=str(folder), preset="smollm2-135m")
+    reference = run_knowedit_table(_config(root, tmp_path, out=tmp_path / "serial", **same), model=model, tok=tok,
+                                   show_progress=False)
+    mixed = _config(root, tmp_path, out=tmp_path / "mixed", **same)
+    run_knowedit_table(_config(root, tmp_path, out=tmp_path / "mixed", methods=("FT-L",), **same), model=model,
+                       tok=tok, show_progress=False)
+    start_ray(2, None)
+    try:
+        seen = []
+        run_knowedit_table_on_ray(mixed, workers=2, show_progress=False, on_run=seen.append)
+    finally:
+        ray.shutdown()
+    assert [(o.method, o.status) for o in seen] == [("FT-L", "done"), ("FT-M", "ran")]
+    ft_m = mixed.folder("ZsRE", "FT-M")
+    assert json.loads((ft_m / "config.json").read_text())["eval"]["suites"] == ["fluency"]
+    (ft_m / "summary.json").unlink()  # as if the Ray run had stopped after FT-M's first item
+    records = (ft_m / "results.jsonl").read_text().splitlines()
+    (ft_m / "results.jsonl").write_text(records[0] + "\n")
+    resumed = run_knowedit_table(mixed, model=model, tok=tok, show_progress=False)
+    assert [o["status"] for o in resumed["outcomes"]] == ["done", "ran"]
+    for method in ("FT-L", "FT-M"):
+        got = json.loads((mixed.folder("ZsRE", method) / "summary.json").read_text())
+        expected = json.loads((tmp_path / "serial" / "ZsRE" / method / "summary.json").read_text())
+        assert {k: got[k] for k in ("pre", "post", "n")} == {k: expected[k] for k in ("pre", "post", "n")}, method
+    assert [r["Edit Succ."] for r in resumed["rows"]] == [r["Edit Succ."] for r in reference["rows"]]

@@ -223,9 +223,7 @@ def run_unless_finished(folder: Path, run: Callable[[], None], what: str, fatal:
     ``fatal`` errors stop the reproduction (a ReproduceError naming ``what``); ``failures`` mark the cell
     ``failed`` and the reproduction goes on.
     """
-    from lmedit.runner import SUMMARY_FILE
-
-    if _finished(folder / SUMMARY_FILE):
+    if run_finished(folder):
         return "done", 0.0, None
     started = time.perf_counter()
     try:
@@ -238,7 +236,11 @@ def run_unless_finished(folder: Path, run: Callable[[], None], what: str, fatal:
     return "ran", time.perf_counter() - started, None
 
 
-def _finished(summary_path: Path) -> bool:
+def run_finished(folder: Path) -> bool:
+    """Whether the run folder's summary says every chunk is written."""
+    from lmedit.runner import SUMMARY_FILE
+
+    summary_path = folder / SUMMARY_FILE
     if not summary_path.is_file():
         return False
     try:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmedit.registry import get_method, list_presets
-from lmedit.reproduce import ReproduceError, load_written_runs, model_fingerprint, run_unless_finished
+from lmedit.reproduce import ReproduceError, load_written_runs, model_fingerprint, run_finished, run_unless_finished
 
 LOG = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class KnowEditTableConfig:
     eval_batch_size: int = 128
     seed: int = 0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preset: str | None = None
+    """The methods' hyperparameter presets (default: the one named like the model)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -104,28 +106,24 @@ def run_knowedit_table(
     show_progress: bool = True,
     on_run: Callable[[KnowEditOutcome], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every (dataset, method) of the plan, then write the table; returns its payload.
+    """Run (or resume) every (dataset, method) of the plan in this process, then write the table; returns its payload.
 
     A run that fails (a method without a preset for the model, a record a method cannot edit, an untrained
     checkpoint) is logged, marked ``failed`` and left out of the table; the others go on.
     """
-    from lmedit.data import load_requests
+    from lmedit.sweep.engine import ChunkWorker
 
-    requests = {}
-    for dataset in config.sets:
-        requests[dataset] = load_requests(config.data_file(dataset), limit=config.limit, offset=config.offset)
-        if not requests[dataset]:
-            raise ReproduceError(f"no requests in {config.data_file(dataset)} at offset {config.offset}")
-    config.out.mkdir(parents=True, exist_ok=True)
-    _write_plan(config, {d: len(r) for d, r in requests.items()})
+    _check_requests(config)
     if model is None:
         from lmedit.models import load_model
 
         model, tok = load_model(config.model, device=config.device, dtype=config.dtype)
+    worker = ChunkWorker(config.device, config.dtype)
+    worker.adopt_model(config.model, model, tok)
     fingerprint = model_fingerprint(model)
     outcomes = []
-    for dataset, method in config.plan():
-        outcome = _run_one(config, dataset, method, requests[dataset], model, tok, show_progress)
+    for dataset, method, job in table_jobs(config):
+        outcome = _run_one(config, dataset, method, lambda: _run_job(config, worker, job, show_progress))
         outcomes.append(outcome)
         if model_fingerprint(model) != fingerprint:
             raise ReproduceError(f"{method} on {dataset} left the model changed after restoring; later runs would be wrong")
@@ -135,42 +133,122 @@ def run_knowedit_table(
     return write_table(config, outcomes)
 
 
-def _write_plan(config: KnowEditTableConfig, sizes: dict[str, int]) -> None:
-    plan = {"table": TABLE_NAME, "model": config.model, "methods": list(config.methods),
-            "data": {d: str(config.data_file(d)) for d in config.sets}, "n_requests": sizes,
+def run_knowedit_table_on_ray(
+    config: KnowEditTableConfig,
+    *,
+    workers: int = 2,
+    address: str | None = None,
+    threads: int | None = None,
+    show_progress: bool = True,
+    on_run: Callable[[KnowEditOutcome], None] | None = None,
+) -> dict[str, Any]:
+    """The same runs as :func:`run_knowedit_table`, as chunks on Ray workers (``lmedit sweep``'s engine).
+
+    Each worker loads the model once; the run folders, their records and summaries are the ones the serial path
+    writes (the same jobs, so either path resumes the other's folders). The table is rewritten as each run ends.
+    """
+    from lmedit.runner import SUMMARY_FILE
+    from lmedit.sweep.engine import run_ray
+
+    _check_requests(config)
+    outcomes: list[KnowEditOutcome] = []
+    todo = []
+    for dataset, method, job in table_jobs(config):
+        folder = config.folder(dataset, method)
+        missing = _missing_preset(config, method)
+        if run_finished(folder):
+            outcomes.append(KnowEditOutcome(dataset, method, folder, "done"))
+        elif missing:
+            outcomes.append(KnowEditOutcome(dataset, method, folder, "failed", error=missing))
+        else:
+            todo.append((dataset, method, job))
+    for outcome in outcomes:
+        if on_run:
+            on_run(outcome)
+    cells = {job.name: (dataset, method) for dataset, method, job in todo}
+
+    def settle(job: Any, error: str | None) -> None:
+        dataset, method = cells.pop(job.name)
+        outcome = KnowEditOutcome(dataset, method, config.folder(dataset, method), "failed" if error else "ran",
+                                  error=error)
+        outcomes.append(outcome)
+        if on_run:
+            on_run(outcome)
+        write_table(config, outcomes)
+
+    def chunk_written(job: Any, _chunk: int, _result: dict[str, Any]) -> None:
+        if job.name in cells and (config.out / job.name / SUMMARY_FILE).is_file():
+            settle(job, None)
+
+    if todo:
+        run_ray([job for *_, job in todo], config.out, workers=workers, address=address, device=config.device,
+                dtype=config.dtype, threads=threads, show_progress=show_progress, on_chunk=chunk_written,
+                on_plan_error=lambda job, error: settle(job, error))
+    for name in list(cells):  # runs whose chunks were all written before (their summary was rewritten)
+        settle(next(job for *_, job in todo if job.name == name), None)
+    return write_table(config, outcomes)
+
+
+def table_jobs(config: KnowEditTableConfig) -> list[tuple[str, str, Any]]:
+    """(dataset, method, job) per run of the plan: the sweep jobs that write ``<out>/<dataset>/<method>``.
+
+    Both paths, in this process and on Ray, run these jobs, so a folder one of them began the other resumes.
+    """
+    from lmedit.sweep.plan import Job
+
+    return [(dataset, method, Job(
+        method=method, model=config.model, data=str(config.data_file(dataset)), protocol="single", seed=config.seed,
+        eval_batch_size=config.eval_batch_size, offset=config.offset, limit=config.limit,
+        preset=config.preset or config.model, overrides=dict(config.overrides.get(method, {})),
+        folder=f"{dataset}/{method}", suites=("fluency",))) for dataset, method in config.plan()]
+
+
+def _check_requests(config: KnowEditTableConfig) -> None:
+    from lmedit.data import load_requests
+
+    for dataset in config.sets:
+        if not load_requests(config.data_file(dataset), limit=config.limit, offset=config.offset):
+            raise ReproduceError(f"no requests in {config.data_file(dataset)} at offset {config.offset}")
+    config.out.mkdir(parents=True, exist_ok=True)
+    _write_plan(config)
+
+
+def _missing_preset(config: KnowEditTableConfig, method: str) -> str | None:
+    preset = config.preset or config.model
+    if preset in list_presets(method):
+        return None
+    return f"{method} has no preset {preset}; add presets/{method}/{preset}.yaml"
+
+
+def _write_plan(config: KnowEditTableConfig) -> None:
+    plan = {"table": TABLE_NAME, "model": config.model, "preset": config.preset or config.model,
+            "methods": list(config.methods), "data": {d: str(config.data_file(d)) for d in config.sets},
             "limit": config.limit, "offset": config.offset, "protocol": "single", "suites": ["fluency"]}
     (config.out / "reproduce.json").write_text(json.dumps(plan, indent=2))
 
 
-def _run_one(config: KnowEditTableConfig, dataset: str, method: str, requests: Sequence[Any], model: torch.nn.Module,
-             tok: Any, show_progress: bool) -> KnowEditOutcome:
+def _run_one(config: KnowEditTableConfig, dataset: str, method: str, run: Callable[[], None]) -> KnowEditOutcome:
     from lmedit.runner import RunError
 
     folder = config.folder(dataset, method)
     status, seconds, error = run_unless_finished(
-        folder, lambda: _run_method(config, dataset, method, requests, model, tok, show_progress),
-        f"{method} on {dataset}", fatal=(RunError,),  # another configuration's folder: the user decides
+        folder, run, f"{method} on {dataset}", fatal=(RunError,),  # another configuration's folder: the user decides
         failures=(ValueError, RuntimeError, OSError))  # e.g. SERAC/MEND before `lmedit train`: no checkpoint
     return KnowEditOutcome(dataset, method, folder, status, seconds, error)
 
 
-def _run_method(config: KnowEditTableConfig, dataset: str, method: str, requests: Sequence[Any],
-                model: torch.nn.Module, tok: Any, show_progress: bool) -> None:
-    from lmedit.editor import Editor
-    from lmedit.evaluation.evaluator import EvalConfig
-    from lmedit.experiment import make_spec, run_experiment
-    from lmedit.safe_files import file_sha256
+def _run_job(config: KnowEditTableConfig, worker: Any, job: Any, show_progress: bool) -> None:
+    from lmedit.experiment import run_experiment
 
-    if config.model not in list_presets(method):
-        raise ValueError(f"{method} has no preset for {config.model}; add presets/{method}/{config.model}.yaml")
-    data = config.data_file(dataset)
-    editor = Editor(model, tok, method, preset=config.model, overrides=dict(config.overrides.get(method, {})),
-                    eval_config=EvalConfig(batch_size=config.eval_batch_size, suites=("fluency",)),
-                    model_name=config.model)
-    spec = make_spec(editor, requests, protocol="single", seed=config.seed, data=str(data),
-                     data_sha256=file_sha256(data), offset=config.offset, limit=config.limit,
-                     extra={"reproduce": TABLE_NAME})
-    run_experiment(editor, requests, spec, config.folder(dataset, method), show_progress=show_progress)
+    missing = _missing_preset(config, job.method)
+    if missing:
+        raise ValueError(missing)
+    prepared = worker.prepared(job)
+    try:
+        run_experiment(prepared.editor, prepared.requests, prepared.spec, config.out / job.name,
+                       show_progress=show_progress)
+    finally:
+        worker.forget(job)
 
 
 # --------------------------------------------------------------------------- the table

@@ -19,15 +19,7 @@ from lmedit.sweep.plan import SweepError, expand, read_sweep
 WORDS = "france italy germany london paris berlin".split()
 
 
-def _ray():
-    """Ray, or a skip; under LMEDIT_REQUIRE_RAY=1 (CI, which installs the `cluster` extra) a missing Ray fails."""
-    try:
-        import ray
-    except ImportError:
-        if os.environ.get("LMEDIT_REQUIRE_RAY") == "1":
-            pytest.fail("Ray is not installed (LMEDIT_WITH_CLUSTER=1 bash scripts/install.sh)")
-        pytest.skip("Ray is not installed (LMEDIT_WITH_CLUSTER=1 bash scripts/install.sh)")
-    return ray
+from conftest import require_ray as _ray
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +54,11 @@ def test_the_grid_expands_in_a_fixed_order(grid):
     jobs = expand(read_sweep(grid))
     assert [(j.method, j.T) for j in jobs] == [("FT-M", 1), ("FT-M", 2), ("GRACE", 1), ("GRACE", 2)]
     assert len({j.name for j in jobs}) == 4 and all(j.limit == 4 for j in jobs)
+    assert all(j.suites == () for j in jobs)
+    raw = {**yaml.safe_load(grid.read_text()), "suites": ["fluency:max_new_tokens=5"]}
+    with_suite = expand(raw)[0]
+    assert with_suite.suites == ("fluency:max_new_tokens=5",)
+    assert type(with_suite).from_dict(json.loads(json.dumps(with_suite.to_dict()))) == with_suite  # a JSON round trip
 
 
 @pytest.mark.parametrize("change, message", [
@@ -73,6 +70,7 @@ def test_the_grid_expands_in_a_fixed_order(grid):
     ({"data": "/no/such/file.json"}, "/no/such/file.json"),
     ({"protocol": "parallel"}, "unknown protocol 'parallel'"),
     ({"eval_mode": "vibes"}, "unknown eval mode 'vibes'"),
+    ({"suites": ["fluencyy"]}, "suites: .*fluencyy"),
     ({"Tee": [1]}, "unknown key(s) Tee"),
     ({"methods": ["FT-M", "FT-M"]}, "share the run folder"),
 ])
@@ -201,6 +199,22 @@ def test_a_rerun_runs_only_the_unfinished_chunks(grid, serial, local_ray, tmp_pa
     assert sorted(ran) == [(jobs[0].name, 2), (jobs[0].name, 3)]
     for name in expected:
         assert _comparable(got[name])["post"] == _comparable(expected[name])["post"], name
+
+
+def test_a_job_a_worker_cannot_prepare_is_reported_or_stops_the_sweep(grid, local_ray, tmp_path):
+    from lmedit.sweep.engine import run_ray
+
+    jobs = expand(read_sweep(grid))[:2]
+    broken = dataclasses.replace(jobs[1], preset="no-such-preset", folder="broken")
+    with pytest.raises(local_ray.exceptions.RayTaskError, match="no-such-preset"):
+        run_ray([jobs[0], broken], tmp_path / "stopped", workers=2, show_progress=False)
+    assert not (tmp_path / "stopped" / jobs[0].name).exists()  # checked before any folder was touched
+    reported: list[tuple[str, str]] = []
+    got = run_ray([jobs[0], broken], tmp_path / "ray", workers=2, show_progress=False,
+                  on_plan_error=lambda job, error: reported.append((job.name, error)))
+    assert list(got) == [jobs[0].name] and [name for name, _ in reported] == ["broken"]
+    assert "no-such-preset" in reported[0][1]
+    assert [job["name"] for job in json.loads((tmp_path / "ray" / "sweep.json").read_text())["jobs"]] == [jobs[0].name]
 
 
 def test_a_worker_continues_a_chunk_from_the_checkpoint_a_dead_worker_left(grid, tmp_path):

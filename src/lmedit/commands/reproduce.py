@@ -140,6 +140,12 @@ def knowedit_table(
     seed: int = typer.Option(0, help="Seed."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     table_only: bool = typer.Option(False, "--table-only", help="Run nothing: write the table from the run folders already in --out."),
+    preset: Optional[str] = typer.Option(None, help="The methods' hyperparameter presets (default: the one named like --model)."),
+    engine: str = typer.Option("serial", help="serial (one run after another, in this process) or ray (the runs' "
+                                              "edits as Ray tasks on --workers actors, as `lmedit sweep`; the `cluster` extra)."),
+    workers: int = typer.Option(2, help="Ray: worker actors, each holding a loaded model."),
+    address: Optional[str] = typer.Option(None, help="Ray: join this cluster (auto, host:port or ray://host:port)."),
+    threads: Optional[int] = typer.Option(None, help="Ray: torch threads per worker (default: this process's count)."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -147,6 +153,8 @@ def knowedit_table(
     """Single edits of every method on each KnowEdit set; KnowEdit's table beside the published one, and the order."""
     setup_logging(verbose)
     checked_placement(device, dtype)
+    if engine not in ("serial", "ray"):
+        fail(f"--engine must be serial or ray, not {engine!r}")
     if table_only and not out.is_dir():
         fail(f"{out} does not exist; --table-only reads the run folders of an earlier reproduction")
     writable_folder(out, "--out")
@@ -154,7 +162,8 @@ def knowedit_table(
         from lmedit.data.shared import find_shared
         from lmedit.reproduce import ReproduceError
         from lmedit.reproduce_knowedit import (KNOWEDIT_DEFAULT_SETS, KNOWEDIT_TABLE_METHODS, TABLE_NAME,
-                                               KnowEditTableConfig, run_knowedit_table, write_table)
+                                               KnowEditTableConfig, run_knowedit_table, run_knowedit_table_on_ray,
+                                               write_table)
 
         files = parse_named_files(file)
         chosen = tuple(s.strip() for s in sets.split(",") if s.strip()) if sets else (
@@ -163,14 +172,18 @@ def knowedit_table(
             root=root or find_shared("knowedit"), files=files, sets=chosen,
             methods=parse_methods(methods, KNOWEDIT_TABLE_METHODS), out=out, model=model, device=device, dtype=dtype,
             limit=limit, offset=offset, eval_batch_size=eval_batch_size, seed=seed,
-            overrides=parse_method_overrides(set_),
+            overrides=parse_method_overrides(set_), preset=preset,
         )
         if table_only:
             payload = write_table(config)
         else:
             console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} on {', '.join(config.sets)}; "
                           f"{limit} items each", soft_wrap=True)
-            payload = run_knowedit_table(config, show_progress=progress, on_run=_report_knowedit_run)
+            if engine == "ray":
+                payload = run_knowedit_table_on_ray(config, workers=workers, address=address, threads=threads,
+                                                    show_progress=progress, on_run=_report_knowedit_run)
+            else:
+                payload = run_knowedit_table(config, show_progress=progress, on_run=_report_knowedit_run)
     except ReproduceError as exc:
         fail(str(exc))
     except (ValueError, RuntimeError) as exc:

@@ -71,6 +71,10 @@ class ChunkWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def adopt_model(self, name: str, model: Any, tok: Any) -> None:
+        """Use an already loaded model for jobs that name ``name`` (a caller in this process that holds one)."""
+        self._models[name] = (model, tok)
+
     def _model(self, name: str) -> tuple[Any, Any]:
         if name not in self._models:
             from lmedit.models import load_model
@@ -92,7 +96,8 @@ class ChunkWorker:
             data = None if job.data == "demo" else job.data
             requests = load_requests(data, limit=job.limit, offset=job.offset, format=job.data_format)
             model, tok = self._model(job.model)
-            config = EvalConfig(mode=job.eval_mode, batch_size=job.eval_batch_size, suites=required_specs(requests, []))
+            config = EvalConfig(mode=job.eval_mode, batch_size=job.eval_batch_size,
+                                suites=required_specs(requests, job.suites))
             editor = Editor(model, tok, job.method, preset=job.preset, overrides=dict(job.overrides), eval_config=config,
                             model_name=job.model)
             spec = make_spec(editor, requests, protocol=job.protocol, T=job.T, batch_size=job.batch_size, seed=job.seed,
@@ -102,6 +107,10 @@ class ChunkWorker:
             chunks = check_run(session, requests, spec)
             self._jobs[job.name] = PreparedJob(editor, session, requests, spec, chunks, {})
         return self._jobs[job.name]
+
+    def forget(self, job: Job) -> None:
+        """Drop a finished job's editor and session (a long serial plan need not keep them all)."""
+        self._jobs.pop(job.name, None)
 
     def plan(self, job_dict: Mapping[str, Any]) -> dict[str, Any]:
         """The job's spec (for config.json) and chunk plan, for the driver."""
@@ -232,11 +241,14 @@ def start_ray(workers: int, address: str | None) -> Any:
 def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str | None = None, device: str = "cpu",
             dtype: str = "float32", threads: int | None = None, max_retries: int = 3, show_progress: bool = True,
             on_chunk: Callable[[Job, int, dict[str, Any]], None] | None = None,
-            on_plan: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            on_plan: Callable[[int, int], None] | None = None,
+            on_plan_error: Callable[[Job, str], None] | None = None) -> dict[str, Any]:
     """Every unfinished chunk of every job as a task on ``workers`` Ray actors; returns the summaries.
 
     ``on_chunk(job, chunk, result)`` is called as each chunk is written; ``on_plan(written, total)``
     once the folders are read, with the chunks already written by an earlier run and all of them.
+    A job that cannot be prepared (no preset, an untrained checkpoint) stops the sweep before any folder is
+    touched, unless ``on_plan_error(job, message)`` is given: then that job is reported to it and left out.
     """
     from lmedit.checkpoint import CHECKPOINTS_DIR, ChunkCheckpoints
     from lmedit.progress import progress_bar
@@ -251,9 +263,17 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
     actors = [actor_class.remote(device, dtype, per_worker) for _ in range(workers)]
     states: dict[str, JobState] = {}
     with contextlib.ExitStack() as held:
-        plans = ray.get([actors[i % workers].plan.remote(job.to_dict()) for i, job in enumerate(jobs)])
-        for job, plan in zip(jobs, plans):  # every job is checked (on a worker) before any folder is touched
+        refs = [actors[i % workers].plan.remote(job.to_dict()) for i, job in enumerate(jobs)]
+        for job, ref in zip(jobs, refs):  # every job is checked (on a worker) before any folder is touched
+            try:
+                plan = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                if on_plan_error is None:
+                    raise
+                on_plan_error(job, str(getattr(exc, "cause", None) or exc))
+                continue
             states[job.name] = JobState(job, root / job.name, plan["spec"], plan["chunks"], [])
+        jobs = [job for job in jobs if job.name in states]
         write_plan(root, jobs, "ray", {name: len(s.chunks) for name, s in states.items()})
         for state in states.values():
             held.enter_context(hold_run_folder(state.folder))

@@ -14,6 +14,7 @@ the same folder ``lmedit run`` writes for the same settings.
     T: [1, 10]
     seeds: [0]
     eval_mode: teacher                 # or eval_modes: [...]; generation_scored methods add generation with `auto`
+    suites: [fluency]                  # metric suites, as `lmedit run --suite` (those the data needs are added)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 KEYS = {"model", "models", "data", "methods", "protocol", "protocols", "T", "batch_size", "seed", "seeds",
-        "eval_mode", "eval_modes", "eval_batch_size", "out"}
+        "eval_mode", "eval_modes", "eval_batch_size", "suites", "out"}
 DATA_KEYS = {"path", "offset", "limit", "format"}
 METHOD_KEYS = {"name", "preset", "set", "label"}
 PROTOCOLS = ("single", "batch", "sequential")
@@ -59,6 +60,11 @@ class Job:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     label: str = ""
     folder: str = ""
+    suites: tuple[str, ...] = ()
+    """Metric suites asked for (``lmedit run --suite``); the worker adds those the data needs, as ``run`` does."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "suites", tuple(self.suites))  # a list after a JSON or Ray round trip
 
     @property
     def name(self) -> str:
@@ -139,6 +145,7 @@ def expand(raw: Mapping[str, Any], *, check_models: bool = True) -> list[Job]:
     modes = [str(m) for m in _pick(raw, "eval_mode", "eval_modes", "teacher")]
     batch_size = int(raw.get("batch_size", 1))
     eval_batch_size = int(raw.get("eval_batch_size", 128))
+    suites = _suites(raw.get("suites", []))
     for protocol in protocols:
         if protocol not in PROTOCOLS:
             raise SweepError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -159,7 +166,7 @@ def expand(raw: Mapping[str, Any], *, check_models: bool = True) -> list[Job]:
                         T=int(T) if T is not None else None, batch_size=batch_size, seed=seed,
                         eval_mode=_eval_mode(method, mode), eval_batch_size=eval_batch_size, offset=d["offset"],
                         limit=d["limit"], data_format=d["format"], preset=_preset(method, preset, model),
-                        overrides=overrides, label=label))
+                        overrides=overrides, label=label, suites=suites))
     varying = [axis for axis, values in (("model", models), ("data", data), ("protocol", protocols), ("T", T_values),
                                          ("seed", seeds), ("eval_mode", modes)) if len(values) > 1]
     jobs = [dataclasses.replace(job, folder=folder_name(job, varying)) for job in jobs]
@@ -188,6 +195,17 @@ def folder_name(job: Job, axes: Sequence[str]) -> str:
         elif axis == "eval_mode":
             parts.append(job.eval_mode)
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", "-".join(parts))
+
+
+def _suites(value: Any) -> tuple[str, ...]:
+    from lmedit.evaluation.suites import build_suites
+
+    suites = tuple(str(s) for s in _as_list(value))
+    try:
+        build_suites(suites)
+    except ValueError as exc:
+        raise SweepError(f"suites: {exc}") from None
+    return suites
 
 
 def _method_entry(entry: Any) -> tuple[str, str | None, dict[str, Any], str]:
