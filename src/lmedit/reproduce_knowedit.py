@@ -94,7 +94,7 @@ class KnowEditOutcome:
     method: str
     folder: Path
     status: str  # "done" (already finished), "ran", "failed"
-    seconds: float = 0.0
+    seconds: float = 0.0  # serially the run's wall time; on Ray its work (edits, scoring, capture), as runs overlap
     error: str | None = None
 
 
@@ -147,6 +147,7 @@ def run_knowedit_table_on_ray(
     Each worker loads the model once; the run folders, their records and summaries are the ones the serial path
     writes (the same jobs, so either path resumes the other's folders). The table is rewritten as each run ends.
     """
+    from lmedit.reports.knowedit import run_cost
     from lmedit.runner import SUMMARY_FILE
     from lmedit.sweep.engine import run_ray
 
@@ -169,8 +170,9 @@ def run_knowedit_table_on_ray(
 
     def settle(job: Any, error: str | None) -> None:
         dataset, method = cells.pop(job.name)
-        outcome = KnowEditOutcome(dataset, method, config.folder(dataset, method), "failed" if error else "ran",
-                                  error=error)
+        folder = config.folder(dataset, method)
+        minutes = None if error else run_cost(json.loads((folder / SUMMARY_FILE).read_text()))["work_minutes"]
+        outcome = KnowEditOutcome(dataset, method, folder, "failed" if error else "ran", (minutes or 0.0) * 60, error)
         outcomes.append(outcome)
         if on_run:
             on_run(outcome)

@@ -231,8 +231,9 @@ def start_ray(workers: int, address: str | None) -> Any:
     try:
         if address:
             ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=max(workers, os.cpu_count() or 1), **options)
+        else:  # workers at this process's niceness: Ray's default of 15 starves them beside any busy process
+            ray.init(num_cpus=max(workers, os.cpu_count() or 1), _system_config={"worker_niceness": os.nice(0)},
+                     **options)
     except ConnectionError as exc:
         raise SweepError(f"cannot join the Ray cluster at {address}: {exc}") from None
     return ray
