@@ -144,6 +144,8 @@ CASES = [
          "--max-memory", "not a size"),
     case("max-memory-below-the-weights", "stats --model {model} --layers 1 --max-memory 1KiB --cache-dir {ws}/cache",
          "--max-memory 1KiB", "weights"),
+    case("max-memory-run-below-the-weights", "run --model {model} --max-memory 1KiB --out {ws}/out",
+         "--max-memory 1KiB", "weights"),
     case("corpus-dir-missing", "stats --model {model} --layers 1 --corpus {ws}/no-corpus --cache-dir {ws}/cache",
          "no-corpus"),
     # ---------------------------------------------------------------- output folders

@@ -73,6 +73,7 @@ def run(
     retention_data: Optional[Path] = typer.Option(None, help="Draw the held-out probes from this file instead (a run that edits a whole file leaves no records after it); edited prompts are left out."),
     seed: int = typer.Option(0, help="Seed; chunk c uses seed + c."),
     checkpoint_minutes: float = typer.Option(15.0, help="A sequential chunk writes its state this often while it edits, and a rerun continues it from there; 0: never."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 16GiB: a model whose weights do not fit is refused before loading, and the key statistics a method computes shrink their batches to fit."),
     out: Optional[Path] = typer.Option(None, help="Run folder (resumes if it holds the same run); default runs/<time>-<method>."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
@@ -101,6 +102,9 @@ def run(
     created = first_missing(folder)  # what a run that fails before its first record must not leave behind
     try:
         ensure_run_folder_free(folder)  # another process's run: stop before loading anything
+        from lmedit.limits import budget_before_loading, set_memory_budget
+
+        budget = budget_before_loading(max_memory, model, dtype) if max_memory else None
         requests = load_requests(data, limit=limit, offset=offset, format=data_format)
         if not requests:
             fail(empty_selection_reason(data, limit=limit, offset=offset))
@@ -114,6 +118,7 @@ def run(
                               EvalConfig(mode=eval_mode, batch_size=eval_batch_size, use_chat_template=chat_template,
                                          max_batch_tokens=eval_max_tokens, packing=packing,
                                          suites=required_specs(requests, suite)), trust_remote_code, device, dtype)
+        set_memory_budget(editor.model, budget)
         spec = make_spec(editor, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
                          data=str(data) if data else "demo", data_sha256=file_sha256(data) if data else None,
                          offset=offset, limit=limit)

@@ -225,3 +225,48 @@ def statistics_batch_tokens(model: Any, modules_in: Sequence[int], budget: int, 
             f"about {size(weights + sums + sample_length * per_token)} in all; raise --max-memory, compute fewer "
             "layers per call, or use a shorter --sample-length")
     return min(requested, fits)
+
+
+def budget_before_loading(max_memory: str, model: str, dtype: str) -> int:
+    """``--max-memory`` in bytes; a model whose weights alone exceed it is refused before anything loads."""
+    from lmedit.devices import dtype_of
+    from lmedit.models import resolve_model_path
+
+    budget = parse_memory(max_memory)
+    weights = weights_bytes_on_disk(resolve_model_path(model), dtype_of(dtype))
+    if weights is not None and weights > budget:
+        raise MemoryLimitError(f"--max-memory {max_memory}: the weights of {model} in {dtype} alone take {size(weights)}; "
+                               "raise --max-memory or load in a smaller --dtype (bfloat16 halves float32)")
+    return budget
+
+
+_BUDGET_OWNER = "memory-budget"
+
+
+def set_memory_budget(model: Any, budget: int | None) -> None:
+    """Hold the work on ``model`` to ``budget`` bytes (None: no budget); statistics passes shrink their batches to fit."""
+    from lmedit import model_state
+
+    if budget is None:
+        model_state.drop(model, _BUDGET_OWNER)
+    else:
+        model_state.put(model, _BUDGET_OWNER, int(budget))
+
+
+def memory_budget(model: Any) -> int | None:
+    """The budget :func:`set_memory_budget` gave ``model``, if any."""
+    from lmedit import model_state
+
+    return model_state.slot(model, _BUDGET_OWNER)
+
+
+def fitted_batch_tokens(model: Any, modules_in: Sequence[int], requested: int, sample_length: int) -> int:
+    """``requested`` tokens per statistics pass, or fewer when the model's memory budget needs it (logged)."""
+    budget = memory_budget(model)
+    if budget is None:
+        return requested
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    fitted = statistics_batch_tokens(model, modules_in, budget, requested, sample_length, weights)
+    if fitted < requested:
+        LOG.info("--max-memory %s: %d tokens per statistics pass instead of %d", size(budget), fitted, requested)
+    return fitted

@@ -179,7 +179,7 @@ def run_knowedit_table_on_ray(
         write_table(config, outcomes)
 
     def chunk_written(job: Any, _chunk: int, _result: dict[str, Any]) -> None:
-        if job.name in cells and (config.out / job.name / SUMMARY_FILE).is_file():
+        if job.name in cells and run_finished(config.out / job.name):
             settle(job, None)
 
     if todo:
@@ -206,13 +206,16 @@ def table_jobs(config: KnowEditTableConfig) -> list[tuple[str, str, Any]]:
 
 
 def _check_requests(config: KnowEditTableConfig) -> None:
+    """Every dataset has requests at the offset (else nothing runs); then the plan is written to the output folder."""
     from lmedit.data import load_requests
 
+    sizes = {}
     for dataset in config.sets:
-        if not load_requests(config.data_file(dataset), limit=config.limit, offset=config.offset):
+        sizes[dataset] = len(load_requests(config.data_file(dataset), limit=config.limit, offset=config.offset))
+        if not sizes[dataset]:
             raise ReproduceError(f"no requests in {config.data_file(dataset)} at offset {config.offset}")
     config.out.mkdir(parents=True, exist_ok=True)
-    _write_plan(config)
+    _write_plan(config, sizes)
 
 
 def _missing_preset(config: KnowEditTableConfig, method: str) -> str | None:
@@ -222,9 +225,10 @@ def _missing_preset(config: KnowEditTableConfig, method: str) -> str | None:
     return f"{method} has no preset {preset}; add presets/{method}/{preset}.yaml"
 
 
-def _write_plan(config: KnowEditTableConfig) -> None:
+def _write_plan(config: KnowEditTableConfig, sizes: dict[str, int]) -> None:
     plan = {"table": TABLE_NAME, "model": config.model, "preset": config.preset or config.model,
             "methods": list(config.methods), "data": {d: str(config.data_file(d)) for d in config.sets},
+            "n_requests": sizes,
             "limit": config.limit, "offset": config.offset, "protocol": "single", "suites": ["fluency"]}
     (config.out / "reproduce.json").write_text(json.dumps(plan, indent=2))
 

@@ -302,3 +302,21 @@ def test_cached_statistics_are_reused_where_their_corpus_is_absent(tiny_llama, w
                     progress=False)
     with pytest.raises(Exception, match="'mini' not found"):  # a layer never computed
         layer_stats(tiny_llama, word_tok, [2], config, cache_dir=cache, progress=False)
+
+
+def test_a_memory_budget_shrinks_the_pass_and_leaves_the_statistic(tiny_llama, word_tok, corpus, cache):
+    from lmedit.limits import activation_bytes_per_token, set_memory_budget
+
+    reference = layer_stats(build_tiny_llama(len(word_tok)), word_tok, [1], _config(corpus), cache_dir=cache / "a",
+                            progress=False)[1]
+    weights = sum(p.numel() * p.element_size() for p in tiny_llama.parameters())
+    sums = 8 * (64 * 64 + 64)  # the float64 sum and mean of the 64-wide down-projection input
+    set_memory_budget(tiny_llama, weights + sums + 100 * activation_bytes_per_token(tiny_llama))
+    stats_mod._MEMORY.clear()  # the same weights: computed again, not served from this process's cache
+    try:
+        found = layer_stats(tiny_llama, word_tok, [1], _config(corpus), cache_dir=cache / "b", progress=False)[1]
+    finally:
+        set_memory_budget(tiny_llama, None)
+    assert found.meta["batch_tokens"] == 100  # 256 asked; 100 tokens of activations fit
+    assert torch.allclose(found.mom2, reference.mom2, rtol=1e-5, atol=1e-12)  # other batches round differently
+    assert found.tokens == reference.tokens

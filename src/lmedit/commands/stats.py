@@ -76,7 +76,9 @@ def stats_command(
         from lmedit.locate.corpus import resolve_corpus
 
         config = StatsConfig(corpus=corpus, n_samples=n_samples, sample_length=sample_length, batch_tokens=batch_tokens)
-        budget = _budget_before_loading(max_memory, model, dtype) if max_memory else None
+        from lmedit.limits import budget_before_loading, set_memory_budget
+
+        budget = budget_before_loading(max_memory, model, dtype) if max_memory else None
         resolve_corpus(config.corpus)  # fail before spending time on the model
         start = time.perf_counter()
         with console.status(f"loading {model}..."):
@@ -84,43 +86,13 @@ def stats_command(
 
             loaded, tok = load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
         load_seconds = time.perf_counter() - start
-        if budget is not None:
-            config = _fit_batch(loaded, chosen, config, budget)
+        set_memory_budget(loaded, budget)  # the pass shrinks its batches to fit (logged)
         start = time.perf_counter()
         found = layer_stats(loaded, tok, chosen, config, progress=progress, cache_dir=cache_dir)
         total = time.perf_counter() - start
     except (ValueError, RuntimeError, OSError, IndexError) as exc:
         fail(str(exc))
     _print_stats(found, model, config, total, load_seconds)
-
-
-def _budget_before_loading(max_memory: str, model: str, dtype: str) -> int:
-    """The budget in bytes; a model folder whose weights alone exceed it is refused before anything loads."""
-    from lmedit.devices import dtype_of
-    from lmedit.limits import MemoryLimitError, parse_memory, size, weights_bytes_on_disk
-    from lmedit.models import resolve_model_path
-
-    budget = parse_memory(max_memory)
-    weights = weights_bytes_on_disk(resolve_model_path(model), dtype_of(dtype))
-    if weights is not None and weights > budget:
-        raise MemoryLimitError(f"--max-memory {max_memory}: the weights of {model} in {dtype} alone take {size(weights)}; "
-                               "raise --max-memory or load in a smaller --dtype (bfloat16 halves float32)")
-    return budget
-
-
-def _fit_batch(model: Any, layers: list[int], config: Any, budget: int) -> Any:
-    """``config`` with the largest --batch-tokens that keeps the pass within ``budget`` (logged when it shrank)."""
-    import dataclasses
-
-    from lmedit.limits import statistics_batch_tokens
-    from lmedit.spec import ModelSpec
-
-    widths = [ModelSpec.from_model(model).intermediate_size] * len(layers)  # the down-projection's input, per layer
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    fitted = statistics_batch_tokens(model, widths, budget, config.batch_tokens, config.sample_length, weights)
-    if fitted < config.batch_tokens:
-        console.print(f"--max-memory: {fitted:,} tokens per pass instead of {config.batch_tokens:,}")
-    return dataclasses.replace(config, batch_tokens=fitted)
 
 
 def top_eigenvalue(matrix: Any, iterations: int = 300) -> float:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +37,11 @@ from torch import nn
 
 from lmedit import model_state
 from lmedit.forward.tokens import context_length
+from lmedit.limits import fitted_batch_tokens
 from lmedit.locate.corpus import Corpus, CorpusError, batch_samples, resolve_corpus, tokenize_samples
 from lmedit.progress import progress_bar
 from lmedit.safe_files import file_sha256
-from lmedit.spec import ModelSpec, get_module
+from lmedit.spec import ModelSpec, get_module, in_out_features
 
 LOG = logging.getLogger(__name__)
 
@@ -580,6 +582,11 @@ def _compute(
                          f"use StatsConfig(sample_length<={limit})")
     dtype = _DTYPES[config.dtype]
     names = sorted(set(missing.values()))
+    fitted = fitted_batch_tokens(model, [in_out_features(get_module(model, n))[0] for n in names],
+                                 config.batch_tokens, config.sample_length)  # a --max-memory budget may shrink it
+    if fitted != config.batch_tokens:  # not part of the cache key: the statistics are the same
+        config = dataclasses.replace(config, batch_tokens=fitted)
+        plan = dataclasses.replace(plan, config=config)
     group = plan.group_fields(names)
     partial = plan.partial_path(names)
     fresh = _fresh_accumulator(model, {i: n for i, n in enumerate(names)}, dtype)

@@ -312,10 +312,10 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
                 state.memory = _larger(state.memory, result["memory"])
                 free.append(actor)
                 advance(1)
-                if on_chunk:
-                    on_chunk(state.job, chunk, result)
                 if state.finished():
                     _write_summary(state)
+                if on_chunk:  # after the summary, so a job's last chunk finds its summary complete
+                    on_chunk(state.job, chunk, result)
     return {name: json.loads((s.folder / "summary.json").read_text()) for name, s in states.items()}
 
 
