@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch
 from typer.testing import CliRunner
 
 from lmedit.cli import app
