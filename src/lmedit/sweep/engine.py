@@ -232,7 +232,8 @@ def start_ray(workers: int, address: str | None) -> Any:
         if address:
             ray.init(address=address, **options)
         else:  # workers at this process's niceness: Ray's default of 15 starves them beside any busy process
-            ray.init(num_cpus=max(workers, os.cpu_count() or 1), _system_config={"worker_niceness": os.nice(0)},
+            niceness = os.nice(0) if hasattr(os, "nice") else 0
+            ray.init(num_cpus=max(workers, os.cpu_count() or 1), _system_config={"worker_niceness": niceness},
                      **options)
     except ConnectionError as exc:
         raise SweepError(f"cannot join the Ray cluster at {address}: {exc}") from None
