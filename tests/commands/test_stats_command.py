@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import WORDS, build_tiny_llama, build_word_tokenizer
@@ -91,3 +92,17 @@ def test_errors_exit_with_code_2_and_a_message(tiny_folder, tmp_path):
     assert no_layers.exit_code == 2 and "--layers" in _flat(no_layers.output)
     bad_layers = runner.invoke(app, ["stats", "--model", str(tiny_folder), "--layers", "x"])
     assert bad_layers.exit_code == 2 and "cannot read layers" in _flat(bad_layers.output)
+
+
+def test_max_memory_shrinks_the_pass_and_says_so(tiny_folder, corpus):
+    from lmedit.limits import activation_bytes_per_token, size, weights_bytes_on_disk
+    from lmedit.models import load_model
+
+    model, _ = load_model(str(tiny_folder))
+    weights = weights_bytes_on_disk(tiny_folder, torch.float32)
+    budget = weights + 2 * 8 * (64 * 64 + 64) + 40 * activation_bytes_per_token(model)  # two layers' sums, 40 tokens
+    args = ["stats", "--model", str(tiny_folder), "--layers", "0-1", "--corpus", str(corpus), "--n-samples", "3",
+            "--sample-length", "16", "--batch-tokens", "64", "--max-memory", str(budget), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "--max-memory: 40 tokens per pass instead of 64" in result.output, size(budget)

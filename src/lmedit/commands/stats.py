@@ -92,6 +92,9 @@ def stats_command(
         total = time.perf_counter() - start
     except (ValueError, RuntimeError, OSError, IndexError) as exc:
         fail(str(exc))
+    passes = [s.meta.get("batch_tokens") for s in found.values() if s.source == "computed"]
+    if budget is not None and passes and min(passes) < batch_tokens:
+        console.print(f"--max-memory: {min(passes):,} tokens per pass instead of {batch_tokens:,}")
     _print_stats(found, model, config, total, load_seconds)
 
 
