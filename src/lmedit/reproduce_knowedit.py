@@ -168,8 +168,8 @@ def run_knowedit_table_on_ray(
             on_run(outcome)
     cells = {job.name: (dataset, method) for dataset, method, job in todo}
 
-    def settle(job: Any, error: str | None) -> None:
-        dataset, method = cells.pop(job.name)
+    def settle(name: str, error: str | None) -> None:
+        dataset, method = cells.pop(name)
         folder = config.folder(dataset, method)
         minutes = None if error else run_cost(json.loads((folder / SUMMARY_FILE).read_text()))["work_minutes"]
         outcome = KnowEditOutcome(dataset, method, folder, "failed" if error else "ran", (minutes or 0.0) * 60, error)
@@ -180,14 +180,14 @@ def run_knowedit_table_on_ray(
 
     def chunk_written(job: Any, _chunk: int, _result: dict[str, Any]) -> None:
         if job.name in cells and run_finished(config.out / job.name):
-            settle(job, None)
+            settle(job.name, None)
 
     if todo:
         run_ray([job for *_, job in todo], config.out, workers=workers, address=address, device=config.device,
                 dtype=config.dtype, threads=threads, show_progress=show_progress, on_chunk=chunk_written,
-                on_plan_error=lambda job, error: settle(job, error))
+                on_plan_error=lambda job, error: settle(job.name, error))
     for name in list(cells):  # runs whose chunks were all written before (their summary was rewritten)
-        settle(next(job for *_, job in todo if job.name == name), None)
+        settle(name, None)
     return write_table(config, outcomes)
 
 
