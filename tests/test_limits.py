@@ -171,3 +171,22 @@ def test_weights_on_disk_are_counted_in_the_dtype_they_will_load_in(tmp_path, ti
     assert weights_bytes_on_disk(tmp_path / "m", torch.float32) == 4 * count
     assert weights_bytes_on_disk(tmp_path / "m", torch.bfloat16) == 2 * count
     assert weights_bytes_on_disk(tmp_path / "nothing", torch.float32) is None
+
+
+def test_evaluation_and_kept_edits_are_held_to_the_memory_budget(tiny_llama, word_tok, monkeypatch) -> None:
+    """Free memory is plenty, but --max-memory leaves room for 1,000 tokens per pass beside the weights."""
+    monkeypatch.setattr(limits, "available_memory", lambda device: 10**15)
+    weights = sum(p.numel() * p.element_size() for p in tiny_llama.parameters())
+    per_token = limits.activation_bytes_per_token(tiny_llama)
+    limits.set_memory_budget(tiny_llama, weights + 1000 * per_token)
+    try:
+        assert limits.room_for_work(tiny_llama)[0] == 1000 * per_token
+        with pytest.raises(limits.MemoryLimitError, match=r"left under --max-memory .* use --eval-max-tokens 900\b"):
+            limits.check_eval_memory_for(tiny_llama, word_tok, EvalConfig(max_batch_tokens=2048), FACTS)
+        limits.check_eval_memory_for(tiny_llama, word_tok, EvalConfig(max_batch_tokens=800), FACTS)
+        with pytest.raises(limits.MemoryLimitError, match="left under --max-memory"):
+            limits.check_state_memory("WISE", 10**12, 10, tiny_llama, what="memories", fix="lower it")
+    finally:
+        limits.set_memory_budget(tiny_llama, None)
+    assert limits.room_for_work(tiny_llama) == (10**15, "free")
+    limits.check_eval_memory_for(tiny_llama, word_tok, EvalConfig(max_batch_tokens=2048), FACTS)

@@ -111,7 +111,7 @@ def check_eval_memory(model: Any, config: Any, prompts: int, longest_tokens: int
     memory under teacher forcing (``--eval-max-tokens`` caps every pass), but
     it sets the rows of a generation batch.
     """
-    free = available_memory(model_device(model))
+    free, where = room_for_work(model)
     if free is None:
         return
     budget = _HEADROOM * free
@@ -120,7 +120,7 @@ def check_eval_memory(model: Any, config: Any, prompts: int, longest_tokens: int
         fits = max(int(budget // activation_bytes_per_token(model)), 1)
         raise MemoryLimitError(
             f"--eval-max-tokens {config.max_batch_tokens:,}: one evaluation pass would need about "
-            f"{size(needed)}, more than the {size(free)} free; use --eval-max-tokens "
+            f"{size(needed)}, more than the {size(free)} {where}; use --eval-max-tokens "
             f"{min(fits, 2048):,} or less (the default, 2048, needs about {size(teacher_pass_bytes(model, 2048))})")
     if not config.generate:
         return
@@ -131,7 +131,7 @@ def check_eval_memory(model: Any, config: Any, prompts: int, longest_tokens: int
         raise MemoryLimitError(
             f"--eval-batch-size {config.batch_size:,} with generation: a batch of {rows:,} prompts of up to "
             f"{longest_tokens:,} tokens would need about {size(needed)} (logits at every prompt position), "
-            f"more than the {size(free)} free; use --eval-batch-size {fits:,} or less")
+            f"more than the {size(free)} {where}; use --eval-batch-size {fits:,} or less")
 
 
 _KEPT_OVERHEAD = 1.5
@@ -144,16 +144,16 @@ def check_state_memory(method: str, kept: int, edits: int, model: Any, *, what: 
     needed = int(kept * _KEPT_OVERHEAD)
     if needed <= 0 or edits < 1:
         return
-    free = available_memory(model_device(model))
+    free, where = room_for_work(model)
     if free is None:
         return
     if needed <= _HEADROOM * free:
-        LOG.debug("%s keeps about %.1f MiB for %d edits (%.1f GiB free)", method, needed / MiB, edits, free / GiB)
+        LOG.debug("%s keeps about %.1f MiB for %d edits (%.1f GiB %s)", method, needed / MiB, edits, free / GiB, where)
         return
     fits = int(_HEADROOM * free // (needed / edits))
     raise MemoryLimitError(
         f"{method} keeps {what}: {edits:,} edits in one chunk would need about {size(needed)}, more than the "
-        f"{size(free)} free; edit at most about {fits:,} in one chunk (lower --T) or {fix}")
+        f"{size(free)} {where}; edit at most about {fits:,} in one chunk (lower --T) or {fix}")
 
 
 def check_eval_memory_for(model: Any, tok: Any, config: Any, requests: Sequence[Any]) -> None:
@@ -260,13 +260,33 @@ def memory_budget(model: Any) -> int | None:
     return model_state.slot(model, _BUDGET_OWNER)
 
 
+def room_for_work(model: Any) -> tuple[int | None, str]:
+    """Bytes left for activations and kept tensors, and how to name them in an error.
+
+    The device's free memory; under a ``--max-memory`` budget no more than the
+    budget less the weights, so evaluation and kept edits are held to it as the
+    statistics passes are. None when neither can be told (nothing is refused).
+    """
+    free = available_memory(model_device(model))
+    budget = memory_budget(model)
+    if budget is None:
+        return free, "free"
+    left = max(budget - _weights_bytes(model), 0)
+    if free is not None and free < left:
+        return free, "free"
+    return left, f"left under --max-memory {size(budget)} once the weights are loaded"
+
+
+def _weights_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def fitted_batch_tokens(model: Any, modules_in: Sequence[int], requested: int, sample_length: int) -> int:
     """``requested`` tokens per statistics pass, or fewer when the model's memory budget needs it (logged)."""
     budget = memory_budget(model)
     if budget is None:
         return requested
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    fitted = statistics_batch_tokens(model, modules_in, budget, requested, sample_length, weights)
+    fitted = statistics_batch_tokens(model, modules_in, budget, requested, sample_length, _weights_bytes(model))
     if fitted < requested:
         LOG.info("--max-memory %s: %d tokens per statistics pass instead of %d", size(budget), fitted, requested)
     return fitted
