@@ -140,3 +140,24 @@ def test_the_unedited_model_decodes_with_the_cache_even_for_uncached_methods(tin
     editor.evaluator.score(tiny_llama, REQUESTS[:1], pre)
     assert used[-1] is False
     handle.restore()
+
+
+def test_complete_chunks_written_out_of_order_are_kept_without_a_warning(tmp_path, caplog):
+    """Ray writes chunks as they finish (2, then 0); an interrupted chunk 1 is the only thing dropped."""
+    from lmedit.protocols import plan_chunks
+    from lmedit.runner import _keep_complete_chunks
+
+    path = tmp_path / "results.jsonl"
+    lines = [{"chunk": 2, "index": 4}, {"chunk": 2, "index": 5}, {"chunk": 0, "index": 0}, {"chunk": 0, "index": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    chunks = plan_chunks(6, "sequential", T=2)
+    with caplog.at_level("WARNING"):
+        assert _keep_complete_chunks(path, chunks) == {0, 2}
+    assert "dropping" not in caplog.text
+    assert [r["index"] for r in read_records(path)] == [0, 1, 4, 5]
+    with path.open("a") as handle:
+        handle.write(json.dumps({"chunk": 1, "index": 2}) + "\n")
+    with caplog.at_level("WARNING"):
+        assert _keep_complete_chunks(path, chunks) == {0, 2}
+    assert "dropping 1 record line(s)" in caplog.text
+    assert len(path.read_text().splitlines()) == 4

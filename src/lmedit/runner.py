@@ -221,7 +221,8 @@ def _keep_complete_chunks(path: Path, chunks: Sequence[Chunk]) -> set[int]:
     """The chunks whose every request has a record; rewrite ``path`` (atomically) to hold exactly those.
 
     A kill while a chunk's records were appended can leave some of them, or a
-    torn last line: both are dropped, and the chunk counts as not done.
+    torn last line: both are dropped, and the chunk counts as not done. Complete
+    chunks written out of order (Ray finishes them so) are only put in request order.
     """
     records = read_records(path)
     present: dict[int, set[int]] = defaultdict(set)
@@ -234,7 +235,8 @@ def _keep_complete_chunks(path: Path, chunks: Sequence[Chunk]) -> set[int]:
     current = path.read_text() if path.is_file() else ""
     if current != canonical:
         dropped = len(current.splitlines()) - len(kept)
-        LOG.warning("%s: dropping %d record line(s) of interrupted chunks; those chunks run again", path, dropped)
+        if dropped:
+            LOG.warning("%s: dropping %d record line(s) of interrupted chunks; those chunks run again", path, dropped)
         atomic_write_text(path, canonical)
     return done
 
