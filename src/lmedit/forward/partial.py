@@ -3,8 +3,9 @@
 An edit that trains something at block L (a value vector at ROME's MLP
 output, an adapter's memory, GRACE's codebook value) leaves every block below
 L untouched, so their output is the same at every step of its loop. One full
-pass records the input of block L (and the extra arguments the model hands
-its blocks: position embeddings, attention mask); each later step then runs
+pass records the input of block L and the extra arguments the model hands
+each block from L up (position embeddings, attention mask: per block, since
+Gemma 2/3 give sliding-window layers their own); each later step then runs
 only blocks L.. and the final norm and LM head at the positions read. The
 shortcut is checked against the full forward once and refused (``None``) if
 the two differ, for a model that does something between its blocks that this
@@ -14,7 +15,7 @@ misses.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -28,31 +29,50 @@ from lmedit.spec import ModelSpec, get_module
 
 @dataclass
 class _BlockInput:
+    """What the rerun blocks receive: block ``first``'s hidden states and, per block, its other arguments.
+
+    The other arguments are recorded for every block, not only the first: a
+    model may hand its layers different ones (Gemma 2/3 give sliding-window
+    layers their own attention mask and rotary embeddings).
+    """
+
     hidden: torch.Tensor | None = None
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] | None = None
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.hidden is not None and len(self.calls) > 0
 
 
 @contextmanager
 def _recording_block_input(model: nn.Module, spec: ModelSpec, first: int) -> Iterator[_BlockInput]:
-    """What block ``first`` receives (hidden states, other arguments) in the forward pass run inside this block."""
+    """What blocks ``first``.. receive (hidden states of the first, every block's other arguments) in the
+    forward pass run inside this block."""
     captured = _BlockInput()
+    blocks = list(get_module(model, spec.layers_path))[first:]
 
-    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.hidden = args[0].detach()
-        captured.args = args[1:]
-        captured.kwargs = dict(kwargs)
+    def grab(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if index == 0:
+                captured.hidden = args[0].detach()
+                captured.calls.clear()
+            if len(captured.calls) == index:
+                captured.calls.append((args[1:], dict(kwargs)))
+        return hook
 
-    hook = get_module(model, spec.layers_path)[first].register_forward_pre_hook(grab, with_kwargs=True)
+    hooks = [block.register_forward_pre_hook(grab(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         yield captured
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+        if len(captured.calls) != len(blocks):
+            captured.hidden = None  # a block was skipped or called twice: nothing safe to replay
 
 
-def _run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> torch.Tensor:
-    for block in blocks:
+def _run_blocks(blocks: Sequence[nn.Module], hidden: torch.Tensor,
+                calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> torch.Tensor:
+    for block, (args, kwargs) in zip(blocks, calls):
         out = block(hidden, *args, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
     return hidden
@@ -75,7 +95,7 @@ class UpperForward:
         """Record block ``first``'s input in one full pass; ``None`` if the shortcut does not reproduce it."""
         with _recording_block_input(model, spec, first) as captured, torch.no_grad():
             reference, _ = forward_reading(model, read, use_cache=False, **model_inputs)
-        if captured.hidden is None or captured.kwargs is None:
+        if not captured.complete:
             return None
         return _agreeing(cls(model, spec, first, captured, read), reference)
 
@@ -90,7 +110,7 @@ class UpperForward:
 
     def run_blocks(self, count: int) -> torch.Tensor:
         """The hidden states after the first ``count`` of the rerun blocks (for a loop that reads only inside them)."""
-        return _run_blocks(self.blocks[:count], self.captured.hidden, self.captured.args, self.captured.kwargs or {})
+        return _run_blocks(self.blocks[:count], self.captured.hidden, self.captured.calls[:count])
 
 
 def block_of(spec: ModelSpec, module_path: str) -> int | None:
@@ -208,26 +228,35 @@ class _SuffixFromBlock:
         cache = build_cache(model, suffix.kv)
         with _recording_block_input(model, spec, first) as captured, torch.no_grad():
             model(**suffix.inputs, use_cache=True, **{cache_keyword(model): cache})
-        if captured.hidden is None or captured.kwargs is None:
+        if not captured.complete:
             return None
-        # where the blocks get the cache: a keyword (Llama) or a positional argument (GPT-2)
-        places: list[int | str] = [i for i, value in enumerate(captured.args) if value is cache]
-        places += [key for key, value in captured.kwargs.items() if value is cache]
-        if len(places) != 1:
+        # where the blocks get the cache: a keyword (Llama) or a positional argument (GPT-2), the same in every block
+        places = {_cache_places(args, kwargs, cache) for args, kwargs in captured.calls}
+        if len(places) != 1 or len(next(iter(places))) != 1:
             return None  # no single cache argument to refresh per step
         return cls(suffix, list(get_module(model, spec.layers_path))[first:], get_module(model, spec.final_norm_path),
-                   get_module(model, spec.lm_head_path), captured, places[0])
+                   get_module(model, spec.lm_head_path), captured, next(iter(places))[0])
 
     def __call__(self) -> torch.Tensor:
         cache = build_cache(self.suffix.model, self.suffix.kv)
-        args, kwargs = list(self.captured.args), dict(self.captured.kwargs or {})
-        if isinstance(self.cache_place, int):
-            args[self.cache_place] = cache
-        else:
-            kwargs[self.cache_place] = cache
-        hidden = _run_blocks(self.blocks, self.captured.hidden, tuple(args), kwargs)
+        calls = [_with_cache(args, kwargs, self.cache_place, cache) for args, kwargs in self.captured.calls]
+        hidden = _run_blocks(self.blocks, self.captured.hidden, calls)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.suffix.read)
         return self.head(self.norm(picked)).float()
+
+
+def _cache_places(args: tuple[Any, ...], kwargs: dict[str, Any], cache: Any) -> tuple[int | str, ...]:
+    """Where ``cache`` is among a block's arguments: positions, then keywords."""
+    return tuple([i for i, value in enumerate(args) if value is cache]
+                 + [key for key, value in kwargs.items() if value is cache])
+
+
+def _with_cache(args: tuple[Any, ...], kwargs: dict[str, Any], place: int | str,
+                cache: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block's recorded arguments with a fresh cache at ``place``."""
+    if isinstance(place, int):
+        return args[:place] + (cache,) + args[place + 1:], kwargs
+    return args, {**kwargs, place: cache}
 
 
 def _agreeing(shortcut: Any, reference: torch.Tensor) -> Any:
