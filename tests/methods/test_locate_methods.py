@@ -182,25 +182,45 @@ def _block(model, index: int) -> str:
     return ModelSpec.from_model(model).block(index)
 
 
-def test_memit_warns_once_where_the_mlp_output_is_normalised_again(word_tok, caplog) -> None:
-    """Gemma 3's post_feedforward_layernorm breaks MEMIT's additive assumption: say so (measured on Gemma-3-270M)."""
-    import logging
+def test_change_before_norm_moves_the_normalised_output_by_the_wanted_change():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
+    from lmedit.locate.core import change_before_norm
+
+    torch.manual_seed(0)
+    norm = Gemma3RMSNorm(16)
+    norm.weight.data.normal_(0, 0.3)
+    x0, x1 = torch.randn(16, 3) * 4, torch.randn(16, 3) * 4
+    with torch.no_grad():
+        wanted = (norm(x1.T) - norm(x0.T)).T.double()  # reachable: the norm's output at x1
+        change = change_before_norm(norm, x0, wanted)
+        assert change.dtype == torch.float64
+        assert torch.allclose(norm((x0 + change.float()).T), norm(x1.T), atol=1e-4)
+        # asking the input for the output's change (MEMIT's assumption) misses it by far
+        assert (norm((x0 + wanted.float()).T) - norm(x1.T)).abs().max() > 0.1
+
+
+def test_memit_reaches_its_target_through_gemmas_post_mlp_norm(word_tok, corpus_env):
+    """Gemma 2/3 normalise each MLP output before adding it to the residual stream: MEMIT's layer loop carries its
+    residual back through that norm, so the block output at the fact token ends close to v* (on Gemma-3-270M,
+    without this, rewrite fell from 0.21 to 0.09)."""
     from test_contract import build_tiny_gemma3
 
-    from lmedit.editor import Editor
-    from lmedit.methods import memit
-    from lmedit.requests import EditRequest
+    from lmedit.locate.core import outputs_at
+    from lmedit.methods.memit import plan_edit, spread_plan, memit_solve
 
-    memit._WARNED.discard("Gemma3ForCausalLM")
-    model = build_tiny_gemma3(len(word_tok))
-    editor = Editor(model, word_tok, "MEMIT", overrides={"layers": [1, 2], "mom2_adjustment": False, "v_num_grad_steps": 2})
-    request = EditRequest("the capital of france", "rome", subject="france")
-    with caplog.at_level(logging.WARNING, logger="lmedit.methods.memit"):
-        editor.apply(request).restore()
-        editor.apply(request).restore()
-    warnings = [r for r in caplog.records if "normalises each MLP output again" in r.getMessage()]
-    assert len(warnings) == 1
+    model = build_tiny_gemma3(len(word_tok), layers=4)
+    # with identity statistics and almost no weight on them, the closed form is all but exact: what is missed is
+    # what the norm cannot reach (its output has a fixed size), 0.17 here against 0.45 without carrying it back
+    hp = MEMITHyperParams(layers=[1, 2], mom2_adjustment=False, mom2_update_weight=1e-6, **_common(corpus_env))
+    requests = _requests(1)
+    plan = plan_edit(model, word_tok, requests, hp, covariances=False)
+    site = plan.spec.block(hp.layers[-1])
+    before = outputs_at(model, word_tok, site, requests, hp.fact_token)
+    spread_plan(model, word_tok, plan, requests, hp, memit_solve(plan.covariances, hp.mom2_update_weight))
+    after = outputs_at(model, word_tok, site, requests, hp.fact_token)
+    missed = float((plan.targets - after).norm() / (plan.targets - before).norm())
+    assert missed < 0.25, missed
 
 
 def test_neighbour_prompts_keep_the_subjects_other_facts_closer_to_the_unedited_model(tiny_llama, word_tok, corpus_env):

@@ -712,14 +712,61 @@ def spread_over_layers(model: nn.Module, tok: Any, spec: ModelSpec, requests: Se
     At every layer the keys are read, the residual ``targets − output of read_site`` is read on the model as
     edited so far and divided by ``share(layers still to edit)`` (their number for MEMIT, EMMET and AlphaEdit;
     its square root for PMET), ``solve`` turns keys and residuals into the layer's update, and the update is
-    added. Returns each layer's update norm.
+    added. Where ``read_site`` is a block's output (the residual stream) and the block normalises its MLP output
+    before adding it there (Gemma 2/3), the residual is first carried back through that norm
+    (:func:`change_before_norm`); PMET reads an MLP output, before the norm, and is left as it is. Returns each
+    layer's update norm.
     """
     norms: dict[int, float] = {}
+    in_residual_stream = block_of(spec, read_site) is not None and read_site == spec.block(block_of(spec, read_site))
     for position, layer, module in iter_layers(spec, layers):
         keys = average_keys(model, tok, spec, requests, [layer], templates, fact_token)[layer]
         current = outputs_at(model, tok, read_site, requests, fact_token)
         residual = (targets - current) / share(len(layers) - position)
+        post_norm = mlp_output_norm(model, spec, layer) if in_residual_stream else None
+        if post_norm is not None:
+            residual = change_before_norm(post_norm, outputs_at(model, tok, module, requests, fact_token), residual)
         update = solve(layer, module, keys, residual)
         add_to_weight(model, module, update, spec.conv1d_weights)
         norms[layer] = float(update.norm())
     return norms
+
+
+def mlp_output_norm(model: nn.Module, spec: ModelSpec, layer: int) -> nn.Module | None:
+    """The norm a block applies to its MLP output before adding it to the residual stream, if any.
+
+    Gemma 2/3 and OLMo 2 have one (``post_feedforward_layernorm``); Llama, GPT-2, GPT-J add the MLP output as it is.
+    """
+    return getattr(get_module(model, spec.block(layer)), "post_feedforward_layernorm", None)
+
+
+def change_before_norm(norm: nn.Module, outputs: torch.Tensor, wanted: torch.Tensor, steps: int = 100) -> torch.Tensor:
+    """The change of the MLP outputs ``outputs`` (d, n) that moves ``norm(outputs)`` by ``wanted`` (d, n), as near as
+    the norm allows.
+
+    MEMIT's layer loop assumes an MLP's output reaches the residual stream unchanged, so that a change of the
+    residual is a change of the MLP output. Behind a norm it is not: an RMS norm's output has a fixed size
+    whatever its input, so the same change asked of the input is partly undone. The change is found by least
+    squares through the norm itself (L-BFGS on a float32 copy; the norm is tiny), which needs no knowledge of
+    how the norm is parameterised; where the wanted output is not reachable exactly, the nearest reachable one.
+    """
+    import copy
+
+    dtype = wanted.dtype
+    norm = copy.deepcopy(norm).float().requires_grad_(False)
+    x0 = outputs.T.float().contiguous()
+    with torch.no_grad():
+        goal = norm(x0) + wanted.T.float()
+    change = torch.zeros(x0.shape, requires_grad=True)
+    solver = torch.optim.LBFGS([change], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-14,
+                               history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        solver.zero_grad()
+        loss = (norm(x0 + change) - goal).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        solver.step(closure)
+    return change.detach().T.to(dtype)
