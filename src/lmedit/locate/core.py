@@ -16,6 +16,7 @@ transposes for GPT-2's Conv1D. Linear algebra runs in float64.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -718,7 +719,7 @@ def spread_over_layers(model: nn.Module, tok: Any, spec: ModelSpec, requests: Se
     layer's update norm.
     """
     norms: dict[int, float] = {}
-    in_residual_stream = block_of(spec, read_site) is not None and read_site == spec.block(block_of(spec, read_site))
+    in_residual_stream = read_site in {spec.block(index) for index in range(spec.num_layers)}
     for position, layer, module in iter_layers(spec, layers):
         keys = average_keys(model, tok, spec, requests, [layer], templates, fact_token)[layer]
         current = outputs_at(model, tok, read_site, requests, fact_token)
@@ -750,14 +751,11 @@ def change_before_norm(norm: nn.Module, outputs: torch.Tensor, wanted: torch.Ten
     squares through the norm itself (L-BFGS on a float32 copy; the norm is tiny), which needs no knowledge of
     how the norm is parameterised; where the wanted output is not reachable exactly, the nearest reachable one.
     """
-    import copy
-
-    dtype = wanted.dtype
-    norm = copy.deepcopy(norm).float().requires_grad_(False)
     x0 = outputs.T.float().contiguous()
+    norm = copy.deepcopy(norm).to(device=x0.device, dtype=torch.float32).requires_grad_(False)
     with torch.no_grad():
-        goal = norm(x0) + wanted.T.float()
-    change = torch.zeros(x0.shape, requires_grad=True)
+        goal = norm(x0) + wanted.T.to(device=x0.device, dtype=torch.float32)
+    change = torch.zeros(x0.shape, device=x0.device, requires_grad=True)
     solver = torch.optim.LBFGS([change], lr=1.0, max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-14,
                                history_size=20, line_search_fn="strong_wolfe")
 
@@ -769,4 +767,4 @@ def change_before_norm(norm: nn.Module, outputs: torch.Tensor, wanted: torch.Ten
 
     with torch.enable_grad():
         solver.step(closure)
-    return change.detach().T.to(dtype)
+    return change.detach().T.to(device=wanted.device, dtype=wanted.dtype)
