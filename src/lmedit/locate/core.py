@@ -696,8 +696,14 @@ def iter_layers(spec: ModelSpec, layers: Sequence[int]) -> Iterator[tuple[int, i
 
 def outputs_at(model: nn.Module, tok: Any, site: str, requests: Sequence[EditRequest], fact_token: str) -> torch.Tensor:
     """The output of ``site`` at each bare prompt's fact token, (d_hidden, n)."""
+    return outputs_at_sites(model, tok, [site], requests, fact_token)[site]
+
+
+def outputs_at_sites(model: nn.Module, tok: Any, sites: Sequence[str], requests: Sequence[EditRequest],
+                     fact_token: str) -> dict[str, torch.Tensor]:
+    """:func:`outputs_at` for several sites, read in one forward pass."""
     lookups = [lookup(tok, "{}", r.prompt, r.subject or "", fact_token) for r in requests]
-    return read_at(model, tok, lookups, [site], inputs=False)[site].T
+    return {site: value.T for site, value in read_at(model, tok, lookups, list(sites), inputs=False).items()}
 
 
 LayerSolve = Callable[[int, str, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -722,11 +728,12 @@ def spread_over_layers(model: nn.Module, tok: Any, spec: ModelSpec, requests: Se
     in_residual_stream = read_site in {spec.block(index) for index in range(spec.num_layers)}
     for position, layer, module in iter_layers(spec, layers):
         keys = average_keys(model, tok, spec, requests, [layer], templates, fact_token)[layer]
-        current = outputs_at(model, tok, read_site, requests, fact_token)
-        residual = (targets - current) / share(len(layers) - position)
         post_norm = mlp_output_norm(model, spec, layer) if in_residual_stream else None
+        read = outputs_at_sites(model, tok, [read_site] + ([module] if post_norm is not None else []), requests,
+                                fact_token)  # one pass for both sites
+        residual = (targets - read[read_site]) / share(len(layers) - position)
         if post_norm is not None:
-            residual = change_before_norm(post_norm, outputs_at(model, tok, module, requests, fact_token), residual)
+            residual = change_before_norm(post_norm, read[module], residual)
         update = solve(layer, module, keys, residual)
         add_to_weight(model, module, update, spec.conv1d_weights)
         norms[layer] = float(update.norm())
