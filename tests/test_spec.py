@@ -236,6 +236,16 @@ def test_paths_match_expected(case: tuple[str, nn.Module, ModelSpec]) -> None:
     assert spec.mlp_out(-1) == expected["mlp_out"].format(LAYERS - 1)
 
 
+def test_post_mlp_norm_is_found_only_where_the_block_has_one(case: tuple[str, nn.Module, ModelSpec]) -> None:
+    family, model, spec = case
+    if family == "gemma3_text":  # Gemma 2/3 normalise the MLP output before the residual add
+        assert spec.mlp_output_norm_template == "model.layers.{}.post_feedforward_layernorm"
+        assert spec.mlp_output_norm(1) == "model.layers.1.post_feedforward_layernorm"
+        assert get_module(model, spec.mlp_output_norm(-1)) is model.model.layers[LAYERS - 1].post_feedforward_layernorm
+    else:
+        assert spec.mlp_output_norm_template is None and spec.mlp_output_norm(0) is None
+
+
 def test_modules_exist_and_shapes(case: tuple[str, nn.Module, ModelSpec]) -> None:
     family, model, spec = case
     inter = spec.intermediate_size
@@ -294,7 +304,8 @@ def test_dict_round_trip(case: tuple[str, nn.Module, ModelSpec]) -> None:
     _, model, spec = case
     data = spec.to_dict()
     assert isinstance(data["mlp_in_templates"], list)
-    assert all(isinstance(v, (str, int, bool, list)) for v in data.values())
+    assert all(isinstance(v, (str, int, bool, list)) or (k == "mlp_output_norm_template" and v is None)
+               for k, v in data.items())
     again = ModelSpec.from_dict(data)
     assert again == spec
     again.validate(model)
@@ -342,6 +353,19 @@ def test_from_dict_errors() -> None:
         ModelSpec.from_dict({**data, "mlp_out_template": "transformer.h.0.mlp.c_proj"})
     with pytest.raises(ModelSpecError):
         ModelSpec.from_dict(["not", "a", "mapping"])  # type: ignore[arg-type]
+    with pytest.raises(ModelSpecError, match="mlp_output_norm_template"):
+        ModelSpec.from_dict({**data, "mlp_output_norm_template": "transformer.h.0.ln_2"})
+
+
+def test_a_post_mlp_norm_named_in_an_explicit_spec_is_checked() -> None:
+    model = _MODELS.get("gpt2") or _build("gpt2")
+    spec = dataclasses.replace(ModelSpec.from_model(model), mlp_output_norm_template="transformer.h.{}.ln_2")
+    spec.validate(model)  # a norm that exists: accepted (the edit then carries residuals back through it)
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ModelSpecError, match="not_there"):
+        dataclasses.replace(spec, mlp_output_norm_template="transformer.h.{}.not_there").validate(model)
+    with pytest.raises(ModelSpecError, match="must name a norm"):
+        dataclasses.replace(spec, mlp_output_norm_template="transformer.h.{}.mlp").validate(model)
 
 
 class _NoBlocksConfig:

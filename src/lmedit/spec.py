@@ -48,6 +48,9 @@ _INTERMEDIATE_KEYS = ("intermediate_size", "n_inner", "ffn_dim")
 # Name fragments used ONLY to break ties between shape-equivalent candidates.
 _MLP_NAME_HINTS = ("mlp", "ffn", "feed_forward", "feedforward")
 _ATTN_NAME_HINTS = ("attn", "attention")
+# Block children that normalise the MLP's output before it joins the residual stream (Gemma 2/3, OLMo 2). A norm
+# has no shape to recognise it by among the block's other norms, so here the name is the only evidence.
+_MLP_OUTPUT_NORM_NAMES = ("post_feedforward_layernorm",)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -222,6 +225,9 @@ class ModelSpec:
     final_norm_path: str
     tied_embeddings: bool = False
     conv1d_weights: bool = False
+    # A norm the block applies to the MLP's output before adding it to the residual (Gemma 2/3, OLMo 2); None where
+    # the MLP output is added as it is (Llama, GPT-2, GPT-J). Locate-then-edit carries residual changes back through it.
+    mlp_output_norm_template: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists / a single string from YAML, store an immutable tuple.
@@ -247,6 +253,8 @@ class ModelSpec:
             "attn_out_template": self.attn_out_template,
         }
         templates.update({f"mlp_in_templates[{k}]": t for k, t in enumerate(self.mlp_in_templates)})
+        if self.mlp_output_norm_template is not None:
+            templates["mlp_output_norm_template"] = self.mlp_output_norm_template
         for name, template in templates.items():
             if not isinstance(template, str) or template.count("{}") != 1:
                 raise ModelSpecError(
@@ -293,6 +301,11 @@ class ModelSpec:
     def attn_out(self, i: int) -> str:
         """Attention output projection (out dim == hidden)."""
         return self.attn_out_template.format(self._index(i))
+
+    def mlp_output_norm(self, i: int) -> str | None:
+        """The norm applied to the MLP's output before the residual add, or None where there is none."""
+        template = self.mlp_output_norm_template
+        return None if template is None else template.format(self._index(i))
 
     def mlp_out_weight(self, model: nn.Module, i: int) -> nn.Parameter:
         """Weight of `mlp_out(i)`; shape [hidden, inter] for Linear, [inter, hidden] for Conv1D."""
@@ -341,6 +354,11 @@ class ModelSpec:
         for i in range(self.num_layers):
             for path in (self.block(i), self.mlp(i), self.attn(i)):
                 get_module(model, path)
+            if self.mlp_output_norm_template is not None:
+                norm = get_module(model, self.mlp_output_norm(i))
+                if any(is_linear_like(m) for m in norm.modules()):
+                    raise ModelSpecError(f"{cls_name}: {self.mlp_output_norm(i)!r} holds a linear layer; "
+                                         "mlp_output_norm_template must name a norm")
             down = get_module(model, self.mlp_out(i))
             _check_linear(cls_name, self.mlp_out(i), down, inter, h)
             for path in self.mlp_in(i):
@@ -415,6 +433,7 @@ class ModelSpec:
             final_norm_path=final_norm,
             tied_embeddings=tied,
             conv1d_weights=_is_conv1d(down0),
+            mlp_output_norm_template=_mlp_output_norm(block0, block_tpl),
         )
         try:
             spec.validate(model)  # found on block 0, must hold on every block
@@ -535,6 +554,14 @@ def _detect_block(
         )
     attn_name = attn_names[0]
     return mlp_name, mlp_in, mlp_out, attn_name, attn_found[attn_name]
+
+
+def _mlp_output_norm(block: nn.Module, block_tpl: str) -> str | None:
+    """Template of the block's post-MLP norm, where it has one of the known names."""
+    for name in _MLP_OUTPUT_NORM_NAMES:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return _join(block_tpl, name)
+    return None
 
 
 def _block_summary(block: nn.Module) -> str:

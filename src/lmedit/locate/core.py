@@ -743,9 +743,11 @@ def spread_over_layers(model: nn.Module, tok: Any, spec: ModelSpec, requests: Se
 def mlp_output_norm(model: nn.Module, spec: ModelSpec, layer: int) -> nn.Module | None:
     """The norm a block applies to its MLP output before adding it to the residual stream, if any.
 
-    Gemma 2/3 and OLMo 2 have one (``post_feedforward_layernorm``); Llama, GPT-2, GPT-J add the MLP output as it is.
+    Gemma 2/3 and OLMo 2 have one (``ModelSpec.mlp_output_norm_template``); Llama, GPT-2, GPT-J add the MLP output
+    as it is.
     """
-    return getattr(get_module(model, spec.block(layer)), "post_feedforward_layernorm", None)
+    path = spec.mlp_output_norm(layer)
+    return None if path is None else get_module(model, path)
 
 
 def change_before_norm(norm: nn.Module, outputs: torch.Tensor, wanted: torch.Tensor, steps: int = 100) -> torch.Tensor:
