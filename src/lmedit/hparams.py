@@ -31,6 +31,12 @@ class HyperParamsError(ValueError):
 class HyperParams:
     """Base class: subclasses are plain dataclasses with typed fields and defaults."""
 
+    def edit_calls_limit(self) -> tuple[int, str] | None:
+        """The most edit calls one chain of edits can hold before it is restored, and how to raise it; None: no
+        limit. A method with a fixed store (MELO: one LoRA block per call) overrides it, so a run is refused before
+        it starts rather than after hours of editing."""
+        return None
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

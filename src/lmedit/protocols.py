@@ -99,6 +99,7 @@ class EditSession:
             check_fits_context(self.model, self.tok, requests)
             check_eval_memory_for(self.model, self.tok, self.evaluator.config, requests)
             self.check_kept_state(chunks)
+            self.check_edit_calls(chunks)
         except (ContextLengthError, MemoryLimitError) as exc:
             raise ProtocolError(str(exc)) from None
         for chunk in chunks:
@@ -107,6 +108,15 @@ class EditSession:
                     self.method.check_requests([requests[i] for i in step])
                 except MethodError as exc:
                     raise ProtocolError(str(exc)) from None
+
+    def check_edit_calls(self, chunks: Sequence[Chunk]) -> None:
+        """Refuse chunks with more edit calls than the method's store holds (``HyperParams.edit_calls_limit``)."""
+        limit_of = getattr(self.hparams, "edit_calls_limit", None)
+        limit = limit_of() if callable(limit_of) else None
+        calls = max((len(chunk.steps) for chunk in chunks), default=0)
+        if limit is not None and calls > limit[0]:
+            raise ProtocolError(f"{self.method.name} holds at most {limit[0]} edit calls in one sequence, and a chunk "
+                                f"of this run makes {calls}: {limit[1]}")
 
     def check_kept_state(self, chunks: Sequence[Chunk]) -> None:
         """Refuse chunks whose edits the method could not keep in memory (its ``kept_state`` estimate)."""

@@ -233,6 +233,20 @@ def test_out_of_blocks_is_refused_and_leaves_the_model_as_it_was(tiny_llama: nn.
     restore_all(handles)
 
 
+def test_a_sequence_longer_than_the_blocks_is_refused_before_any_edit(tiny_llama: nn.Module, word_tok: Any) -> None:
+    """A T=1000 run with EasyEdit's 350 blocks used to fail at edit 351, after the pre-edit scoring and 350 edits."""
+    from lmedit.evaluation import Evaluator
+    from lmedit.protocols import EditSession, ProtocolError, plan_chunks
+
+    state = snapshot(tiny_llama)
+    session = EditSession(tiny_llama, word_tok, INFO, _hparams(tiny_llama, word_tok, num_block=2), Evaluator(word_tok))
+    with pytest.raises(ProtocolError, match=r"at most 2 edit calls.*makes 3: num_block is 2"):
+        session.check(FACTS, plan_chunks(3, "sequential", T=3))
+    session.check(FACTS, plan_chunks(3, "sequential", T=2))  # chunks of 2 and 1 calls fit
+    session.check(FACTS, plan_chunks(3, "sequential", T=3, batch_size=2))  # two calls: one block each
+    assert state_equal(tiny_llama, state)
+
+
 def test_lora_targets_must_sit_above_the_router(tiny_llama: nn.Module, word_tok: Any) -> None:
     state = snapshot(tiny_llama)
     with pytest.raises(AdapterError, match="above the router"):

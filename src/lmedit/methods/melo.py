@@ -148,6 +148,10 @@ class MeloHyperParams(AdapterSite):
                 "or EasyEdit's target_modules as lora_inner_params: [model.layers.23.mlp.up_proj]"
             )
 
+    def edit_calls_limit(self) -> tuple[int, str]:
+        return self.num_block, (f"num_block is {self.num_block} and each edit call takes one block: raise num_block "
+                                "(it also sets each block's scale), edit in batches, or lower T")
+
     def structure(self) -> dict[str, Any]:
         """The settings the adapter's database and blocks depend on; sequential edits must agree on them."""
         return {"key_from": self.key_from, "num_block": self.num_block, "num_rank_per_block": self.num_rank_per_block,
