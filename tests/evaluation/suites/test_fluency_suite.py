@@ -87,3 +87,31 @@ def test_fluency_suite_pre_and_post_agree_on_an_unchanged_model(tiny_llama, word
         assert q["fluency_new_tokens"] == 12
     texts = [g.text for g in generate_texts(tiny_llama, word_tok, ["the sky is", "the sun is"], 12, 4)]
     assert post[1]["fluency"] == pytest.approx(mean_ngram_entropy(texts))
+
+
+def test_a_routed_model_is_continued_from_its_routed_prompt_and_scored_on_the_given_one(tiny_llama, word_tok):
+    """IKE and SERAC route prompts; fluency must decode what the model is really fed, not refuse or bypass it."""
+    from lmedit.routing import Route, attach_router, detach_router
+
+    class Prefix:
+        kind = "prefix"
+
+        def route(self, model, tok, prompts):
+            return [Route("who wrote hamlet " + p, name="prefix") for p in prompts]
+
+    prompt = "the capital of france is"
+    plain = generate_texts(tiny_llama, word_tok, [prompt], 9, batch_size=2)[0]
+    prefixed = generate_texts(tiny_llama, word_tok, ["who wrote hamlet " + prompt], 9, batch_size=2)[0]
+    assert plain.text[len(prompt):] != prefixed.text[len("who wrote hamlet " + prompt):]
+    router = Prefix()
+    attach_router(tiny_llama, router)
+    try:
+        routed = generate_texts(tiny_llama, word_tok, [prompt], 9, batch_size=2)[0]
+        request = EditRequest(prompt, "rome", case_id="0")
+        evaluator = Evaluator(word_tok, EvalConfig(suites=("fluency:max_new_tokens=9",)))
+        post = evaluator.score(tiny_llama, [request], evaluator.capture(tiny_llama, [request]))
+    finally:
+        detach_router(tiny_llama, router)
+    assert routed.text == prompt + prefixed.text[len("who wrote hamlet " + prompt):]
+    assert routed.new_tokens == 9
+    assert post[0]["fluency"] == pytest.approx(mean_ngram_entropy([routed.text]))

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lmedit.forward import generate_greedy
+from lmedit.routing import generate_routed
 from lmedit.evaluation.suites.base import (
     MetricSuite,
     SuiteCapture,
@@ -46,7 +46,6 @@ from lmedit.evaluation.suites.base import (
     SuiteOptions,
     check_same_requests,
     request_key,
-    require_unrouted,
 )
 from lmedit.requests import EditRequest
 
@@ -136,10 +135,15 @@ def generate_texts(
     model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
     stop_at_eos: bool = False,
 ) -> list[Generation]:
-    """Greedy continuations of ``prompts`` (each distinct prompt decoded once), as scored texts."""
+    """Greedy continuations of ``prompts`` (each distinct prompt decoded once), as scored texts.
+
+    A routed model (IKE, SERAC) continues each prompt as it would in use, from
+    its routed prompt; the scored text is still the prompt as given plus the
+    continuation, so IKE's demonstrations never enter the entropy.
+    """
     distinct = list(dict.fromkeys(prompts))
     decoder_tok = tok if stop_at_eos else _NoStopTokenizer(tok)
-    tokens = generate_greedy(model, decoder_tok, distinct, [max_new_tokens] * len(distinct), batch_size=batch_size)
+    tokens = generate_routed(model, decoder_tok, distinct, [max_new_tokens] * len(distinct), batch_size=batch_size)
     by_prompt = {}
     for prompt, new in zip(distinct, tokens):
         full = list(tok(prompt).input_ids) + list(new)
@@ -187,7 +191,6 @@ class FluencySuite(MetricSuite):
         }
 
     def _measure(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], context: SuiteContext) -> list[dict[str, float]]:
-        require_unrouted(model, self.name)
         prompts = [[context.edit_prompt(p) for p in fluency_prompts(r)] for r in requests]
         flat = [p for group in prompts for p in group]
         was_training = model.training
