@@ -37,7 +37,6 @@ from typing import Any, Sequence
 
 import torch
 
-from lmedit.routing import generate_routed
 from lmedit.evaluation.suites.base import (
     MetricSuite,
     SuiteCapture,
@@ -48,6 +47,7 @@ from lmedit.evaluation.suites.base import (
     request_key,
 )
 from lmedit.requests import EditRequest
+from lmedit.routing import generate_routed
 
 NGRAM_ORDERS: tuple[int, ...] = (2, 3)
 NGRAM_WEIGHTS: tuple[float, ...] = (2 / 3, 4 / 3)
