@@ -55,6 +55,27 @@ def test_resume_skips_finished_chunks(tiny_llama, word_tok, tmp_path):
     assert second["post"]["rewrite_acc"] == pytest.approx(first["post"]["rewrite_acc"])
 
 
+def test_each_start_and_resume_records_its_own_environment(tiny_llama, word_tok, tmp_path):
+    import torch
+
+    editor = _editor(tiny_llama, word_tok)
+    out = tmp_path / "r"
+    threads = torch.get_num_threads()
+    editor.run(REQUESTS[:2], protocol="single", out_dir=out, show_progress=False)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text(lines[0] + "\n")  # the second chunk is lost: the rerun resumes
+    torch.set_num_threads(threads + 1)
+    try:
+        editor.run(REQUESTS[:2], protocol="single", out_dir=out, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    assert [(s["chunks_done"], s["chunks"]) for s in sessions] == [(0, 2), (1, 2)]
+    assert [s["environment"]["threads"] for s in sessions] == [str(threads), str(threads + 1)]
+    assert sessions[0]["started"] <= sessions[1]["started"] and sessions[0]["started"].endswith("+00:00")
+    assert json.loads((out / "config.json").read_text())["environment"]["threads"] == str(threads)  # the first's
+
+
 def test_a_folder_of_another_run_is_not_overwritten(tiny_llama, word_tok, tmp_path):
     editor = _editor(tiny_llama, word_tok)
     editor.run(REQUESTS[:1], protocol="single", out_dir=tmp_path / "r", show_progress=False)

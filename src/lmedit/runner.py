@@ -46,6 +46,7 @@ LOG = logging.getLogger(__name__)
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+SESSIONS_FILE = "sessions.jsonl"
 
 
 class RunError(RuntimeError):
@@ -176,14 +177,27 @@ def _passes(session: EditSession) -> int:
     return 2 if session.evaluator.config.mode == "both" else 1
 
 
-def _prepare_folder(out: Path, spec: RunSpec, chunks: Sequence[Chunk]) -> set[int]:
+def _prepare_folder(out: Path, spec: RunSpec, chunks: Sequence[Chunk],
+                    environment: dict[str, str] | None = None) -> set[int]:
     """Create the folder, or check it belongs to the same run; return the chunks already done.
 
     Called while holding the folder: temp files and records of a chunk that a
     kill interrupted are dropped here, so the chunk runs again and is recorded once.
+    Every start and resume adds a line to ``sessions.jsonl`` with its own
+    ``environment`` (this process's by default), so a run continued over several
+    sessions or machines records each one; ``config.json`` keeps the first's.
     """
+    environment = _environment() if environment is None else environment
+    done = _check_or_create(out, spec, chunks, environment)
+    append_lines(out / SESSIONS_FILE, [json.dumps({
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "chunks_done": len(done), "chunks": len(chunks), "environment": environment})])
+    return done
+
+
+def _check_or_create(out: Path, spec: RunSpec, chunks: Sequence[Chunk], environment: dict[str, str]) -> set[int]:
     config_path = out / CONFIG_FILE
-    payload = {**spec.identity(), "extra": spec.extra, "environment": _environment()}
+    payload = {**spec.identity(), "extra": spec.extra, "environment": environment}
     remove_stale_temp_files(out)
     if config_path.is_file():
         previous = with_hparam_defaults(_read_config(config_path))

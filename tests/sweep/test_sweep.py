@@ -165,6 +165,9 @@ def test_ray_sweep_on_two_workers_equals_the_serial_run(grid, serial, local_ray,
         assert _comparable(got[name]) == _comparable(expected[name]), name
         config = json.loads((tmp_path / "ray" / name / "config.json").read_text())
         assert config["n_requests"] == 4
+        session = json.loads((tmp_path / "ray" / name / "sessions.jsonl").read_text())
+        assert session["environment"]["engine"] == "ray" and session["environment"]["workers"] == "2"
+        assert config["environment"] == session["environment"]  # the workers' threads, not the driver's
 
 
 def test_a_killed_worker_costs_a_retry_not_a_chunk(grid, serial, local_ray, tmp_path):

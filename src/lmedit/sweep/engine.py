@@ -254,7 +254,7 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
     """
     from lmedit.checkpoint import CHECKPOINTS_DIR, ChunkCheckpoints
     from lmedit.progress import progress_bar
-    from lmedit.runner import RESULTS_FILE, _append_records, _prepare_folder, hold_run_folder
+    from lmedit.runner import RESULTS_FILE, _append_records, _environment, _prepare_folder, hold_run_folder
 
     if workers < 1:
         raise SweepError("--workers must be at least 1")
@@ -277,9 +277,11 @@ def run_ray(jobs: Sequence[Job], root: Path, *, workers: int = 2, address: str |
             states[job.name] = JobState(job, root / job.name, plan["spec"], plan["chunks"], [])
         jobs = [job for job in jobs if job.name in states]
         write_plan(root, jobs, "ray", {name: len(s.chunks) for name, s in states.items()})
+        # the workers' threads, not this driver's, are what the run's edits and timings depend on
+        environment = {**_environment(), "threads": str(per_worker), "engine": "ray", "workers": str(workers)}
         for state in states.values():
             held.enter_context(hold_run_folder(state.folder))
-            done = _prepare_folder(state.folder, state.spec, state.chunks)
+            done = _prepare_folder(state.folder, state.spec, state.chunks, environment)
             state.todo = [c.index for c in state.chunks if c.index not in done]
             state.started = time.perf_counter()
         queue = [(state.job.name, c, tuple(state.todo)) for state in states.values() for c in state.todo]
