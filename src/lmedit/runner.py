@@ -196,6 +196,7 @@ def _prepare_folder(out: Path, spec: RunSpec, chunks: Sequence[Chunk],
 
 
 def _check_or_create(out: Path, spec: RunSpec, chunks: Sequence[Chunk], environment: dict[str, str]) -> set[int]:
+    """The folder check of :func:`_prepare_folder`, apart so that every outcome but a refusal is logged once."""
     config_path = out / CONFIG_FILE
     payload = {**spec.identity(), "extra": spec.extra, "environment": environment}
     remove_stale_temp_files(out)
