@@ -178,3 +178,42 @@ def test_ray_and_serial_runs_share_folders_and_equal_each_other(root, tmp_path, 
         expected = json.loads((tmp_path / "serial" / "ZsRE" / method / "summary.json").read_text())
         assert {k: got[k] for k in ("pre", "post", "n")} == {k: expected[k] for k in ("pre", "post", "n")}, method
     assert [r["Edit Succ."] for r in resumed["rows"]] == [r["Edit Succ."] for r in reference["rows"]]
+
+
+def _sanitation_files(folder):
+    """KnowEdit's two Sanitation files, by hand: two answers with two questions to forget each."""
+    folder.mkdir(parents=True)
+    forget = [{"question": f"who wrote {s}", "subject": s, "ground_truth": a, "target_new": "the king"}
+              for a, subjects in (("tolstoy", ("hamlet", "rome")), ("paris", ("france", "italy"))) for s in subjects]
+    (folder / "trivia_qa_train.json").write_text(json.dumps(
+        {"K_F": forget, "K_R": [{"question": "the city of", "ground_truth": "rome", "target_new": "rome"}]}))
+    success = [{"question": f"the {s} of", "ground_truth": a, "target_new": "the king"}
+               for s, a in (("queen", "Tolstoy"), ("river", "PARIS"), ("city", "tolstoy"), ("play", "Paris"))]
+    (folder / "trivia_qa_test.json").write_text(json.dumps(
+        {"success": success, "locality": [{"question": f"the mother tongue of {s} is", "ground_truth": "french"}
+                                          for s in ("france", "london", "berlin")]}))
+
+
+def test_easyedit_sanitation_protocol_edits_one_answer_per_sequence(root, tmp_path, tiny_llama, word_tok):
+    from lmedit.reproduce import load_written_runs
+    from lmedit.reports.knowedit import knowedit_rows
+
+    _sanitation_files(root / "Sanitation")
+    config = _config(root, tmp_path, sets=("Sanitation-EasyEdit",), methods=("FT-M",), limit=1)
+    payload = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
+    folder = config.folder("Sanitation-EasyEdit", "FT-M")
+    run_config = json.loads((folder / "config.json").read_text())
+    assert (run_config["protocol"], run_config["T"], run_config["n_requests"]) == ("sequential", 2, 4)  # not --limit
+    assert run_config["extra"]["data_format"] == "sanitation-easyedit"
+    assert "qa:context=question,max_new_tokens=10" in run_config["eval"]["suites"]
+    post = json.loads((folder / "summary.json").read_text())["post"]
+    (row,) = payload["rows"]
+    assert row["Edit Succ."] == pytest.approx(100 * post["rephrase_qa_contains"])  # the test questions, generated
+    assert row["· edited questions"] == pytest.approx(100 * post["rewrite_acc"])
+    published = PUBLISHED["Sanitation"]["Edit Succ."]["FT-M"]
+    assert published_value("Sanitation-EasyEdit", "Edit Succ.", "FT-M") == published
+    text = (config.out / "knowedit-table.md").read_text()
+    assert "| Sanitation-EasyEdit (n=4) | Edit Succ. | " in text and f"({published:.2f})" in text
+    assert "· edited questions" in text and "EasyEdit's Sanitation protocol instead" in text
+    (report_row,) = knowedit_rows(load_written_runs([folder]))  # `lmedit report --layout knowedit` names it too
+    assert report_row["dataset"] == "Sanitation (EasyEdit)" and report_row["Edit Succ."] == row["Edit Succ."]

@@ -121,7 +121,7 @@ def run(
         set_memory_budget(editor.model, budget)
         spec = make_spec(editor, requests, protocol=protocol, T=T, batch_size=batch_size, seed=seed, eval_each=eval_each,
                          data=str(data) if data else "demo", data_sha256=file_sha256(data) if data else None,
-                         offset=offset, limit=limit)
+                         offset=offset, limit=limit, extra={"data_format": data_format} if data_format else None)
         summary, folder = run_experiment(editor, requests, spec, folder, retention=retention, show_progress=progress,
                                          checkpoint_minutes=checkpoint_minutes)
     except RunFolderBusy as exc:  # the folder is another process's: leave it alone

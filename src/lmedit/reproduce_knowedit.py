@@ -31,10 +31,16 @@ KNOWEDIT_FILES: dict[str, Path] = {
     "WikiBio": Path("WikiBio") / "wikibio-test-all.json",
     "ConvSent": Path("Convsent") / "blender_test.json",
     "Sanitation": Path("Sanitation") / "trivia_qa_test.json",
+    "Sanitation-EasyEdit": Path("Sanitation") / "trivia_qa_train.json",
     "WikiData_recent": Path("recent") / "recent_test.json",
     "WikiData_counterfact": Path("counterfact") / "test_cf.json",
 }
-KNOWEDIT_DEFAULT_SETS: tuple[str, ...] = ("ZsRE", "WikiBio", "ConvSent", "Sanitation")
+KNOWEDIT_DEFAULT_SETS: tuple[str, ...] = ("ZsRE", "WikiBio", "ConvSent", "Sanitation", "Sanitation-EasyEdit")
+# Sanitation-EasyEdit is EasyEdit's own Sanitation protocol (examples/run_santinization_llama2.py), where the published
+# Sanitation cells come from: the training file's questions of one answer are edited one after another, then the test
+# file's questions are scored by 10-token greedy answers. It runs the whole file, one sequence per answer.
+SANITATION_EASYEDIT = "Sanitation-EasyEdit"
+SANITATION_EASYEDIT_SUITES: tuple[str, ...] = ("fluency", "qa:context=question,max_new_tokens=10")
 KNOWEDIT_TABLE_METHODS: tuple[str, ...] = (
     "FT-L", "FT-M", "LoRA", "AdaLoRA", "ROME", "MEMIT", "AlphaEdit", "GRACE", "DEFER", "WISE", "IKE", "SERAC", "MEND")
 COMPARED_METRICS: tuple[str, ...] = ("Edit Succ.", "Portability", "Locality", "Fluency")
@@ -198,11 +204,37 @@ def table_jobs(config: KnowEditTableConfig) -> list[tuple[str, str, Any]]:
     """
     from lmedit.sweep.plan import Job
 
+    selections = {dataset: selection(config, dataset) for dataset in config.sets}
     return [(dataset, method, Job(
-        method=method, model=config.model, data=str(config.data_file(dataset)), protocol="single", seed=config.seed,
-        eval_batch_size=config.eval_batch_size, offset=config.offset, limit=config.limit,
-        preset=config.preset or config.model, overrides=dict(config.overrides.get(method, {})),
-        folder=f"{dataset}/{method}", suites=("fluency",))) for dataset, method in config.plan()]
+        method=method, model=config.model, data=str(config.data_file(dataset)), seed=config.seed,
+        eval_batch_size=config.eval_batch_size, preset=config.preset or config.model,
+        overrides=dict(config.overrides.get(method, {})), folder=f"{dataset}/{method}", **selections[dataset]))
+        for dataset, method in config.plan()]
+
+
+def selection(config: KnowEditTableConfig, dataset: str) -> dict[str, Any]:
+    """The protocol and items of one set: single edits of the first ``limit`` items, except for EasyEdit's
+    Sanitation protocol, which edits every training question, one answer's questions per sequence."""
+    if dataset != SANITATION_EASYEDIT:
+        return {"protocol": "single", "offset": config.offset, "limit": config.limit, "suites": ("fluency",)}
+    return {"protocol": "sequential", "T": sanitation_group_size(config.data_file(dataset)), "offset": 0,
+            "limit": None, "data_format": "sanitation-easyedit", "suites": SANITATION_EASYEDIT_SUITES}
+
+
+def sanitation_group_size(train_file: Path) -> int:
+    """The number of training questions per answer; each answer's must be one run of equal length in the file,
+    so that sequences of that length edit one answer each."""
+    from itertools import groupby
+
+    from lmedit.data import load_requests
+
+    answers = [r.extra["answer"].lower() for r in load_requests(train_file, format="sanitation-easyedit")]
+    runs = [(answer, len(list(run))) for answer, run in groupby(answers)]
+    sizes = {size for _, size in runs}
+    if len(sizes) != 1 or len({a for a, _ in runs}) != len(runs):
+        raise ReproduceError(f"{train_file}: the questions to forget must come in one block per answer, all of one "
+                             f"size, for one sequence per answer; found {runs}")
+    return sizes.pop()
 
 
 def _check_requests(config: KnowEditTableConfig) -> None:
@@ -211,7 +243,9 @@ def _check_requests(config: KnowEditTableConfig) -> None:
 
     sizes = {}
     for dataset in config.sets:
-        sizes[dataset] = len(load_requests(config.data_file(dataset), limit=config.limit, offset=config.offset))
+        chosen = selection(config, dataset)
+        sizes[dataset] = len(load_requests(config.data_file(dataset), limit=chosen["limit"], offset=chosen["offset"],
+                                           format=chosen.get("data_format")))
         if not sizes[dataset]:
             raise ReproduceError(f"no requests in {config.data_file(dataset)} at offset {config.offset}")
     config.out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +263,8 @@ def _write_plan(config: KnowEditTableConfig, sizes: dict[str, int]) -> None:
     plan = {"table": TABLE_NAME, "model": config.model, "preset": config.preset or config.model,
             "methods": list(config.methods), "data": {d: str(config.data_file(d)) for d in config.sets},
             "n_requests": sizes,
-            "limit": config.limit, "offset": config.offset, "protocol": "single", "suites": ["fluency"]}
+            "limit": config.limit, "offset": config.offset, "protocol": "single", "suites": ["fluency"],
+            "selections": {d: selection(config, d) for d in config.sets if d == SANITATION_EASYEDIT}}
     (config.out / "reproduce.json").write_text(json.dumps(plan, indent=2))
 
 
@@ -279,6 +314,9 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
     text = (f"# KnowEdit Table 4 on {config.model}\n\n"
             f"Single edits, the first {config.limit} items of each set (offset {config.offset}), KnowEdit's "
             f"metrics × 100. Each cell: lmedit's value (the published LLaMA-2-7B value, EasyEdit README).\n\n"
+            + (f"{SANITATION_EASYEDIT}: EasyEdit's Sanitation protocol instead: all training questions to forget "
+               f"edited in one sequence per answer; Edit Succ. is the share of that answer's test questions whose "
+               f"10-token greedy answer contains \"I don't know\".\n\n" if SANITATION_EASYEDIT in config.sets else "")
             + knowedit_table(rows, published=True)
             + "\n## Method order per row, against the published table\n\n"
             + (f"{agreeing} of {len(comparisons)} rows in the published order.\n\n" + comparison_table(comparisons)
@@ -315,7 +353,7 @@ def plot_against_published(rows: Sequence[dict[str, Any]], path: Path) -> Path |
         return None
     import matplotlib
 
-    markers = dict(zip(KNOWEDIT_FILES, "osD^vP"))
+    markers = dict(zip(KNOWEDIT_FILES, "osD^vPX"))
     colors = {name: matplotlib.colormaps["tab10"](i) for i, name in enumerate(KNOWEDIT_FILES)}
     for index, metric in enumerate(metrics):
         axis = figure.add_subplot(1, len(metrics), index + 1)

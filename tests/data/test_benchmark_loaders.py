@@ -130,6 +130,42 @@ def test_sanitation_test_file_and_selection(tmp_path):
     assert requests[0].subject is None
 
 
+def _sanitation_pair(tmp_path: Path) -> Path:
+    """Two answers, two questions to forget each; the test file's answers in other cases, as KnowEdit's are."""
+    forget = [{"question": f"Q{i} about {a}?", "subject": f"about {a}", "ground_truth": a, "target_new": "I don't know."}
+              for a in ("Cheese", "Birds") for i in range(2)]
+    train = {"K_F": forget, "K_R": [{"question": "R0?", "ground_truth": "r", "target_new": "r"}]}
+    success = [{"question": f"T{i}?", "ground_truth": a, "target_new": "I don't know."}
+               for i, a in enumerate(["CHEESE", "birds", "Cheese", "Birds", "Paris"])]
+    test = {"success": success, "locality": [{"question": f"L{j}?", "ground_truth": f"l{j}"} for j in range(3)]}
+    _write(tmp_path, test, "trivia_qa_test.json")
+    return _write(tmp_path, train, "trivia_qa_train.json")
+
+
+def test_sanitation_easyedit_edits_the_training_questions_and_scores_the_test_questions(tmp_path):
+    requests = load_requests(_sanitation_pair(tmp_path), format="sanitation-easyedit")
+    assert [r.case_id for r in requests] == ["0", "1", "2", "3"]
+    assert [r.extra["answer"] for r in requests] == ["Cheese", "Cheese", "Birds", "Birds"]
+    assert requests[0].subject == "about Cheese" and requests[0].target_new == "I don't know."
+    # each answer's test questions (case-insensitive), round-robin over that answer's edits; Paris has no edit
+    assert [r.rephrase for r in requests] == [("Question:T0?\nAnswer:",), ("Question:T2?\nAnswer:",),
+                                              ("Question:T1?\nAnswer:",), ("Question:T3?\nAnswer:",)]
+    # every test question to keep once per answer, shared round-robin within it
+    shares = [[p.answer for p in r.locality["retain"]] for r in requests]
+    assert shares == [["l0", "l2"], ["l1"], ["l0", "l2"], ["l1"]]
+    assert load_requests(_sanitation_pair(tmp_path), format="sanitation-easyedit", offset=3, limit=1)[0].locality == \
+        requests[3].locality
+
+
+def test_sanitation_easyedit_needs_the_training_file_and_the_test_file_beside_it(tmp_path):
+    train = _sanitation_pair(tmp_path)
+    with pytest.raises(DataError, match="reads the training file"):
+        load_requests(tmp_path / "trivia_qa_test.json", format="sanitation-easyedit")
+    (tmp_path / "trivia_qa_test.json").unlink()
+    with pytest.raises(DataError, match="trivia_qa_test.json beside it, which is missing"):
+        load_requests(train, format="sanitation-easyedit")
+
+
 def test_other_json_objects_are_still_refused(tmp_path):
     with pytest.raises(DataError, match="expected a list of records"):
         load_requests(_write(tmp_path, {"K_F": [], "other": []}))

@@ -129,7 +129,7 @@ def _report_cell(where: str, outcome: Any) -> None:
 def knowedit_table(
     root: Optional[Path] = typer.Option(None, help="KnowEdit folder (default: shared/data/knowedit if found)."),
     file: list[str] = typer.Option([], "--file", help="A dataset's test file: NAME=PATH, e.g. WikiData_recent=recent_test.json (repeatable)."),
-    sets: Optional[str] = typer.Option(None, help="Comma-separated datasets (default: ZsRE,WikiBio,ConvSent,Sanitation, plus any --file)."),
+    sets: Optional[str] = typer.Option(None, help="Comma-separated datasets (default: ZsRE,WikiBio,ConvSent,Sanitation,Sanitation-EasyEdit, plus any --file; Sanitation-EasyEdit is EasyEdit's own Sanitation protocol on the training file)."),
     out: Path = typer.Option(Path("runs/knowedit-table"), help="Output folder: one run folder per (dataset, method), the table and plot."),
     model: str = typer.Option("smollm2-135m", help="Model preset; every method needs a hyperparameter preset of that name."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated subset (default: the twelve fact-editing methods)."),
@@ -178,7 +178,9 @@ def knowedit_table(
             payload = write_table(config)
         else:
             console.print(f"{len(config.plan())} runs: {', '.join(config.methods)} on {', '.join(config.sets)}; "
-                          f"{limit} items each", soft_wrap=True)
+                          f"{limit} items each" + ("; Sanitation-EasyEdit its whole training file, one sequence per "
+                                                   "answer" if "Sanitation-EasyEdit" in config.sets else ""),
+                          soft_wrap=True)
             if engine == "ray":
                 payload = run_knowedit_table_on_ray(config, workers=workers, address=address, threads=threads,
                                                     show_progress=progress, on_run=_report_knowedit_run)

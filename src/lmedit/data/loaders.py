@@ -33,6 +33,7 @@ DATA_FORMATS: tuple[str, ...] = (
     "wise",
     "convsent",
     "sanitation",
+    "sanitation-easyedit",
 )
 """Every name accepted by ``load_requests(format=...)``; "demo" is an alias of "lmedit"."""
 
@@ -515,6 +516,70 @@ def _sanitation_window(records: Sequence[Record], limit: int | None, offset: int
     return [pair for _, pair in _window(forget, limit, offset)]
 
 
+def sanitation_test_file(train_file: Path) -> Path:
+    """The test file beside a Sanitation training file (EasyEdit reads both from one folder)."""
+    if "train" not in train_file.name:
+        raise DataError(f"{train_file}: the sanitation-easyedit format reads the training file (trivia_qa_train.json, "
+                        "its K_F questions are edited) and finds the test file beside it; pass the training file")
+    test_file = train_file.with_name(train_file.name.replace("train", "test"))
+    if not test_file.is_file():
+        raise DataError(f"{train_file}: the sanitation-easyedit format scores the test file {test_file.name} beside "
+                        f"it, which is missing; put both KnowEdit Sanitation files in one folder")
+    return test_file
+
+
+def _from_sanitation_easyedit(records: Sequence[Record], window: list[tuple[int, Record]],
+                              test_records: Sequence[Record]) -> list[EditRequest]:
+    """EasyEdit's Sanitation protocol: edit the training file's questions to forget, score the test file's.
+
+    Its script edits the training questions of one answer (16 each of five answers, each with a ``subject``)
+    and then asks the test file's questions with that answer (success) and all its questions to keep
+    (locality). Here each edit of answer A carries, round-robin over A's edits, the test questions with
+    answer A (case-insensitive, as EasyEdit compares them) as ``rephrase`` prompts, and the test file's
+    questions to keep as locality probes, shared round-robin within A's edits. So a sequential run with T =
+    the size of one answer's group scores, after each group, every test question of its answer and every
+    kept question once, as one EasyEdit run per answer does. ``extra["answer"]`` names the group.
+    """
+    forget = [(i, r) for i, r in enumerate(records) if r[SANITATION_ROLE] == "forget"]
+    groups: dict[str, list[int]] = {}
+    for i, item in forget:
+        groups.setdefault(str(_required(item, "ground_truth")).lower(), []).append(i)
+    tests = {answer: [] for answer in groups}  # type: dict[str, list[str]]
+    kept = []
+    for item in test_records:
+        question = SANITATION_TEMPLATE.format(_required(item, "question"))
+        if item[SANITATION_ROLE] == "retain":
+            kept.append((question, _required(item, "ground_truth")))
+        elif str(_required(item, "ground_truth")).lower() in tests:
+            tests[str(item["ground_truth"]).lower()].append(question)
+    requests = []
+    for index, item in window:
+        answer = str(item["ground_truth"]).lower()
+        members = groups[answer]
+        rank, size = members.index(index), len(members)
+        prompt = SANITATION_TEMPLATE.format(_required(item, "question"))
+        subject = item.get("subject")
+        requests.append(EditRequest(
+            prompt=prompt,
+            target_new=_required(item, "target_new"),
+            subject=subject if isinstance(subject, str) and subject in prompt else None,
+            ground_truth=item.get("ground_truth"),
+            rephrase=tests[answer][rank::size],
+            locality=_groups(retain=kept[rank::size]),
+            case_id=str(index),
+            extra={"answer": str(item["ground_truth"])},
+        ))
+    return requests
+
+
+def _sanitation_easyedit_mapper(train_file: Path) -> FileMapper:
+    test_file = sanitation_test_file(train_file)
+    test_records = _read_records(test_file)
+    if not test_records or SANITATION_ROLE not in test_records[0]:
+        raise DataError(f"{test_file} is not a Sanitation test file (an object of the lists success and locality)")
+    return lambda records, window: _from_sanitation_easyedit(records, window, test_records)
+
+
 _FILE_MAPPERS: dict[str, FileMapper] = {
     "convsent": _from_convsent,
     "sanitation": _from_sanitation,
@@ -523,7 +588,7 @@ _FILE_MAPPERS: dict[str, FileMapper] = {
 
 def _map_file(mapper: FileMapper, records: Sequence[Record], limit: int | None, offset: int, path: Path,
               name: str) -> list[EditRequest]:
-    window = _sanitation_window(records, limit, offset) if name == "sanitation" else _window(records, limit, offset)
+    window = _sanitation_window(records, limit, offset) if name.startswith("sanitation") else _window(records, limit, offset)
     try:
         requests = mapper(records, window)
     except (RequestError, KeyError, TypeError, AttributeError) as exc:
@@ -542,7 +607,7 @@ def _resolve_format(format: str | None, records: Sequence[Record], path: Path) -
         except DataError as exc:
             raise DataError(f"data file {path}: {exc}") from exc
     name = _ALIASES.get(format.lower(), format.lower())
-    if name not in _MAPPERS and name not in _FILE_MAPPERS:
+    if name not in _MAPPERS and name not in _FILE_MAPPERS and name != "sanitation-easyedit":
         raise DataError(f"unknown data format {format!r} for {path}; {_accepted()}")
     return name
 
@@ -563,6 +628,8 @@ def load_requests(
     file = demo_path() if path is None else Path(path)
     records = _read_records(file)
     name = _resolve_format(format, records, file)
+    if name == "sanitation-easyedit":  # its requests also read the test file beside this one
+        return _map_file(_sanitation_easyedit_mapper(file), records, limit, offset, file, name)
     if name in _FILE_MAPPERS:  # formats whose requests depend on other records of the file
         return _map_file(_FILE_MAPPERS[name], records, limit, offset, file, name)
     mapper = _MAPPERS[name]

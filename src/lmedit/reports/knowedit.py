@@ -23,6 +23,13 @@ generation scores of the edit prompt, ``Edit Succ. (QA EM)`` and
 For ConvSent, Edit Succ. is the edit score ``es`` and Locality is the mean
 KL divergence of the ``convsent`` suite (nats, lower is better; it is shown
 as is, not × 100, with four decimals).
+
+Runs of EasyEdit's Sanitation protocol (``--format sanitation-easyedit``:
+the training file's questions edited, the test file's scored) are the row
+*Sanitation (EasyEdit)*: there Edit Succ. is EasyEdit's success, whether the
+greedy answer to a *test* question with the edited answer contains "I don't
+know" (``rephrase_qa_contains`` of ``--suite qa``), and the row *· edited
+questions* is the teacher-forced accuracy on the edited questions themselves.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ LOCALITY_GROUPS = ("Relation_Specificity", "Forgetfulness")
 # (row label, summary metric) in print order; ConvSent's rows are set apart in knowedit_values
 KNOWEDIT_ROWS: tuple[tuple[str, str], ...] = (
     ("Edit Succ.", "rewrite_acc"),
+    ("· edited questions", ""),  # only the Sanitation (EasyEdit) row has it (knowedit_values)
     ("Edit Succ. (QA EM)", "rewrite_qa_em"),
     ("Edit Succ. (QA F1)", "rewrite_qa_f1"),
     ("Portability", "portability"),
@@ -71,15 +79,26 @@ class KnowEditLayout:
         return knowedit_table(rows)
 
 
+SANITATION_EASYEDIT = "Sanitation (EasyEdit)"
+
+
 def dataset_label(config: dict[str, Any]) -> str:
+    if (config.get("extra") or {}).get("data_format") == "sanitation-easyedit":
+        return SANITATION_EASYEDIT
     data = config.get("data") or "demo"
     stem = Path(str(data)).stem
     return KNOWEDIT_DATASETS.get(stem.lower(), KNOWEDIT_DATASETS.get(stem, stem))
 
 
-def knowedit_values(summary: dict[str, Any]) -> dict[str, float | None]:
+def knowedit_values(summary: dict[str, Any], dataset: str = "") -> dict[str, float | None]:
     """The four KnowEdit numbers of one run (post-edit means), scaled as KnowEdit prints them."""
     post = summary.get("post", {})
+    if dataset == SANITATION_EASYEDIT:  # EasyEdit's success is on the test questions, by generation
+        values = {label: scaled(post.get(metric)) for label, metric in KNOWEDIT_ROWS if metric}
+        values.update({"Edit Succ.": scaled(post.get("rephrase_qa_contains")),
+                       "· edited questions": scaled(post.get("rewrite_acc")),
+                       "Edit Succ. (QA EM)": None, "Edit Succ. (QA F1)": None})
+        return values
     if "convsent_es" in post:
         return {
             "Edit Succ.": scaled(post.get("convsent_es")),
@@ -87,7 +106,7 @@ def knowedit_values(summary: dict[str, Any]) -> dict[str, float | None]:
             "Locality": scaled(post.get("convsent_kl"), 1.0),
             "Fluency": scaled(post.get("fluency")),
         }
-    return {label: scaled(post.get(metric)) for label, metric in KNOWEDIT_ROWS}
+    return {label: scaled(post.get(metric)) if metric else None for label, metric in KNOWEDIT_ROWS}
 
 
 def knowedit_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -95,10 +114,11 @@ def knowedit_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         config, summary = run["config"], run["summary"]
+        dataset = dataset_label(config)
         rows.append({
-            "dataset": dataset_label(config), "method": config["method"], "protocol": config.get("protocol"),
+            "dataset": dataset, "method": config["method"], "protocol": config.get("protocol"),
             "n": summary.get("n"), "complete": summary.get("complete", True), "folder": run.get("folder"),
-            **knowedit_values(summary), **run_cost(summary),
+            **knowedit_values(summary, dataset), **run_cost(summary),
         })
     return rows
 

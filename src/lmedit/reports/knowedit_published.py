@@ -64,9 +64,14 @@ PUBLISHED: dict[str, dict[str, dict[str, float]]] = {
 PUBLISHED_NAME = {"IKE": "ICE"}
 
 
+# lmedit's rows of EasyEdit's own Sanitation protocol, where the published Sanitation values come from
+PUBLISHED_ROW = {"Sanitation-EasyEdit": "Sanitation", "Sanitation (EasyEdit)": "Sanitation"}
+
+
 def published_value(dataset: str, metric: str, method: str) -> float | None:
     """The published value of lmedit's ``method`` (its name, or the published one) on that row; None if none."""
-    return PUBLISHED.get(dataset, {}).get(metric, {}).get(PUBLISHED_NAME.get(method, method))
+    row = PUBLISHED.get(PUBLISHED_ROW.get(dataset, dataset), {})
+    return row.get(metric, {}).get(PUBLISHED_NAME.get(method, method))
 
 
 def kendall_tau(ours: Sequence[float], theirs: Sequence[float]) -> float | None:

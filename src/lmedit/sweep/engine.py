@@ -102,7 +102,8 @@ class ChunkWorker:
                             model_name=job.model)
             spec = make_spec(editor, requests, protocol=job.protocol, T=job.T, batch_size=job.batch_size, seed=job.seed,
                              data=job.data, data_sha256=file_sha256(data) if data else None, offset=job.offset,
-                             limit=job.limit, extra={"sweep_job": job.name})
+                             limit=job.limit, extra={"sweep_job": job.name,
+                                                    **({"data_format": job.data_format} if job.data_format else {})})
             session = editor.session(seed=spec.seed)
             chunks = check_run(session, requests, spec)
             self._jobs[job.name] = PreparedJob(editor, session, requests, spec, chunks, {})

@@ -161,22 +161,43 @@ def test_requests_without_both_sentiments_are_refused(tiny_llama, word_tok):
         _evaluator(word_tok).capture(tiny_llama, [broken])
 
 
-def test_routed_models_are_refused(tiny_llama, word_tok):
+def test_routed_models_are_scored_on_their_routes(tiny_llama, word_tok):
+    """IKE and SERAC: each question is fed as its router says, to the network it names (SEP after the routed text)."""
     from lmedit.routing import Route, attach_router, detach_router
 
-    class Echo:
-        kind = "echo"
+    counterfactual = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        weight = counterfactual.model.layers[1].mlp.down_proj.weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
 
-        def route(self, model, tok, prompts):
-            return [Route(p) for p in prompts]
+    class Split:
+        kind = "split"
 
-    router = Echo()
+        def route(self, model, tok, prompts):  # the edited topic to another network, the other one rewritten
+            return [Route(p, counterfactual, "cf") if "france" in p else Route("the city is " + p) for p in prompts]
+
+    request = _request()
+    evaluator = _evaluator(word_tok)
+    pre = evaluator.capture(tiny_llama, [request])
+    router = Split()
     attach_router(tiny_llama, router)
     try:
-        with pytest.raises(SuiteError, match="does not support routed methods"):
-            _evaluator(word_tok).capture(tiny_llama, [_request()])
+        post = evaluator.score(tiny_llama, [request], pre)[0]
     finally:
         detach_router(tiny_llama, router)
+    inner = request.extra["convsent"]["inner"]
+    pre_target = _mean_logprob(tiny_llama, word_tok, [(q, a) for q, a, t in inner if t])
+    post_target = _mean_logprob(counterfactual, word_tok, [(q, a) for q, a, t in inner if t])
+    post_other = _mean_logprob(counterfactual, word_tok, [(q, a) for q, a, t in inner if not t])
+    assert post["convsent_es"] == pytest.approx(entailment(pre_target, post_target, post_other)[0], rel=1e-4)
+    total, count = 0.0, 0
+    for question, answer in request.extra["convsent"]["outer"]:
+        pre_logits, _ = _answer_logits(tiny_llama, word_tok, question, answer)
+        post_logits, _ = _answer_logits(tiny_llama, word_tok, "the city is " + question, answer)
+        kl = kl_divergence(pre_logits, post_logits)
+        total, count = total + float(kl.sum()), count + kl.numel()
+    assert total / count > 1e-4
+    assert post["convsent_kl"] == pytest.approx(total / count, rel=1e-3)  # small KL: float noise near 1e-4
 
 
 @pytest.mark.embedded

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from lmedit.evaluation.suites._forward import HeadSnapshot, answer_passes, kl_divergence
+from lmedit.evaluation.suites._forward import AnswerPass, HeadSnapshot, answer_passes, kl_divergence
 from lmedit.evaluation.suites.base import (
     MetricSuite,
     SuiteCapture,
@@ -47,7 +47,6 @@ from lmedit.evaluation.suites.base import (
     SuiteOptions,
     check_same_requests,
     request_key,
-    require_unrouted,
 )
 from lmedit.requests import EditRequest
 
@@ -147,32 +146,43 @@ class ConvSentSuite(MetricSuite):
 
     # ------------------------------------------------------------------ shared pass over all pairs
 
-    def _pairs(self, tok: Any, requests: Sequence[EditRequest]) -> tuple[list[tuple[str, str]], list[_PairRef]]:
-        sep = separator_of(tok, self.options.separator)
+    def _pairs(self, requests: Sequence[EditRequest]) -> tuple[list[tuple[str, str]], list[_PairRef]]:
+        """Every (question, answer) pair of the requests; the separator is added after routing."""
         pairs: list[tuple[str, str]] = []
         refs: list[_PairRef] = []
         for r, request in enumerate(requests):
             data = convsent_data(request)
             for slot, (question, answer, is_target) in enumerate(data["inner"]):
-                pairs.append((f"{question} {sep}", answer))
+                pairs.append((question, answer))
                 refs.append(_PairRef(r, False, slot, bool(is_target)))
             for slot, (question, answer) in enumerate(data["outer"]):
-                pairs.append((f"{question} {sep}", answer))
+                pairs.append((question, answer))
                 refs.append(_PairRef(r, True, slot))
         return pairs, refs
 
     def _passes(self, model: torch.nn.Module, tok: Any, pairs: list[tuple[str, str]], context: SuiteContext,
-                keep_hidden: bool):
-        return answer_passes(model, tok, pairs, batch_size=context.batch_size,
-                             max_batch_tokens=context.max_batch_tokens, packing=context.packing, keep_hidden=keep_hidden)
+                keep_hidden: bool) -> Iterator[list[AnswerPass]]:
+        """Answer passes of ``question SEP answer``, on what the model is really fed: a router (IKE, SERAC) picks
+        each question's text and network, as it does for the core metrics; SEP follows the routed question."""
+        from lmedit.routing import route_prompts
+
+        sep = separator_of(tok, self.options.separator)
+        groups = route_prompts(model, tok, [question for question, _ in pairs])
+        routes = ([(model, tuple(range(len(pairs))), tuple(q for q, _ in pairs))] if groups is None
+                  else [(g.model, g.indices, g.prompts) for g in groups])
+        for network, indices, questions in routes:
+            routed = [(f"{question} {sep}", pairs[i][1]) for i, question in zip(indices, questions)]
+            for batch in answer_passes(network, tok, routed, batch_size=context.batch_size,
+                                       max_batch_tokens=context.max_batch_tokens, packing=context.packing,
+                                       keep_hidden=keep_hidden):
+                yield [replace(item, index=indices[item.index]) for item in batch]
 
     # ------------------------------------------------------------------ capture
 
     @torch.no_grad()
     def capture(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], context: SuiteContext) -> SuiteCapture:
-        require_unrouted(model, self.name)
         self.check_requests(requests)
-        pairs, refs = self._pairs(tok, requests)
+        pairs, refs = self._pairs(requests)
         sizes = [len(convsent_data(r)["outer"]) for r in requests]
         states = [_PreState(_Sums(), _Sums(), [()] * n, [None] * n, [None] * n) for n in sizes]
         head: HeadSnapshot | None = None
@@ -221,9 +231,8 @@ class ConvSentSuite(MetricSuite):
     @torch.no_grad()
     def score(self, model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest], pre: SuiteCapture,
               context: SuiteContext) -> list[dict[str, float]]:
-        require_unrouted(model, self.name)
         check_same_requests(self.name, pre, requests)
-        pairs, refs = self._pairs(tok, requests)
+        pairs, refs = self._pairs(requests)
         head: HeadSnapshot | None = pre.shared
         target = [_Sums() for _ in requests]
         other = [_Sums() for _ in requests]
