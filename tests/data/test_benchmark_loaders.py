@@ -137,7 +137,7 @@ def _sanitation_pair(tmp_path: Path) -> Path:
     train = {"K_F": forget, "K_R": [{"question": "R0?", "ground_truth": "r", "target_new": "r"}]}
     success = [{"question": f"T{i}?", "ground_truth": a, "target_new": "I don't know."}
                for i, a in enumerate(["CHEESE", "birds", "Cheese", "Birds", "Paris"])]
-    test = {"success": success, "locality": [{"question": f"L{j}?", "ground_truth": f"l{j}"} for j in range(3)]}
+    test = {"success": success, "locality": [{"question": f"L{j}?", "ground_truth": f"l{j}"} for j in range(5)]}
     _write(tmp_path, test, "trivia_qa_test.json")
     return _write(tmp_path, train, "trivia_qa_train.json")
 
@@ -150,9 +150,9 @@ def test_sanitation_easyedit_edits_the_training_questions_and_scores_the_test_qu
     # each answer's test questions (case-insensitive), round-robin over that answer's edits; Paris has no edit
     assert [r.rephrase for r in requests] == [("Question:T0?\nAnswer:",), ("Question:T2?\nAnswer:",),
                                               ("Question:T1?\nAnswer:",), ("Question:T3?\nAnswer:",)]
-    # every test question to keep once per answer, shared round-robin within it
+    # every test question to keep once in the file, shared round-robin over all edits
     shares = [[p.answer for p in r.locality["retain"]] for r in requests]
-    assert shares == [["l0", "l2"], ["l1"], ["l0", "l2"], ["l1"]]
+    assert shares == [["l0", "l4"], ["l1"], ["l2"], ["l3"]]
     assert load_requests(_sanitation_pair(tmp_path), format="sanitation-easyedit", offset=3, limit=1)[0].locality == \
         requests[3].locality
 

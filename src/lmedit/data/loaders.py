@@ -535,10 +535,11 @@ def _from_sanitation_easyedit(records: Sequence[Record], window: list[tuple[int,
     Its script edits the training questions of one answer (16 each of five answers, each with a ``subject``)
     and then asks the test file's questions with that answer (success) and all its questions to keep
     (locality). Here each edit of answer A carries, round-robin over A's edits, the test questions with
-    answer A (case-insensitive, as EasyEdit compares them) as ``rephrase`` prompts, and the test file's
-    questions to keep as locality probes, shared round-robin within A's edits. So a sequential run with T =
-    the size of one answer's group scores, after each group, every test question of its answer and every
-    kept question once, as one EasyEdit run per answer does. ``extra["answer"]`` names the group.
+    answer A (case-insensitive, as EasyEdit compares them) as ``rephrase`` prompts. The test file's questions
+    to keep are shared round-robin over all edits of the file, as the ``sanitation`` format shares them: each
+    is scored once, after the answer it falls to, not after every answer (5x fewer probes; EasyEdit's five
+    runs score all 453 five times). So a sequential run with T = the size of one answer's group scores, after
+    each group, every test question of its answer. ``extra["answer"]`` names the group.
     """
     forget = [(i, r) for i, r in enumerate(records) if r[SANITATION_ROLE] == "forget"]
     groups: dict[str, list[int]] = {}
@@ -552,6 +553,7 @@ def _from_sanitation_easyedit(records: Sequence[Record], window: list[tuple[int,
             kept.append((question, _required(item, "ground_truth")))
         elif str(_required(item, "ground_truth")).lower() in tests:
             tests[str(item["ground_truth"]).lower()].append(question)
+    position = {i: k for k, (i, _) in enumerate(forget)}
     requests = []
     for index, item in window:
         answer = str(item["ground_truth"]).lower()
@@ -565,7 +567,7 @@ def _from_sanitation_easyedit(records: Sequence[Record], window: list[tuple[int,
             subject=subject if isinstance(subject, str) and subject in prompt else None,
             ground_truth=item.get("ground_truth"),
             rephrase=tests[answer][rank::size],
-            locality=_groups(retain=kept[rank::size]),
+            locality=_groups(retain=kept[position[index]::len(forget)]),
             case_id=str(index),
             extra={"answer": str(item["ground_truth"])},
         ))
