@@ -63,11 +63,13 @@ def test_run_records_retention_curves_on_request(tmp_path, monkeypatch):
     data = tmp_path / "cf.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "run"
-    base = ["run", "--method", "GRACE", "--model", str(folder), "--data", str(data), "--limit", "4", "--protocol",
+    base = ["run", "--method", "GRACE", "--model", str(folder), "--data", str(data), "--format", "counterfact",
+            "--limit", "4", "--protocol",
             "sequential", "--T", "2", "--set", "inner_params=[model.layers.1.mlp.down_proj.weight]", "--set", "n_iter=5",
             "--out", str(out), "--no-progress"]
     result = runner.invoke(app, base + ["--retention-every", "1", "--retention-items", "2"])
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["extra"]["data_format"] == "counterfact"  # as it was read
     held = json.loads((out / "held_out.json").read_text())  # from the records after the 4 edited ones
     assert len(held["probes"]) == 2 and all("italy" not in p["prompt"] for p in held["probes"])
     curves = json.loads((out / "lifelong.json").read_text())["curves"]
