@@ -210,10 +210,12 @@ def test_easyedit_sanitation_protocol_edits_one_answer_per_sequence(root, tmp_pa
     (row,) = payload["rows"]
     assert row["Edit Succ."] == pytest.approx(100 * post["rephrase_qa_contains"])  # the test questions, generated
     assert row["· edited questions"] == pytest.approx(100 * post["rewrite_acc"])
+    assert row["Locality"] == pytest.approx(100 * post["locality_qa_f1"])  # generated answers against pre-edit ones
+    assert row["· teacher-forced"] == pytest.approx(100 * post["locality"])
     published = PUBLISHED["Sanitation"]["Edit Succ."]["FT-M"]
     assert published_value("Sanitation-EasyEdit", "Edit Succ.", "FT-M") == published
     text = (config.out / "knowedit-table.md").read_text()
     assert "| Sanitation-EasyEdit (n=4) | Edit Succ. | " in text and f"({published:.2f})" in text
-    assert "· edited questions" in text and "EasyEdit's Sanitation protocol instead" in text
+    assert "· edited questions" in text and "· teacher-forced" in text and "EasyEdit's Sanitation protocol" in text
     (report_row,) = knowedit_rows(load_written_runs([folder]))  # `lmedit report --layout knowedit` names it too
     assert report_row["dataset"] == "Sanitation (EasyEdit)" and report_row["Edit Succ."] == row["Edit Succ."]

@@ -316,7 +316,8 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
             f"metrics × 100. Each cell: lmedit's value (the published LLaMA-2-7B value, EasyEdit README).\n\n"
             + (f"{SANITATION_EASYEDIT}: EasyEdit's Sanitation protocol instead: all training questions to forget "
                f"edited in one sequence per answer; Edit Succ. is the share of that answer's test questions whose "
-               f"10-token greedy answer contains \"I don't know\".\n\n" if SANITATION_EASYEDIT in config.sets else "")
+               f"10-token greedy answer contains \"I don't know\", Locality the token F1 of the kept questions' "
+               f"greedy answers against the unedited model's.\n\n" if SANITATION_EASYEDIT in config.sets else "")
             + knowedit_table(rows, published=True)
             + "\n## Method order per row, against the published table\n\n"
             + (f"{agreeing} of {len(comparisons)} rows in the published order.\n\n" + comparison_table(comparisons)

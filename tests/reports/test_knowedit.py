@@ -73,3 +73,21 @@ def test_qa_layout_puts_realistic_scores_beside_teacher_forced_ones():
     assert table.splitlines()[0].startswith("| method | protocol | n | rewrite | rephrase | locality | portability | QA rewrite contains")
     assert "| EMMET | single | 10 | 0.998 | 0.940 | 0.970 | — | 0.420 | 0.070 | — | — | — | 0.750 |" in table
     assert "| FT-M | single | 10 | 0.950 | — |" in table
+
+
+def test_the_easyedit_sanitation_row_reads_generated_success_and_locality():
+    """EasyEdit's Sanitation script scores test questions and kept questions by generation; other rows teacher-forced."""
+    from lmedit.reports.knowedit import SANITATION_EASYEDIT, dataset_label, knowedit_values
+
+    summary = {"post": {"rewrite_acc": 1.0, "rephrase_qa_contains": 0.5, "locality": 0.7, "locality_qa_f1": 0.2,
+                        "rewrite_qa_em": 0.9, "fluency": 4.0}}
+    easyedit = knowedit_values(summary, SANITATION_EASYEDIT)
+    assert (easyedit["Edit Succ."], easyedit["· edited questions"]) == (50.0, 100.0)
+    assert (easyedit["Locality"], easyedit["· teacher-forced"], easyedit["Fluency"]) == (20.0, 70.0, 400.0)
+    assert easyedit["Edit Succ. (QA EM)"] is None
+    plain = knowedit_values(summary, "Sanitation")
+    assert (plain["Edit Succ."], plain["Locality"], plain["Edit Succ. (QA EM)"]) == (100.0, 70.0, 90.0)
+    assert plain["· edited questions"] is None and plain["· teacher-forced"] is None
+    config = {"data": "x/trivia_qa_train.json", "extra": {"data_format": "sanitation-easyedit"}}
+    assert dataset_label(config) == SANITATION_EASYEDIT
+    assert dataset_label({"data": "x/trivia_qa_train.json"}) == "Sanitation (train)"

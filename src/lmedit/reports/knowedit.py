@@ -30,6 +30,9 @@ the training file's questions edited, the test file's scored) are the row
 greedy answer to a *test* question with the edited answer contains "I don't
 know" (``rephrase_qa_contains`` of ``--suite qa``), and the row *· edited
 questions* is the teacher-forced accuracy on the edited questions themselves.
+Its Locality is generated too, as EasyEdit's is: the token F1 of each kept
+question's greedy answer against the model's own pre-edit answer
+(``locality_qa_f1``); the row *· teacher-forced* is the usual locality.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ KNOWEDIT_ROWS: tuple[tuple[str, str], ...] = (
     ("Portability", "portability"),
     *((f"· {g}", f"portability/{g}") for g in PORTABILITY_GROUPS),
     ("Locality", "locality"),
+    ("· teacher-forced", ""),  # only the Sanitation (EasyEdit) row has it (knowedit_values)
     *((f"· {g}", f"locality/{g}") for g in LOCALITY_GROUPS),
     ("Fluency", "fluency"),
 )
@@ -97,7 +101,8 @@ def knowedit_values(summary: dict[str, Any], dataset: str = "") -> dict[str, flo
         values = {label: scaled(post.get(metric)) for label, metric in KNOWEDIT_ROWS if metric}
         values.update({"Edit Succ.": scaled(post.get("rephrase_qa_contains")),
                        "· edited questions": scaled(post.get("rewrite_acc")),
-                       "Edit Succ. (QA EM)": None, "Edit Succ. (QA F1)": None})
+                       "Edit Succ. (QA EM)": None, "Edit Succ. (QA F1)": None,
+                       "Locality": scaled(post.get("locality_qa_f1")), "· teacher-forced": scaled(post.get("locality"))})
         return values
     if "convsent_es" in post:
         return {
