@@ -494,20 +494,23 @@ def _from_sanitation(records: Sequence[Record], window: list[tuple[int, Record]]
         if shares:
             probe = (SANITATION_TEMPLATE.format(_required(item, "question")), _required(item, "ground_truth"))
             shares[j % len(shares)].append(probe)
-    requests = []
-    for index, item in window:
-        share = shares[position[index]]
-        prompt = SANITATION_TEMPLATE.format(_required(item, "question"))
-        subject = item.get("subject")
-        requests.append(EditRequest(
-            prompt=prompt,
-            target_new=_required(item, "target_new"),
-            subject=subject if isinstance(subject, str) and subject in prompt else None,
-            ground_truth=item.get("ground_truth"),
-            locality=_groups(retain=share),
-            case_id=str(index),
-        ))
-    return requests
+    return [_forget_edit(index, item, shares[position[index]]) for index, item in window]
+
+
+def _forget_edit(index: int, item: Record, kept: Sequence[tuple[Any, Any]], **probes: Any) -> EditRequest:
+    """A question to forget as an edit to its ``target_new`` ("I don't know."), its share of kept questions as
+    locality probes; the subject only where the question contains it."""
+    prompt = SANITATION_TEMPLATE.format(_required(item, "question"))
+    subject = item.get("subject")
+    return EditRequest(
+        prompt=prompt,
+        target_new=_required(item, "target_new"),
+        subject=subject if isinstance(subject, str) and subject in prompt else None,
+        ground_truth=item.get("ground_truth"),
+        locality=_groups(retain=kept),
+        case_id=str(index),
+        **probes,
+    )
 
 
 def _sanitation_window(records: Sequence[Record], limit: int | None, offset: int) -> list[tuple[int, Record]]:
@@ -559,18 +562,8 @@ def _from_sanitation_easyedit(records: Sequence[Record], window: list[tuple[int,
         answer = str(item["ground_truth"]).lower()
         members = groups[answer]
         rank, size = members.index(index), len(members)
-        prompt = SANITATION_TEMPLATE.format(_required(item, "question"))
-        subject = item.get("subject")
-        requests.append(EditRequest(
-            prompt=prompt,
-            target_new=_required(item, "target_new"),
-            subject=subject if isinstance(subject, str) and subject in prompt else None,
-            ground_truth=item.get("ground_truth"),
-            rephrase=tests[answer][rank::size],
-            locality=_groups(retain=kept[position[index]::len(forget)]),
-            case_id=str(index),
-            extra={"answer": str(item["ground_truth"])},
-        ))
+        requests.append(_forget_edit(index, item, kept[position[index]::len(forget)],
+                                     rephrase=tests[answer][rank::size], extra={"answer": str(item["ground_truth"])}))
     return requests
 
 
