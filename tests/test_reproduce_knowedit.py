@@ -219,3 +219,21 @@ def test_easyedit_sanitation_protocol_edits_one_answer_per_sequence(root, tmp_pa
     assert "· edited questions" in text and "· teacher-forced" in text and "EasyEdit's Sanitation protocol" in text
     (report_row,) = knowedit_rows(load_written_runs([folder]))  # `lmedit report --layout knowedit` names it too
     assert report_row["dataset"] == "Sanitation (EasyEdit)" and report_row["Edit Succ."] == row["Edit Succ."]
+
+
+def test_easyedit_sanitation_needs_one_block_per_answer(tmp_path):
+    from lmedit.reproduce_knowedit import sanitation_group_size
+
+    folder = tmp_path / "Sanitation"
+    _sanitation_files(folder)
+    assert sanitation_group_size(folder / "trivia_qa_train.json") == 2
+    train = json.loads((folder / "trivia_qa_train.json").read_text())
+    train["K_F"][1], train["K_F"][2] = train["K_F"][2], train["K_F"][1]  # tolstoy, paris, tolstoy, paris
+    (folder / "trivia_qa_train.json").write_text(json.dumps(train))
+    with pytest.raises(ReproduceError, match="one block per answer"):
+        sanitation_group_size(folder / "trivia_qa_train.json")
+    train["K_F"] = train["K_F"][:3]  # blocks of 2 and 1 after sorting back: unequal sizes
+    train["K_F"].sort(key=lambda item: item["ground_truth"])
+    (folder / "trivia_qa_train.json").write_text(json.dumps(train))
+    with pytest.raises(ReproduceError, match="all of one size"):
+        sanitation_group_size(folder / "trivia_qa_train.json")
