@@ -548,8 +548,8 @@ def _from_sanitation_easyedit(records: Sequence[Record], window: list[tuple[int,
     groups: dict[str, list[int]] = {}
     for i, item in forget:
         groups.setdefault(str(_required(item, "ground_truth")).lower(), []).append(i)
-    tests = {answer: [] for answer in groups}  # type: dict[str, list[str]]
-    kept = []
+    tests: dict[str, list[str]] = {answer: [] for answer in groups}
+    kept: list[tuple[str, Any]] = []
     for item in test_records:
         question = SANITATION_TEMPLATE.format(_required(item, "question"))
         if item[SANITATION_ROLE] == "retain":
