@@ -575,9 +575,12 @@ def _sanitation_easyedit_mapper(train_file: Path) -> FileMapper:
     return lambda records, window: _from_sanitation_easyedit(records, window, test_records)
 
 
-_FILE_MAPPERS: dict[str, FileMapper] = {
-    "convsent": _from_convsent,
-    "sanitation": _from_sanitation,
+# Formats whose requests depend on other records of the file (or, for sanitation-easyedit, on the test file beside
+# it): each builds its mapper from the file's path.
+_FILE_MAPPERS: dict[str, Callable[[Path], FileMapper]] = {
+    "convsent": lambda _path: _from_convsent,
+    "sanitation": lambda _path: _from_sanitation,
+    "sanitation-easyedit": _sanitation_easyedit_mapper,
 }
 
 
@@ -602,7 +605,7 @@ def _resolve_format(format: str | None, records: Sequence[Record], path: Path) -
         except DataError as exc:
             raise DataError(f"data file {path}: {exc}") from exc
     name = _ALIASES.get(format.lower(), format.lower())
-    if name not in _MAPPERS and name not in _FILE_MAPPERS and name != "sanitation-easyedit":
+    if name not in _MAPPERS and name not in _FILE_MAPPERS:
         raise DataError(f"unknown data format {format!r} for {path}; {_accepted()}")
     return name
 
@@ -623,10 +626,8 @@ def load_requests(
     file = demo_path() if path is None else Path(path)
     records = _read_records(file)
     name = _resolve_format(format, records, file)
-    if name == "sanitation-easyedit":  # its requests also read the test file beside this one
-        return _map_file(_sanitation_easyedit_mapper(file), records, limit, offset, file, name)
-    if name in _FILE_MAPPERS:  # formats whose requests depend on other records of the file
-        return _map_file(_FILE_MAPPERS[name], records, limit, offset, file, name)
+    if name in _FILE_MAPPERS:  # formats whose requests depend on other records (or files)
+        return _map_file(_FILE_MAPPERS[name](file), records, limit, offset, file, name)
     mapper = _MAPPERS[name]
     requests: list[EditRequest] = []
     skipped = 0
