@@ -2,7 +2,8 @@
 
 It owns tokenising an edit's ``(prompt, answer)`` pair (:mod:`.tokens`),
 laying sequences out as a pass's inputs, packed or left-padded
-(:mod:`.batching`), reading logits at chosen positions only (:mod:`.reading`),
+(:mod:`.batching`), planning teacher-forced answer passes with their shared
+prefixes (:mod:`.answers`), reading logits at chosen positions only (:mod:`.reading`),
 greedy generation (:mod:`.generation`) and partial forwards that rerun a
 model from one block or one column on (:mod:`.partial`).
 
@@ -12,12 +13,12 @@ evaluation, the methods, locate, the orchestration (runner, editor,
 registry) or the commands, so all of those can import it at module level.
 """
 
+from lmedit.forward.answers import AnswerBatch, answer_batches, shared_prefix_groups
 from lmedit.forward.batching import (
-    AnswerBatch,
     BatchInputs,
     ProgressFn,
     Row,
-    answer_batches,
+    SharedPrefix,
     build_inputs,
     left_pad,
     plan_packed,
@@ -34,6 +35,7 @@ __all__ = [
     "BatchInputs",
     "ProgressFn",
     "Row",
+    "SharedPrefix",
     "SuffixForward",
     "TokenizedPair",
     "UpperForward",
@@ -49,6 +51,7 @@ __all__ = [
     "pad_id_of",
     "plan_packed",
     "plan_padded",
+    "shared_prefix_groups",
     "supports_packing",
     "tokenize_pair",
 ]

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-
-from lmedit.forward.tokens import TokenizedPair, pad_id_of
 
 ProgressFn = Callable[[int], None]
 """Called after each batch with the number of items it finished (drives a progress bar)."""
@@ -91,24 +89,46 @@ def plan_packed(
 
 
 @dataclass(frozen=True)
+class SharedPrefix:
+    """The tokens every sequence of a batch starts with, as per-layer keys and values of one row.
+
+    Computed once and reused by every batch of the group: in-context editing
+    puts the same demonstrations in front of every probe, so the probes differ
+    only in their last few dozen tokens.
+    """
+
+    length: int
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+@dataclass(frozen=True)
 class BatchInputs:
-    """Model inputs for rows of sequences, and where each sequence starts (row, column)."""
+    """Model inputs for rows of sequences, and where each sequence starts (row, column).
+
+    With ``prefix`` the rows hold only what follows it: every row attends to
+    the prefix's keys and values first, and positions continue after it.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     starts: dict[int, tuple[int, int]]
+    prefix: SharedPrefix | None = None
 
 
 def build_inputs(
-    rows: Sequence[Row], sequences: Sequence[Sequence[int]], pad_id: int, mask_dtype: torch.dtype
+    rows: Sequence[Row], sequences: Sequence[Sequence[int]], pad_id: int, mask_dtype: torch.dtype,
+    prefix: SharedPrefix | None = None,
 ) -> BatchInputs:
     """Left-pad each row; rows holding several sequences get a block-diagonal causal 4D mask.
 
     Position ids restart at 0 for every sequence, so each one sees exactly
     the positions and the context it would see alone. With one sequence per
-    row the usual 2D padding mask is used.
+    row the usual 2D padding mask is used. With ``prefix`` the sequences are
+    what follows it: positions start at its length and every column may also
+    attend to its columns, which come first in the mask.
     """
+    shift = prefix.length if prefix is not None else 0
     width = max(sum(len(sequences[i]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
@@ -119,17 +139,22 @@ def build_inputs(
         for index in row:
             seq = sequences[index]
             ids[r, column : column + len(seq)] = torch.tensor(seq, dtype=torch.long)
-            positions[r, column : column + len(seq)] = torch.arange(len(seq))
+            positions[r, column : column + len(seq)] = torch.arange(shift, shift + len(seq))
             segment[r, column : column + len(seq)] = index
             starts[index] = (r, column)
             column += len(seq)
     if all(len(row) == 1 for row in rows):
-        return BatchInputs(ids, (segment >= 0).long(), positions, starts)
+        mask = (segment >= 0).long()
+        if shift:
+            mask = torch.cat([torch.ones((len(rows), shift), dtype=torch.long), mask], dim=1)
+        return BatchInputs(ids, mask, positions, starts, prefix)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    mask = torch.zeros((len(rows), 1, width, width), dtype=mask_dtype)
+    if shift:
+        allowed = torch.cat([torch.ones((len(rows), width, shift), dtype=torch.bool), allowed], dim=2)
+    mask = torch.zeros((len(rows), 1, width, shift + width), dtype=mask_dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
-    return BatchInputs(ids, mask, positions, starts)
+    return BatchInputs(ids, mask, positions, starts, prefix)
 
 
 def supports_packing(model: torch.nn.Module) -> bool:
@@ -141,51 +166,3 @@ def supports_packing(model: torch.nn.Module) -> bool:
         return "position_ids" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-@dataclass
-class AnswerBatch:
-    """One planned forward pass: its inputs, the pairs it holds, and where their answer predictions are read."""
-
-    inputs: BatchInputs
-    members: list[int]  # indices into the tokenized pairs
-    spans: list[tuple[int, int]]  # per member: offset and count of its rows in the read positions
-    read: torch.Tensor  # flat (row * width + column) positions of the columns predicting answer tokens
-
-
-def answer_batches(
-    model: torch.nn.Module, tok: Any, tokenized: Sequence[TokenizedPair], *, batch_size: int = 128,
-    max_batch_tokens: int = 2048, packing: bool = True,
-) -> Iterator[AnswerBatch]:
-    """Plan ``tokenized`` into packed (or left-padded) batches and yield each one's inputs and read positions.
-
-    Shared by every teacher-forced pass (core scoring, suites), so all of them batch, pack and slice alike.
-    """
-    causal = packing and supports_packing(model)
-    # In a causal, position-wise model the last answer token changes no prediction that is read,
-    # so it is left out. Without ``packing`` the model may not be (an adapter that looks at the
-    # last token of its input, like DEFER's gate), and the full sequence is fed, as EasyEdit does.
-    inputs_of = [t.ids[:-1] if causal else t.ids for t in tokenized]
-    lengths = [len(ids) for ids in inputs_of]
-    if causal and batch_size > 1:
-        plan = plan_packed(lengths, batch_size, max_batch_tokens)
-    else:
-        plan = plan_padded(lengths, batch_size, max_batch_tokens)
-    pad = pad_id_of(tok)
-    for rows in plan:
-        inputs = build_inputs(rows, inputs_of, pad, _model_dtype(model))
-        width = inputs.input_ids.shape[1]
-        members = [index for row in rows for index in row]
-        spans, flat = [], []
-        for index in members:
-            row, start = inputs.starts[index]
-            item = tokenized[index]
-            # column c predicts token c+1: the answer is read from the columns before each answer token
-            columns = range(start + item.prompt_len - 1, start + len(item.ids) - 1)
-            spans.append((len(flat), len(columns)))
-            flat.extend(row * width + c for c in columns)
-        yield AnswerBatch(inputs, members, spans, torch.tensor(flat, dtype=torch.long))

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.func import functional_call
 
-from lmedit.forward import TokenizedPair, answer_batches, forward_reading, tokenize_pair
+from lmedit.forward import TokenizedPair, answer_batches, logits_at, tokenize_pair
 
 LOG = logging.getLogger(__name__)
 
@@ -64,10 +64,7 @@ def answer_passes(
         captured: list[torch.Tensor] = []
         hook = _hidden_hook(model, read.to(device), captured) if keep_hidden else None
         try:
-            logits, _ = forward_reading(
-                model, read, input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
-                position_ids=inputs.position_ids.to(device), use_cache=False,
-            )
+            logits = logits_at(model, inputs, read)
         finally:
             if hook is not None:
                 hook.remove()

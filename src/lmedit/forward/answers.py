@@ -1,0 +1,171 @@
+"""Teacher-forced answer passes: plan the (prompt, answer) pairs into batches and say where each answer is read.
+
+Every teacher-forced pass of the framework (core scoring, the suites) plans
+through :func:`answer_batches`, so all of them batch, pack and slice alike.
+
+Sequences that start with the same long run of tokens (an in-context
+editor's demonstrations in front of every probe, a memory method's retrieved
+fact) are grouped, and the run they share is computed once: its keys and
+values become the cache of every batch of the group, and the batches hold
+only what follows it. In a causal model a token's keys and values depend on
+the tokens before it only, so this is the same computation. The shortcut is
+checked against a full pass of one sequence of the group and dropped for a
+group where they disagree (a dtype whose rounding differs between the two
+layouts, an attention that ignores the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from lmedit.compat import cache_tensors, output_cache, takes_cache
+from lmedit.forward.batching import (
+    BatchInputs,
+    SharedPrefix,
+    build_inputs,
+    plan_packed,
+    plan_padded,
+    supports_packing,
+)
+from lmedit.forward.reading import logits_at
+from lmedit.forward.tokens import TokenizedPair, pad_id_of
+from lmedit.spec import ModelSpec
+
+LOG = logging.getLogger(__name__)
+
+MIN_SHARED_TOKENS = 32
+"""Shorter common starts are recomputed per sequence: caching them saves less than it costs."""
+
+
+@dataclass
+class AnswerBatch:
+    """One planned forward pass: its inputs, the pairs it holds, and where their answer predictions are read."""
+
+    inputs: BatchInputs
+    members: list[int]  # indices into the tokenized pairs
+    spans: list[tuple[int, int]]  # per member: offset and count of its rows in the read positions
+    read: torch.Tensor  # flat (row * width + column) positions of the columns predicting answer tokens
+
+
+def answer_batches(
+    model: torch.nn.Module, tok: Any, tokenized: Sequence[TokenizedPair], *, batch_size: int = 128,
+    max_batch_tokens: int = 2048, packing: bool = True,
+) -> Iterator[AnswerBatch]:
+    """Plan ``tokenized`` into packed (or left-padded) batches and yield each one's inputs and read positions.
+
+    Run each batch with :func:`lmedit.forward.logits_at` (``batch.inputs``, ``batch.read``): it feeds a
+    group's shared prefix as the cache.
+    """
+    causal = packing and supports_packing(model)
+    # In a causal, position-wise model the last answer token changes no prediction that is read,
+    # so it is left out. Without ``packing`` the model may not be (an adapter that looks at the
+    # last token of its input, like DEFER's gate), and the full sequence is fed, as EasyEdit does.
+    # Sharing a prefix rests on the same property, so it is used only then.
+    inputs_of = [t.ids[:-1] if causal else t.ids for t in tokenized]
+    if causal and takes_cache(model) and len(tokenized) > 1:
+        # the prefix must end before the first column an answer is read from
+        groups = shared_prefix_groups(inputs_of, [t.prompt_len - 1 for t in tokenized])
+    else:
+        groups = [(0, list(range(len(tokenized))))]
+    pad = pad_id_of(tok)
+    dtype = next(model.parameters()).dtype
+    for length, members in groups:
+        prefix = _checked_prefix(model, tokenized, inputs_of, members, length, pad) if length else None
+        shift = prefix.length if prefix is not None else 0
+        suffixes = [inputs_of[i][shift:] for i in members]
+        lengths = [len(s) for s in suffixes]
+        if causal and batch_size > 1:
+            plan = plan_packed(lengths, batch_size, max_batch_tokens)
+        else:
+            plan = plan_padded(lengths, batch_size, max_batch_tokens)
+        for rows in plan:
+            inputs = build_inputs(rows, suffixes, pad, dtype, prefix)
+            local = [index for row in rows for index in row]
+            yield AnswerBatch(inputs, [members[i] for i in local],
+                              *_read_positions(inputs, [tokenized[members[i]] for i in local], local, shift))
+
+
+def _read_positions(inputs: BatchInputs, items: Sequence[TokenizedPair], local: Sequence[int],
+                    shift: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Per item, its span in the read positions, and the flat positions predicting its answer tokens."""
+    width = inputs.input_ids.shape[1]
+    spans, flat = [], []
+    for index, item in zip(local, items):
+        row, start = inputs.starts[index]
+        # column c predicts token c+1: the answer is read from the columns before each answer token
+        columns = range(start + item.prompt_len - 1 - shift, start + len(item.ids) - 1 - shift)
+        spans.append((len(flat), len(columns)))
+        flat.extend(row * width + c for c in columns)
+    return spans, torch.tensor(flat, dtype=torch.long)
+
+
+def shared_prefix_groups(sequences: Sequence[Sequence[int]], limits: Sequence[int],
+                         min_shared: int = MIN_SHARED_TOKENS) -> list[tuple[int, list[int]]]:
+    """Group the sequences that start alike; per group, how many leading tokens all its members share.
+
+    Sequences are sorted by their tokens, so those with a common start are
+    neighbours. A neighbour joins the current group while the group keeps
+    at least ``min_shared`` and at least half of the tokens it shared so far
+    (so one loosely similar sequence does not shrink a long shared prefix).
+    ``limits[i]`` caps what sequence ``i`` may share. The sequences of the
+    groups that share fewer than ``min_shared`` tokens, or have one member,
+    come last, as one group that shares 0.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: tuple(sequences[i]))
+    groups: list[tuple[int, list[int]]] = []
+    for index in order:
+        if groups:
+            shared, members = groups[-1]
+            common = min(shared, limits[index], _common_length(sequences[members[-1]], sequences[index]))
+            if common >= max(min_shared, shared // 2):
+                groups[-1] = (common, members + [index])
+                continue
+        groups.append((max(limits[index], 0), [index]))
+    shared_groups = [(shared, sorted(members)) for shared, members in groups if len(members) > 1 and shared >= min_shared]
+    rest = sorted(i for shared, members in groups if not (len(members) > 1 and shared >= min_shared) for i in members)
+    return shared_groups + ([(0, rest)] if rest else [])
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def _checked_prefix(model: torch.nn.Module, tokenized: Sequence[TokenizedPair], inputs_of: Sequence[Sequence[int]],
+                    members: Sequence[int], length: int, pad: int) -> SharedPrefix | None:
+    """The group's first ``length`` tokens as a cache, if a member scored through it matches its full pass.
+
+    One full pass of the group's shortest member gives both its reference
+    logits and the prefix's keys and values (a causal model's cache of the
+    first ``length`` columns is the prefix's own).
+    """
+    probe = min(members, key=lambda i: len(inputs_of[i]))
+    sequence, item = inputs_of[probe], tokenized[probe]
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    full = build_inputs([[0]], [sequence], pad, dtype)
+    reads = torch.arange(item.prompt_len - 1, len(item.ids) - 1)
+    output = model(input_ids=full.input_ids.to(device), attention_mask=full.attention_mask.to(device),
+                   position_ids=full.position_ids.to(device), use_cache=True)
+    kv = cache_tensors(output_cache(output), ModelSpec.from_model(model).num_layers, len(sequence))
+    if kv is None:
+        LOG.debug("shared prefix: the model's cache has an unexpected layout; scoring without it")
+        return None
+    reference = output.logits[0, reads].float()
+    prefix = SharedPrefix(length, tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in kv))
+    shortcut = logits_at(model, build_inputs([[0]], [sequence[length:]], pad, dtype, prefix),
+                         (reads - length).to(device))
+    if not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
+        LOG.debug("shared prefix: logits through the cached prefix differ from a full pass (max %.2e); "
+                  "scoring without it", float((shortcut - reference).abs().max()))
+        return None
+    return prefix
