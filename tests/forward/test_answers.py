@@ -54,6 +54,8 @@ def test_scores_through_a_shared_prefix_equal_scores_one_at_a_time(tiny_model, w
     # packing marks a causal pass, the condition for sharing; without it every sequence is fed whole
     assert shared == ([len(word_tok(DEMOS).input_ids)] if packing else [])
     assert sorted(i for b in batches for i in b.members) == list(range(len(PAIRS)))
+    # batch size 1 stays the plain one-prompt-at-a-time reference
+    assert all(b.inputs.prefix is None for b in answer_batches(tiny_model, word_tok, tokenized, batch_size=1))
     together = score_teacher_forced(tiny_model, word_tok, PAIRS, batch_size=8, packing=packing)
     alone = [score_teacher_forced(tiny_model, word_tok, [p], batch_size=1)[0] for p in PAIRS]
     for t, a in zip(together, alone):

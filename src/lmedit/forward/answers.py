@@ -64,9 +64,10 @@ def answer_batches(
     # In a causal, position-wise model the last answer token changes no prediction that is read,
     # so it is left out. Without ``packing`` the model may not be (an adapter that looks at the
     # last token of its input, like DEFER's gate), and the full sequence is fed, as EasyEdit does.
-    # Sharing a prefix rests on the same property, so it is used only then.
+    # Sharing a prefix rests on the same property, so it is used only then, and not at batch_size 1,
+    # the one-prompt-at-a-time reference that every shortcut is compared with.
     inputs_of = [t.ids[:-1] if causal else t.ids for t in tokenized]
-    if causal and takes_cache(model) and len(tokenized) > 1:
+    if causal and takes_cache(model) and len(tokenized) > 1 and batch_size > 1:
         # the prefix must end before the first column an answer is read from
         groups = shared_prefix_groups(inputs_of, [t.prompt_len - 1 for t in tokenized])
     else:
