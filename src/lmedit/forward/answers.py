@@ -31,7 +31,7 @@ from lmedit.forward.batching import (
     plan_padded,
     supports_packing,
 )
-from lmedit.forward.reading import logits_at
+from lmedit.forward.reading import forward_reading, logits_at
 from lmedit.forward.tokens import TokenizedPair, pad_id_of
 from lmedit.spec import ModelSpec
 
@@ -75,7 +75,7 @@ def answer_batches(
     pad = pad_id_of(tok)
     dtype = next(model.parameters()).dtype
     for length, members in groups:
-        prefix = _checked_prefix(model, tokenized, inputs_of, members, length, pad) if length else None
+        prefix = _checked_prefix(model, tokenized, inputs_of, members, length, pad, dtype) if length else None
         shift = prefix.length if prefix is not None else 0
         suffixes = [inputs_of[i][shift:] for i in members]
         lengths = [len(s) for s in suffixes]
@@ -142,7 +142,7 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 @torch.no_grad()
 def _checked_prefix(model: torch.nn.Module, tokenized: Sequence[TokenizedPair], inputs_of: Sequence[Sequence[int]],
-                    members: Sequence[int], length: int, pad: int) -> SharedPrefix | None:
+                    members: Sequence[int], length: int, pad: int, dtype: torch.dtype) -> SharedPrefix | None:
     """The group's first ``length`` tokens as a cache, if a member scored through it matches its full pass.
 
     One full pass of the group's shortest member gives both its reference
@@ -152,19 +152,18 @@ def _checked_prefix(model: torch.nn.Module, tokenized: Sequence[TokenizedPair], 
     probe = min(members, key=lambda i: len(inputs_of[i]))
     sequence, item = inputs_of[probe], tokenized[probe]
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     full = build_inputs([[0]], [sequence], pad, dtype)
-    reads = torch.arange(item.prompt_len - 1, len(item.ids) - 1)
-    output = model(input_ids=full.input_ids.to(device), attention_mask=full.attention_mask.to(device),
-                   position_ids=full.position_ids.to(device), use_cache=True)
+    _, reads = _read_positions(full, [item], [0], 0)
+    reference, output = forward_reading(model, reads, input_ids=full.input_ids.to(device),
+                                        attention_mask=full.attention_mask.to(device),
+                                        position_ids=full.position_ids.to(device), use_cache=True)
     kv = cache_tensors(output_cache(output), ModelSpec.from_model(model).num_layers, len(sequence))
     if kv is None:
         LOG.debug("shared prefix: the model's cache has an unexpected layout; scoring without it")
         return None
-    reference = output.logits[0, reads].float()
     prefix = SharedPrefix(length, tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in kv))
-    shortcut = logits_at(model, build_inputs([[0]], [sequence[length:]], pad, dtype, prefix),
-                         (reads - length).to(device))
+    after = build_inputs([[0]], [sequence[length:]], pad, dtype, prefix)
+    shortcut = logits_at(model, after, _read_positions(after, [item], [0], length)[1])
     if not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
         LOG.debug("shared prefix: logits through the cached prefix differ from a full pass (max %.2e); "
                   "scoring without it", float((shortcut - reference).abs().max()))
