@@ -26,6 +26,14 @@ def require_ray():
     return ray
 
 
+LONG_DEMOS = (
+    "the capital of france is paris and the capital of italy is rome and who wrote hamlet was shakespeare "
+    "and the sky color is blue and the grass color is green and the river flows through london city "
+    "and tolstoy plays piano and the king and queen were born in berlin "
+)
+"""A start longer than the shared-prefix minimum, like an in-context editor's demonstrations."""
+
+
 def build_word_tokenizer():
     """A whitespace word-level tokenizer: one token per word, no special tokens added to inputs."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -166,3 +174,20 @@ def corpus_env(tmp_path, monkeypatch):
     clear_memory_cache()
     yield str(path)
     clear_memory_cache()
+
+
+@pytest.fixture
+def generation_prefixes(monkeypatch):
+    """The shared-prefix length (None: no prefix) of every batch that greedy generation decodes."""
+    import lmedit.forward.generation as generation
+
+    seen: list[int | None] = []
+    real = generation._greedy_batch
+
+    def recording(*args, **kwargs):
+        prefix = args[7] if len(args) > 7 else kwargs.get("prefix")
+        seen.append(None if prefix is None else prefix.length)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "_greedy_batch", recording)
+    return seen

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import pytest
 import torch
 
-from conftest import build_tiny_llama
+from conftest import LONG_DEMOS, build_tiny_llama
 from lmedit.evaluation import EvalConfig, Evaluator, score_teacher_forced
 from lmedit.forward import generate_greedy
 from lmedit.requests import EditRequest
@@ -224,3 +224,42 @@ def test_generate_routed_without_router_is_generate_greedy(tiny_llama, word_tok)
     finally:
         detach_router(tiny_llama, router_of(tiny_llama))
     assert routed == generate_greedy(tiny_llama, word_tok, [PREFIX + prompts[0], prompts[1]], [3, 2])
+
+
+def _long_prefix_requests(demos: str = "") -> list[EditRequest]:
+    cf = {"target_true": "paris", "paraphrase_prompts": [], "neighborhood_prompts": [], "attribute_prompts": [],
+          "generation_prompts": [demos + "the eiffel tower is", demos + "the eiffel tower was"]}
+    return [EditRequest("the capital of france is", "rome", case_id="0", ground_truth="paris",
+                        rephrase=("the city of france is",), locality={"n": [("who wrote hamlet", "shakespeare")]},
+                        extra={"fluency_prompts": ["the sky is", "the sun is"], "counterfact": cf})]
+
+
+@pytest.mark.parametrize("config", [{"mode": "generate"}, {"suites": ("qa:max_new_tokens=3,batch_size={b}",)},
+                                    {"suites": ("fluency:max_new_tokens=4,batch_size={b}",)},
+                                    {"suites": ("counterfact:max_new_tokens=4,batch_size={b}",)}])
+def test_every_generation_shares_a_long_prefix_under_packing_only(tiny_llama, word_tok, generation_prefixes, config):
+    """IKE feeds every prompt behind the same demonstrations: each generating path prefills them once per group,
+    unless packing is off (a method whose edit does not act position by position) or prompts go one at a time."""
+    counterfact = "counterfact" in str(config)  # a suite that refuses routed models: its own prompts carry the start
+    requests = _long_prefix_requests(LONG_DEMOS if counterfact else "")
+    router = PrefixRouter(word="", prefix=LONG_DEMOS)
+    if not counterfact:
+        attach_router(tiny_llama, router)
+    try:
+        metrics = {}
+        for packing, batch_size in [(True, 64), (False, 64), (True, 1)]:
+            generation_prefixes.clear()
+            suites = tuple(suite.format(b=batch_size) for suite in config.get("suites", ()))
+            evaluator = Evaluator(word_tok, EvalConfig(mode=config.get("mode", "teacher"), suites=suites,
+                                                       packing=packing, batch_size=batch_size))
+            pre = evaluator.capture(tiny_llama, requests)
+            metrics[packing, batch_size] = (pre.metrics, [o.generated for o in pre.outcomes])
+            shared = set(generation_prefixes) - {None}
+            if packing and batch_size > 1:
+                assert shared and min(shared) >= len(word_tok(LONG_DEMOS).input_ids)
+            else:
+                assert not shared
+    finally:
+        if not counterfact:
+            detach_router(tiny_llama, router)
+    assert metrics[True, 64] == metrics[False, 64] == metrics[True, 1]

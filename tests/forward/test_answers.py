@@ -1,37 +1,20 @@
-"""Answer passes through a shared prefix: grouping by hand, inputs by hand, and scores equal to full passes."""
+"""Answer passes through a shared prefix: inputs by hand, and scores equal to full passes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import lmedit.forward.answers as answers
+import lmedit.forward.prefix as prefix_module
+from conftest import LONG_DEMOS
 from lmedit.evaluation.scoring import score_teacher_forced
 from lmedit.evaluation.suites._forward import answer_passes
-from lmedit.forward import SharedPrefix, answer_batches, build_inputs, shared_prefix_groups, tokenize_pair
+from lmedit.forward import SharedPrefix, answer_batches, build_inputs, tokenize_pair
 
-DEMOS = ("the capital of france is paris and the capital of italy is rome and who wrote hamlet was shakespeare "
-         "and the sky color is blue and the grass color is green and the river flows through london city "
-         "and tolstoy plays piano and the king and queen were born in berlin ")
+DEMOS = LONG_DEMOS
 PAIRS = [(DEMOS + "what language is spoken in france", "french"), (DEMOS + "who wrote hamlet", "shakespeare"),
          (DEMOS + "the sun is a", "star"), (DEMOS + "the eiffel tower is located in", "paris city"),
          ("what sport is tennis", "sport"), ("the moon", "small red")]
-
-
-def test_groups_keep_long_common_starts_and_leave_the_rest_unshared():
-    a = list(range(10)) + [50, 51]
-    b = list(range(10)) + [60]
-    c = list(range(10)) + [70, 71, 72]
-    d = list(range(4)) + [80, 81]  # shares 4 tokens with the others: under the minimum
-    e = [90, 91]
-    groups = shared_prefix_groups([a, b, c, d, e], limits=[11, 10, 12, 5, 1], min_shared=6)
-    assert groups == [(10, [0, 1, 2]), (0, [3, 4])]
-    # a member's limit caps the group's prefix: the column predicting its first answer token stays out of it
-    assert shared_prefix_groups([a, b, c], limits=[11, 7, 12], min_shared=6) == [(7, [0, 1, 2])]
-    # one loosely similar sequence does not shrink a long shared prefix: it starts its own group
-    f = list(range(4)) + [99]
-    assert shared_prefix_groups([a, b, f], limits=[11, 10, 5], min_shared=3) == [(10, [0, 1]), (0, [2])]
-    assert shared_prefix_groups([a], limits=[11], min_shared=1) == [(0, [0])]
 
 
 def test_inputs_after_a_prefix_continue_its_positions_and_see_its_columns():
@@ -75,7 +58,7 @@ def test_suite_passes_read_the_same_logits_and_head_inputs_through_the_prefix(ti
 
 
 def test_a_prefix_that_fails_its_check_is_not_used(tiny_llama, word_tok, monkeypatch):
-    real = answers.logits_at
+    real = prefix_module.logits_at
     checks = []
 
     def off_in_the_check(model, inputs, read):
@@ -85,7 +68,7 @@ def test_a_prefix_that_fails_its_check_is_not_used(tiny_llama, word_tok, monkeyp
             return logits + 1e-2
         return logits
 
-    monkeypatch.setattr(answers, "logits_at", off_in_the_check)
+    monkeypatch.setattr(prefix_module, "logits_at", off_in_the_check)
     tokenized = [tokenize_pair(word_tok, p, a) for p, a in PAIRS]
     batches = list(answer_batches(tiny_llama, word_tok, tokenized, batch_size=8))
     assert checks and all(b.inputs.prefix is None for b in batches)

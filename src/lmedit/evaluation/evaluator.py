@@ -200,6 +200,7 @@ class Evaluator:
                 generated = generate_greedy(
                     model, self.tok, [p.prompt for p in probes], [len(t) for t in targets],
                     batch_size=self.config.batch_size, progress=progress, use_cache=use_cache,
+                    share_prefix=self.config.packing,
                 )
                 for outcome, gen, target in zip(outcomes, generated, targets):
                     outcome.generated = gen

@@ -3,7 +3,8 @@
 It owns tokenising an edit's ``(prompt, answer)`` pair (:mod:`.tokens`),
 laying sequences out as a pass's inputs, packed or left-padded
 (:mod:`.batching`), planning teacher-forced answer passes with their shared
-prefixes (:mod:`.answers`), reading logits at chosen positions only (:mod:`.reading`),
+prefixes (:mod:`.answers`), finding and caching prefixes many sequences
+share (:mod:`.prefix`), reading logits at chosen positions only (:mod:`.reading`),
 greedy generation (:mod:`.generation`) and partial forwards that rerun a
 model from one block or one column on (:mod:`.partial`).
 
@@ -13,7 +14,7 @@ evaluation, the methods, locate, the orchestration (runner, editor,
 registry) or the commands, so all of those can import it at module level.
 """
 
-from lmedit.forward.answers import AnswerBatch, answer_batches, shared_prefix_groups
+from lmedit.forward.answers import AnswerBatch, answer_batches
 from lmedit.forward.batching import (
     BatchInputs,
     ProgressFn,
@@ -27,10 +28,12 @@ from lmedit.forward.batching import (
 )
 from lmedit.forward.generation import generate_greedy
 from lmedit.forward.partial import SuffixForward, UpperForward, block_of, last_columns_logits
+from lmedit.forward.prefix import MIN_SHARED_TOKENS, checked_prefix, shared_prefix_groups
 from lmedit.forward.reading import forward_reading, forward_tail, logits_at
 from lmedit.forward.tokens import TokenizedPair, pad_id_of, tokenize_pair
 
 __all__ = [
+    "MIN_SHARED_TOKENS",
     "AnswerBatch",
     "BatchInputs",
     "ProgressFn",
@@ -42,6 +45,7 @@ __all__ = [
     "answer_batches",
     "block_of",
     "build_inputs",
+    "checked_prefix",
     "forward_reading",
     "forward_tail",
     "generate_greedy",

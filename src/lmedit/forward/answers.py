@@ -16,13 +16,12 @@ layouts, an attention that ignores the cache).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from lmedit.compat import cache_tensors, output_cache, takes_cache
+from lmedit.compat import takes_cache
 from lmedit.forward.batching import (
     BatchInputs,
     SharedPrefix,
@@ -31,14 +30,8 @@ from lmedit.forward.batching import (
     plan_padded,
     supports_packing,
 )
-from lmedit.forward.reading import forward_reading, logits_at
+from lmedit.forward.prefix import checked_prefix, shared_prefix_groups
 from lmedit.forward.tokens import TokenizedPair, pad_id_of
-from lmedit.spec import ModelSpec
-
-LOG = logging.getLogger(__name__)
-
-MIN_SHARED_TOKENS = 32
-"""Shorter common starts are recomputed per sequence: caching them saves less than it costs."""
 
 
 @dataclass
@@ -97,75 +90,19 @@ def _read_positions(inputs: BatchInputs, items: Sequence[TokenizedPair], local: 
     spans, flat = [], []
     for index, item in zip(local, items):
         row, start = inputs.starts[index]
-        # column c predicts token c+1: the answer is read from the columns before each answer token
-        columns = range(start + item.prompt_len - 1 - shift, start + len(item.ids) - 1 - shift)
+        columns = _answer_columns(item)
         spans.append((len(flat), len(columns)))
-        flat.extend(row * width + c for c in columns)
+        flat.extend(row * width + start - shift + c for c in columns)
     return spans, torch.tensor(flat, dtype=torch.long)
 
 
-def shared_prefix_groups(sequences: Sequence[Sequence[int]], limits: Sequence[int],
-                         min_shared: int = MIN_SHARED_TOKENS) -> list[tuple[int, list[int]]]:
-    """Group the sequences that start alike; per group, how many leading tokens all its members share.
-
-    Sequences are sorted by their tokens, so those with a common start are
-    neighbours. A neighbour joins the current group while the group keeps
-    at least ``min_shared`` and at least half of the tokens it shared so far
-    (so one loosely similar sequence does not shrink a long shared prefix).
-    ``limits[i]`` caps what sequence ``i`` may share. The sequences of the
-    groups that share fewer than ``min_shared`` tokens, or have one member,
-    come last, as one group that shares 0.
-    """
-    order = sorted(range(len(sequences)), key=lambda i: tuple(sequences[i]))
-    groups: list[tuple[int, list[int]]] = []
-    for index in order:
-        if groups:
-            shared, members = groups[-1]
-            common = min(shared, limits[index], _common_length(sequences[members[-1]], sequences[index]))
-            if common >= max(min_shared, shared // 2):
-                groups[-1] = (common, members + [index])
-                continue
-        groups.append((max(limits[index], 0), [index]))
-    shared_groups = [(shared, sorted(members)) for shared, members in groups if len(members) > 1 and shared >= min_shared]
-    rest = sorted(i for shared, members in groups if not (len(members) > 1 and shared >= min_shared) for i in members)
-    return shared_groups + ([(0, rest)] if rest else [])
+def _answer_columns(item: TokenizedPair) -> range:
+    """The columns of the pair's own sequence that predict its answer tokens (column c predicts token c + 1)."""
+    return range(item.prompt_len - 1, len(item.ids) - 1)
 
 
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-@torch.no_grad()
 def _checked_prefix(model: torch.nn.Module, tokenized: Sequence[TokenizedPair], inputs_of: Sequence[Sequence[int]],
                     members: Sequence[int], length: int, pad: int, dtype: torch.dtype) -> SharedPrefix | None:
-    """The group's first ``length`` tokens as a cache, if a member scored through it matches its full pass.
-
-    One full pass of the group's shortest member gives both its reference
-    logits and the prefix's keys and values (a causal model's cache of the
-    first ``length`` columns is the prefix's own).
-    """
+    """The group's first ``length`` tokens as a cache, checked on the group's shortest member's answer columns."""
     probe = min(members, key=lambda i: len(inputs_of[i]))
-    sequence, item = inputs_of[probe], tokenized[probe]
-    device = next(model.parameters()).device
-    full = build_inputs([[0]], [sequence], pad, dtype)
-    _, reads = _read_positions(full, [item], [0], 0)
-    reference, output = forward_reading(model, reads, input_ids=full.input_ids.to(device),
-                                        attention_mask=full.attention_mask.to(device),
-                                        position_ids=full.position_ids.to(device), use_cache=True)
-    kv = cache_tensors(output_cache(output), ModelSpec.from_model(model).num_layers, len(sequence))
-    if kv is None:
-        LOG.debug("shared prefix: the model's cache has an unexpected layout; scoring without it")
-        return None
-    prefix = SharedPrefix(length, tuple((k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in kv))
-    after = build_inputs([[0]], [sequence[length:]], pad, dtype, prefix)
-    shortcut = logits_at(model, after, _read_positions(after, [item], [0], length)[1])
-    if not torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-4):
-        LOG.debug("shared prefix: logits through the cached prefix differ from a full pass (max %.2e); "
-                  "scoring without it", float((shortcut - reference).abs().max()))
-        return None
-    return prefix
+    return checked_prefix(model, inputs_of[probe], length, _answer_columns(tokenized[probe]), pad, dtype)

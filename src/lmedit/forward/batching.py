@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+from lmedit.compat import build_cache
 
 ProgressFn = Callable[[int], None]
 """Called after each batch with the number of items it finished (drives a progress bar)."""
@@ -99,6 +101,10 @@ class SharedPrefix:
 
     length: int
     kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def cache_for(self, model: torch.nn.Module, rows: int) -> Any:
+        """The model's cache object holding the prefix once per row (views, not copies)."""
+        return build_cache(model, [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.kv])
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lmedit.compat import build_cache, cache_keyword
+from lmedit.compat import cache_keyword
 from lmedit.forward.batching import BatchInputs, build_inputs
 
 
@@ -23,9 +23,7 @@ def logits_at(model: torch.nn.Module, inputs: BatchInputs, flat_positions: torch
     device = next(model.parameters()).device
     cached: dict[str, Any] = {"use_cache": False}
     if inputs.prefix is not None:
-        rows = inputs.input_ids.shape[0]
-        kv = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in inputs.prefix.kv]
-        cached = {"use_cache": True, cache_keyword(model): build_cache(model, kv)}
+        cached = {"use_cache": True, cache_keyword(model): inputs.prefix.cache_for(model, inputs.input_ids.shape[0])}
     logits, _ = forward_reading(
         model, flat_positions, input_ids=inputs.input_ids.to(device),
         attention_mask=inputs.attention_mask.to(device), position_ids=inputs.position_ids.to(device), **cached,

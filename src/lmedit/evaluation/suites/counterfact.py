@@ -172,7 +172,7 @@ class CounterFactSuite(MetricSuite):
         if not flat:
             return
         generations = generate_texts(model, tok, flat, self.options.max_new_tokens, self.options.batch_size,
-                                     self.options.stop_at_eos)
+                                     self.options.stop_at_eos, share_prefix=context.packing)
         start = 0
         for row, group in zip(rows, prompts):
             if group:

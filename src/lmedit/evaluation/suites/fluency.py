@@ -133,17 +133,19 @@ class _NoStopTokenizer:
 
 def generate_texts(
     model: torch.nn.Module, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-    stop_at_eos: bool = False,
+    stop_at_eos: bool = False, share_prefix: bool = False,
 ) -> list[Generation]:
     """Greedy continuations of ``prompts`` (each distinct prompt decoded once), as scored texts.
 
     A routed model (IKE, SERAC) continues each prompt as it would in use, from
     its routed prompt; the scored text is still the prompt as given plus the
     continuation, so IKE's demonstrations never enter the entropy.
+    ``share_prefix``: see :func:`lmedit.forward.generate_greedy`.
     """
     distinct = list(dict.fromkeys(prompts))
     decoder_tok = tok if stop_at_eos else _NoStopTokenizer(tok)
-    tokens = generate_routed(model, decoder_tok, distinct, [max_new_tokens] * len(distinct), batch_size=batch_size)
+    tokens = generate_routed(model, decoder_tok, distinct, [max_new_tokens] * len(distinct), batch_size=batch_size,
+                             share_prefix=share_prefix)
     by_prompt = {}
     for prompt, new in zip(distinct, tokens):
         full = list(tok(prompt).input_ids) + list(new)
@@ -197,7 +199,7 @@ class FluencySuite(MetricSuite):
         model.eval()
         try:
             generations = generate_texts(model, tok, flat, self.options.max_new_tokens, self.options.batch_size,
-                                         self.options.stop_at_eos)
+                                         self.options.stop_at_eos, share_prefix=context.packing)
         finally:
             model.train(was_training)
         rows, start = [], 0

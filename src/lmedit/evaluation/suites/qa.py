@@ -184,7 +184,7 @@ class QASuite(MetricSuite):
         try:
             generated = generate_routed(model, tok, prompts, [self.options.max_new_tokens] * len(prompts),
                                         batch_size=self.options.batch_size, use_cache=context.generation_cache,
-                                        stop=stopped)
+                                        stop=stopped, share_prefix=context.packing)
         finally:
             model.train(was_training)
         return [cut_at_stop(tok.decode(tokens, skip_special_tokens=True), STOP_STRINGS) for tokens in generated]
