@@ -51,6 +51,7 @@ CHECKPOINT_VERSION = 1
 _PROGRESS = "progress.json"  # written last: a folder without it is not a checkpoint
 _SESSION_OWNER = "locate"  # lmedit.locate.core.session_state
 _FINGERPRINT_OWNER = "stats-fingerprint"  # lmedit.locate.stats.model_fingerprint
+_CAPTURES_OWNER = "pre-edit captures"  # lmedit.evaluation.captures: scores of the unedited model, not edit state
 
 
 class CheckpointError(RuntimeError):
@@ -116,7 +117,7 @@ def unsupported_reason(model: torch.nn.Module, handles: Sequence[EditHandle]) ->
         kinds = sorted({type(h).__name__ for h in handles})
         return f"its edits ({', '.join(kinds)}) are neither weight snapshots nor adapters"
     for owner in model_state.owners(model):
-        if owner not in (_SESSION_OWNER, _FINGERPRINT_OWNER):
+        if owner not in (_SESSION_OWNER, _FINGERPRINT_OWNER, _CAPTURES_OWNER):
             return f"the model carries {owner!r} state that checkpoints cannot write"
     for key in model_state.slot(model, _SESSION_OWNER) or {}:
         if _codec_name(key) not in _CODECS:

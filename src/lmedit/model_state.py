@@ -58,6 +58,20 @@ def owners(obj: Any) -> list[str]:
     return sorted(_PER_OBJECT.get(obj, {}))
 
 
+def weights_digest(model: Any) -> str:
+    """sha256 over name, dtype, shape and bytes of every parameter and persistent buffer: equal only for equal weights."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{str(data.dtype)}\0{tuple(data.shape)}\0".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def register_process_cache(name: str, clear: Callable[[], None]) -> None:
     """Let :func:`reset` clear a process-wide cache (called once at import of the module that owns it)."""
     _PROCESS_CACHES[name] = clear

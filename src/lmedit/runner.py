@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from lmedit.checkpoint import CHECKPOINTS_DIR, ChunkCheckpoints
 from lmedit.devices import peak_memory_bytes
+from lmedit.evaluation.captures import capture_reusing
 from lmedit.precision import is_half
 from lmedit.progress import progress_bar
 from lmedit.protocols import Chunk, EditSession, plan_chunks, run_chunk
@@ -148,8 +149,11 @@ def _run_held(session: EditSession, requests: Sequence[EditRequest], spec: RunSp
     per_chunk = is_half(next(session.model.parameters()).dtype)
     pre_all = None
     if not per_chunk:
-        with progress_bar("pre-edit evaluation", len(session.evaluator.probes([requests[i] for i in todo_requests])) * _passes(session), enabled=show_progress) as advance:
-            pre_all = session.evaluator.capture(session.model, [requests[i] for i in todo_requests], advance)
+        todo_list = [requests[i] for i in todo_requests]
+        units = len(session.evaluator.probes(todo_list)) * _passes(session)
+        with progress_bar("pre-edit evaluation", units, enabled=show_progress) as advance:
+            # a capture an earlier run in this process made on the same unedited model is reused as it is
+            pre_all = capture_reusing(session.evaluator, session.model, todo_list, advance, units)
     pre_seconds = time.perf_counter() - started
     offsets = {request: p for p, request in enumerate(todo_requests)}
     with progress_bar(f"{spec.method} {spec.protocol}", sum(len(c.steps) for c in todo), enabled=show_progress) as advance:

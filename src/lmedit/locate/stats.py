@@ -119,23 +119,13 @@ class LayerStats:
 # --------------------------------------------------------------------------- fingerprints
 
 
-def _hash_weights(model: nn.Module) -> str:
-    """sha256 over name, dtype, shape and bytes of every parameter and persistent buffer."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}\0{str(data.dtype)}\0{tuple(data.shape)}\0".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def model_fingerprint(model: nn.Module) -> str:
     """Fingerprint of the model's weights *as first seen* by this function.
 
     Memoised per model object, so that after in-place edits the same object
     still maps to the statistics of its original weights (see module docstring).
     """
-    return model_state.slot(model, _OWNER, lambda: _hash_weights(model))
+    return model_state.slot(model, _OWNER, lambda: model_state.weights_digest(model))
 
 
 def forget_fingerprint(model: nn.Module) -> None:
@@ -361,7 +351,7 @@ def layer_stats(
     if not missing:
         _drop_finished_partial(plan, modules)
         return results
-    if not explicit and remembered and _hash_weights(model) != model_fp:
+    if not explicit and remembered and model_state.weights_digest(model) != model_fp:
         raise StatsError(
             f"statistics for {sorted(set(missing.values()))} are not cached for this model's original weights, "
             "and the model has been modified since its fingerprint was first taken, so they cannot be computed "

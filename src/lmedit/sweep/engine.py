@@ -127,6 +127,7 @@ class ChunkWorker:
         system write a copy no retry elsewhere sees: their retried chunk starts from its first edit.
         """
         from lmedit.checkpoint import ChunkCheckpoints
+        from lmedit.evaluation.captures import capture_reusing
         from lmedit.precision import is_half
         from lmedit.protocols import run_chunk
 
@@ -140,8 +141,8 @@ class ChunkWorker:
         else:
             key = tuple(todo)
             if key not in prepared.pre:
-                prepared.pre = {key: evaluator.capture(model, [prepared.requests[i] for c in todo
-                                                               for i in prepared.chunks[c].requests])}
+                prepared.pre = {key: capture_reusing(evaluator, model, [prepared.requests[i] for c in todo
+                                                                        for i in prepared.chunks[c].requests])}
             order = [i for c in todo for i in prepared.chunks[c].requests]
             position = {request: p for p, request in enumerate(order)}
             pre = prepared.pre[key].subset([position[i] for i in chunk.requests])
