@@ -84,7 +84,8 @@ def test_changed_weights_modules_hooks_settings_or_requests_get_a_fresh_capture(
         capture_reusing(evaluator, tiny_llama, REQUESTS)
     finally:
         detach_router(tiny_llama, router)
-    assert captures == [3, 3, 3, 4, 3, 3]
+    capture_reusing(evaluator, tiny_llama, [REQUESTS[0], REQUESTS[0]])  # the same request twice: captured as given
+    assert captures == [3, 3, 3, 4, 3, 3, 2]
 
 
 class Prefixing:

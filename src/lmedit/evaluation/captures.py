@@ -45,7 +45,8 @@ def capture_reusing(evaluator: Evaluator, model: torch.nn.Module, requests: Sequ
     if key in kept:
         have, snapshot = kept[key]
         position = {text: i for i, text in enumerate(have)}
-        if all(text in position for text in wanted):
+        # a request asked for twice would take one kept slot twice (Snapshot.subset needs distinct indices)
+        if len(set(wanted)) == len(wanted) and all(text in position for text in wanted):
             kept.move_to_end(key)
             LOG.info("pre-edit capture of %d requests reused from an earlier run on the same unedited model", len(wanted))
             if progress and total:
