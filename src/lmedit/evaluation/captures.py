@@ -8,7 +8,7 @@ The capture depends only on the model's weights and modules, the tokenizer,
 the evaluation settings (which a method may change: no packing, no
 generation cache) and the requests, so it is kept beside the model object
 (:mod:`lmedit.model_state`) under exactly that key and handed to a later run
-that asks for the same requests, or some of them (a resumed run), unchanged.
+that asks for the same requests, or some of them (a run resumed in the same process), unchanged.
 A model whose weights differ in any bit gets a fresh capture.
 """
 
