@@ -186,3 +186,18 @@ def test_table_only_writes_the_table_from_finished_folders_and_runs_nothing(zsre
     missing = CliRunner().invoke(app, ["reproduce", "wise-table", "--data", str(zsre_file),
                                        "--out", str(tmp_path / "nothing-here"), "--limit", "2", "--T", "1", "--table-only"])
     assert missing.exit_code != 0 and "does not exist" in " ".join(missing.output.split())
+
+
+def test_run_progress_counts_chunks_not_records_and_every_session(tmp_path):
+    from lmedit.reproduce import run_progress
+
+    assert run_progress(tmp_path) is None  # no run started here
+    sessions = [{"chunks_done": 0, "chunks": 4}, {"chunks_done": 1, "chunks": 4}]
+    (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(s) + "\n" for s in sessions))
+    records = [(0, 0, 30.0, 6.0), (1, 0, 30.0, 6.0), (2, 1, 40.0, 8.0)]  # two sequences: items 0-1, then item 2
+    (tmp_path / "results.jsonl").write_text("".join(
+        json.dumps({"index": i, "chunk": c, "pre": {"rewrite_acc": 0.0}, "post": {"rewrite_acc": 1.0},
+                    "edit_seconds": e, "eval_seconds": v}) + "\n" for i, c, e, v in records) + '{"index": 3, "ch')
+    progress = run_progress(tmp_path)  # the torn last line of a stopped run is skipped
+    assert progress == {"chunks_done": 2, "chunks": 4, "work_minutes": pytest.approx(2.0),
+                        "minutes_left": pytest.approx(2.0)}

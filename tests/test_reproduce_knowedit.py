@@ -4,6 +4,7 @@ published values beside each cell, the ordering comparison, resume, failures rep
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 from lmedit.cli import app
 from lmedit.reports.knowedit_published import PUBLISHED, kendall_tau, ordering_comparison, published_value
 from lmedit.reproduce import ReproduceError
-from lmedit.reproduce_knowedit import KnowEditTableConfig, run_knowedit_table
+from lmedit.reproduce_knowedit import KnowEditTableConfig, run_knowedit_table, write_table
 
 TINY = {"FT-M": {"layers": [1], "num_steps": 10, "lr": 5e-2}, "FT-L": {"layers": [1], "num_steps": 5, "lr": 5e-2}}
 RECORDS = [
@@ -118,6 +119,31 @@ def test_reproduction_writes_the_table_beside_the_published_one_and_resumes(root
     assert (config.out / "knowedit-table.png").is_file() and (config.out / "knowedit-table.json").is_file()
     again = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
     assert {o["status"] for o in again["outcomes"]} == {"done"}
+
+
+def test_the_table_lists_what_is_not_finished_and_the_work_left(root, tmp_path, tiny_llama, word_tok):
+    config = _config(root, tmp_path, sets=("ZsRE",))
+    run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)
+    # FT-M stopped after its first item (the runner writes summary.json only at the end); FT-L never started
+    ft_m = config.out / "ZsRE" / "FT-M"
+    (ft_m / "summary.json").unlink()
+    kept = json.loads((ft_m / "results.jsonl").read_text().splitlines()[0])
+    (ft_m / "results.jsonl").write_text(json.dumps(kept) + "\n")
+    shutil.rmtree(config.out / "ZsRE" / "FT-L")
+    payload = write_table(config)
+    minutes = (kept["edit_seconds"] + kept["eval_seconds"]) / 60
+    assert payload["unfinished"] == [
+        {"dataset": "ZsRE", "method": "FT-L", "started": False, "chunks_done": 0, "chunks": None,
+         "work_minutes": 0.0, "minutes_left": None},
+        {"dataset": "ZsRE", "method": "FT-M", "started": True, "chunks_done": 1, "chunks": 2,
+         "work_minutes": pytest.approx(minutes), "minutes_left": pytest.approx(minutes)}]
+    section = (config.out / "knowedit-table.md").read_text().split("## Not finished")[1]
+    assert "| ZsRE | FT-L | not started | — | — |" in section
+    assert f"| ZsRE | FT-M | 1 of 2 | {minutes:.1f} | {minutes:.1f} |" in section
+    assert "in the 1 started run(s)" in section and "1 not started" in section
+    run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)  # both resume and finish
+    assert write_table(config)["unfinished"] == []
+    assert "## Not finished" not in (config.out / "knowedit-table.md").read_text()
 
 
 def test_a_failing_method_is_reported_and_the_others_go_on(root, tmp_path, tiny_llama, word_tok):

@@ -249,6 +249,29 @@ def run_finished(folder: Path) -> bool:
         return False
 
 
+def run_progress(folder: Path) -> dict[str, Any] | None:
+    """How far an unfinished run got: chunks written of all its chunks, and its minutes of work so far.
+
+    The minutes are its edits and post-edit scores, summed from the records (so every session counts), without
+    the pre-edit capture; ``minutes_left`` extends them at the mean per chunk so far. ``None`` where no run
+    has started in ``folder``.
+    """
+    from lmedit.reports import read_run_records
+    from lmedit.runner import RESULTS_FILE, SESSIONS_FILE, summarize
+
+    sessions = folder / SESSIONS_FILE
+    if not sessions.is_file():
+        return None
+    starts = [json.loads(line) for line in sessions.read_text().splitlines() if line.strip()]
+    total = starts[-1].get("chunks") if starts else None  # the runner's own plan, written at every start
+    records = read_run_records(folder / RESULTS_FILE)
+    done = len({r["chunk"] for r in records})
+    timing = summarize(records)["timing"] if records else {}
+    minutes = (timing.get("edit_seconds_total", 0.0) + timing.get("post_eval_seconds_total", 0.0)) / 60
+    left = minutes / done * (total - done) if done and isinstance(total, int) else None
+    return {"chunks_done": done, "chunks": total, "work_minutes": minutes, "minutes_left": left}
+
+
 def _run_method(
     config: WiseTableConfig, method: str, T: int, requests: Sequence[EditRequest], model: torch.nn.Module, tok: Any,
     show_progress: bool,

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmedit.registry import get_method, list_presets
-from lmedit.reproduce import ReproduceError, load_written_runs, model_fingerprint, run_finished, run_unless_finished
+from lmedit.reproduce import (ReproduceError, load_written_runs, model_fingerprint, run_finished, run_progress,
+                              run_unless_finished)
 
 LOG = logging.getLogger(__name__)
 
@@ -326,16 +327,51 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
         hours = sum(r["work_minutes"] or 0 for r in rows) / 60
         text += (f"\n## Cost\n\nSeconds per edit · minutes of work per run (edits, post-edit scoring and the "
                  f"pre-edit capture), on this machine; {hours:.1f} h in all.\n\n" + cost_table(rows))
+    unfinished = unfinished_runs(config)
+    if unfinished:
+        text += "\n## Not finished\n\n" + unfinished_table(unfinished)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         text += "\n## Runs that failed\n\n" + "".join(f"* {o.method} on {o.dataset}: {o.error}\n" for o in failed)
     (config.out / f"{TABLE_NAME}.md").write_text(text)
     payload = {"table": TABLE_NAME, "model": config.model, "rows": rows, "ordering": comparisons,
+               "unfinished": unfinished,
                "outcomes": [{"dataset": o.dataset, "method": o.method, "status": o.status, "seconds": o.seconds,
                              "error": o.error} for o in outcomes]}
     (config.out / f"{TABLE_NAME}.json").write_text(json.dumps(payload, indent=2, default=str))
     plot_against_published(rows, config.out / f"{TABLE_NAME}.png")
     return payload
+
+
+def unfinished_runs(config: KnowEditTableConfig) -> list[dict[str, Any]]:
+    """The plan's runs without a finished folder, in plan order, and how far each got."""
+    rows = []
+    for dataset, method in config.plan():
+        folder = config.folder(dataset, method)
+        if run_finished(folder):
+            continue
+        progress = run_progress(folder)
+        rows.append({"dataset": dataset, "method": method, "started": progress is not None,
+                     **(progress or {"chunks_done": 0, "chunks": None, "work_minutes": 0.0, "minutes_left": None})})
+    return rows
+
+
+def unfinished_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Progress of the unfinished runs, and the work left in those that have started, at their own rate so far."""
+    lines = ["| Dataset | Method | chunks written | minutes of work so far | minutes left at that rate |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        if not row["started"]:
+            lines.append(f"| {row['dataset']} | {row['method']} | not started | — | — |")
+            continue
+        left = "—" if row["minutes_left"] is None else f"{row['minutes_left']:.1f}"
+        lines.append(f"| {row['dataset']} | {row['method']} | {row['chunks_done']} of {row['chunks'] or '?'} "
+                     f"| {row['work_minutes']:.1f} | {left} |")
+    started = [r for r in rows if r["started"]]
+    hours = sum(r["minutes_left"] or 0.0 for r in started) / 60
+    waiting = len(rows) - len(started)
+    return ("\n".join(lines) + f"\n\nAbout {hours:.1f} h of work left in the {len(started)} started run(s) (edits and "
+            f"scores, without a pre-edit capture per session); {waiting} not started.\n")
 
 
 def plot_against_published(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
