@@ -327,7 +327,7 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
         hours = sum(r["work_minutes"] or 0 for r in rows) / 60
         text += (f"\n## Cost\n\nSeconds per edit · minutes of work per run (edits, post-edit scoring and the "
                  f"pre-edit capture), on this machine; {hours:.1f} h in all.\n\n" + cost_table(rows))
-    unfinished = unfinished_runs(config)
+    unfinished = unfinished_runs(config, outcomes)
     if unfinished:
         text += "\n## Not finished\n\n" + unfinished_table(unfinished)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -343,15 +343,17 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
     return payload
 
 
-def unfinished_runs(config: KnowEditTableConfig) -> list[dict[str, Any]]:
-    """The plan's runs without a finished folder, in plan order, and how far each got."""
+def unfinished_runs(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome] = ()) -> list[dict[str, Any]]:
+    """The plan's runs without a finished folder, in plan order: how far each got, or that it failed this time."""
+    failed = {(o.dataset, o.method) for o in outcomes if o.status == "failed"}
     rows = []
     for dataset, method in config.plan():
         folder = config.folder(dataset, method)
         if run_finished(folder):
             continue
         progress = run_progress(folder)
-        rows.append({"dataset": dataset, "method": method, "started": progress is not None,
+        state = "failed" if (dataset, method) in failed else "started" if progress is not None else "not started"
+        rows.append({"dataset": dataset, "method": method, "state": state,
                      **(progress or {"chunks_done": 0, "chunks": None, "work_minutes": 0.0, "minutes_left": None})})
     return rows
 
@@ -361,15 +363,16 @@ def unfinished_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| Dataset | Method | chunks written | minutes of work so far | minutes left at that rate |",
              "|---|---|---|---|---|"]
     for row in rows:
-        if not row["started"]:
-            lines.append(f"| {row['dataset']} | {row['method']} | not started | — | — |")
+        if row["state"] != "started":
+            shown = "failed (below)" if row["state"] == "failed" else row["state"]
+            lines.append(f"| {row['dataset']} | {row['method']} | {shown} | — | — |")
             continue
         left = "—" if row["minutes_left"] is None else f"{row['minutes_left']:.1f}"
         lines.append(f"| {row['dataset']} | {row['method']} | {row['chunks_done']} of {row['chunks'] or '?'} "
                      f"| {row['work_minutes']:.1f} | {left} |")
-    started = [r for r in rows if r["started"]]
+    started = [r for r in rows if r["state"] == "started"]
     hours = sum(r["minutes_left"] or 0.0 for r in started) / 60
-    waiting = len(rows) - len(started)
+    waiting = sum(r["state"] == "not started" for r in rows)
     return ("\n".join(lines) + f"\n\nAbout {hours:.1f} h of work left in the {len(started)} started run(s) (edits and "
             f"scores, without a pre-edit capture per session); {waiting} not started.\n")
 
