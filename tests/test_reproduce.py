@@ -4,6 +4,7 @@ layout from those folders, generation rows for GRACE/DEFER, resume after an inte
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -112,10 +113,17 @@ def test_an_interrupted_reproduction_resumes_where_it_stopped(zsre_file, tmp_pat
     lines = (folder / "results.jsonl").read_text().splitlines()
     (folder / "results.jsonl").write_text(lines[0] + "\n" + lines[1][:15])  # interrupted while writing
     (folder / "summary.json").unlink()
+    shutil.rmtree(config.folder("GRACE", 2))
+    unfinished = write_table(config)["unfinished"]
+    assert [(r["run"], r["state"], r["chunks_done"], r["chunks"]) for r in unfinished] == [
+        ("GRACE T=1", "started", 1, 2), ("GRACE T=2", "not started", 0, None)]
+    section = (config.out / "wise-table.md").read_text().split("## Not finished")[1]
+    assert "| GRACE T=1 | 1 of 2 |" in section and "| GRACE T=2 | not started | — | — |" in section
     seen = []
     run_wise_table(config, model=tiny_llama, tok=word_tok, show_progress=False, on_run=seen.append)
     assert [(o.method, o.T, o.status) for o in seen] == [("FT-M", 1, "done"), ("GRACE", 1, "ran"),
-                                                          ("FT-M", 2, "done"), ("GRACE", 2, "done")]
+                                                          ("FT-M", 2, "done"), ("GRACE", 2, "ran")]
+    assert "## Not finished" not in (config.out / "wise-table.md").read_text()
     records = read_records(folder / "results.jsonl")
     assert [(r["index"], r["chunk"]) for r in records] == [(0, 0), (1, 1)]  # only the torn chunk was redone
     assert _collected(config)["rows"] == before["rows"]  # the resumed run gives the same table
@@ -132,6 +140,8 @@ def test_a_failing_method_is_reported_and_the_others_run(zsre_file, tmp_path, ti
     status = {(o["method"], o["T"]): o["status"] for o in payload["outcomes"]}
     assert status == {("FT-M", 1): "ran", ("GRACE", 1): "failed"}
     assert set(payload["rows"]) == {"unedited", "FT-M"}
+    assert [(r["run"], r["state"]) for r in payload["unfinished"]] == [("GRACE T=1", "failed")]
+    assert "| GRACE T=1 | failed | — | — |" in (config.out / "wise-table.md").read_text()
     table = markdown_table(config.table, _collected(config))
     assert "| GRACE |" not in table.split("Seconds per edit")[0]
 

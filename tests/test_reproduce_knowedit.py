@@ -133,13 +133,13 @@ def test_the_table_lists_what_is_not_finished_and_the_work_left(root, tmp_path, 
     payload = write_table(config)
     minutes = (kept["edit_seconds"] + kept["eval_seconds"]) / 60
     assert payload["unfinished"] == [
-        {"dataset": "ZsRE", "method": "FT-L", "state": "not started", "chunks_done": 0, "chunks": None,
+        {"run": "ZsRE/FT-L", "state": "not started", "chunks_done": 0, "chunks": None,
          "work_minutes": 0.0, "minutes_left": None},
-        {"dataset": "ZsRE", "method": "FT-M", "state": "started", "chunks_done": 1, "chunks": 2,
+        {"run": "ZsRE/FT-M", "state": "started", "chunks_done": 1, "chunks": 2,
          "work_minutes": pytest.approx(minutes), "minutes_left": pytest.approx(minutes)}]
     section = (config.out / "knowedit-table.md").read_text().split("## Not finished")[1]
-    assert "| ZsRE | FT-L | not started | — | — |" in section
-    assert f"| ZsRE | FT-M | 1 of 2 | {minutes:.1f} | {minutes:.1f} |" in section
+    assert "| ZsRE/FT-L | not started | — | — |" in section
+    assert f"| ZsRE/FT-M | 1 of 2 | {minutes:.1f} | {minutes:.1f} |" in section
     assert "in the 1 started run(s)" in section and "1 not started" in section
     run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)  # both resume and finish
     assert write_table(config)["unfinished"] == []
@@ -153,8 +153,8 @@ def test_a_failing_method_is_reported_and_the_others_go_on(root, tmp_path, tiny_
     assert status == {"FT-L": "failed", "FT-M": "ran"}
     text = (config.out / "knowedit-table.md").read_text()
     assert "FT-L on ZsRE" in text.split("## Runs that failed")[1]
-    assert "| ZsRE | FT-L | failed (below) | — | — |" in text and "; 0 not started" in text
-    assert [(r["method"], r["state"]) for r in payload["unfinished"]] == [("FT-L", "failed")]
+    assert "| ZsRE/FT-L | failed | — | — |" in text and "; 0 not started" in text
+    assert [(r["run"], r["state"]) for r in payload["unfinished"]] == [("ZsRE/FT-L", "failed")]
 
 
 def test_command_line_checks_and_table_only(root, tmp_path):

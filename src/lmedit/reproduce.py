@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import torch
 
@@ -178,8 +178,8 @@ def run_wise_table(
             raise ReproduceError(f"{method} T={T} left the model changed after restoring; later runs would be wrong")
         if on_run:
             on_run(outcome)
-        write_table(config)
-    payload = write_table(config)
+        write_table(config, outcomes)
+    payload = write_table(config, outcomes)
     payload["outcomes"] = [{"method": o.method, "T": o.T, "status": o.status, "seconds": o.seconds, "error": o.error}
                            for o in outcomes]
     return payload
@@ -272,6 +272,20 @@ def run_progress(folder: Path) -> dict[str, Any] | None:
     return {"chunks_done": done, "chunks": total, "work_minutes": minutes, "minutes_left": left}
 
 
+def unfinished_runs(planned: Iterable[tuple[str, Path]], failed: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Of the ``(label, folder)`` runs of a plan, those not finished, in plan order: how far each got
+    (:func:`run_progress`), or that it failed (its label in ``failed``: tried this time and failed)."""
+    rows = []
+    for label, folder in planned:
+        if run_finished(folder):
+            continue
+        progress = run_progress(folder)
+        state = "failed" if label in failed else "started" if progress is not None else "not started"
+        rows.append({"run": label, "state": state,
+                     **(progress or {"chunks_done": 0, "chunks": None, "work_minutes": 0.0, "minutes_left": None})})
+    return rows
+
+
 def _run_method(
     config: WiseTableConfig, method: str, T: int, requests: Sequence[EditRequest], model: torch.nn.Module, tok: Any,
     show_progress: bool,
@@ -337,8 +351,11 @@ def load_written_runs(folders: Iterable[Path]) -> list[dict[str, Any]]:
     return runs
 
 
-def write_table(config: WiseTableConfig) -> dict[str, Any]:
-    """``wise-table.md``, ``wise-table.json`` and ``wise-table.png`` in the output folder, from the run folders."""
+def write_table(config: WiseTableConfig, outcomes: Sequence[RunOutcome] = ()) -> dict[str, Any]:
+    """``wise-table.md``, ``wise-table.json`` and ``wise-table.png`` in the output folder, from the run folders,
+    with the runs not finished yet (``outcomes``: this reproduction's, to tell a failed run from one not started)."""
     from lmedit.reports.wise_table import write_table as write_wise_table
 
-    return write_wise_table(config.out, plan_runs(config), config.table)
+    failed = {f"{o.method} T={o.T}" for o in outcomes if o.status == "failed"}
+    unfinished = unfinished_runs(((f"{m} T={T}", config.folder(m, T)) for m, T in config.plan()), failed)
+    return write_wise_table(config.out, plan_runs(config), config.table, unfinished)

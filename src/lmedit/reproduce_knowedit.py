@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmedit.registry import get_method, list_presets
-from lmedit.reproduce import (ReproduceError, load_written_runs, model_fingerprint, run_finished, run_progress,
-                              run_unless_finished)
+from lmedit.reproduce import (ReproduceError, load_written_runs, model_fingerprint, run_finished, run_unless_finished,
+                              unfinished_runs)
 
 LOG = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
     """``knowedit-table.md``, ``.json`` and ``.png`` in the output folder, from the run folders."""
     from lmedit.reports.knowedit import cost_table, knowedit_rows, knowedit_table
     from lmedit.reports.knowedit_published import comparison_table, ordering_comparison
+    from lmedit.reports.unfinished import unfinished_section
 
     runs = plan_runs(config)
     rows = knowedit_rows(runs)
@@ -327,9 +328,9 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
         hours = sum(r["work_minutes"] or 0 for r in rows) / 60
         text += (f"\n## Cost\n\nSeconds per edit · minutes of work per run (edits, post-edit scoring and the "
                  f"pre-edit capture), on this machine; {hours:.1f} h in all.\n\n" + cost_table(rows))
-    unfinished = unfinished_runs(config, outcomes)
-    if unfinished:
-        text += "\n## Not finished\n\n" + unfinished_table(unfinished)
+    failed_labels = {f"{o.dataset}/{o.method}" for o in outcomes if o.status == "failed"}
+    unfinished = unfinished_runs(((f"{d}/{m}", config.folder(d, m)) for d, m in config.plan()), failed_labels)
+    text += unfinished_section(unfinished)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         text += "\n## Runs that failed\n\n" + "".join(f"* {o.method} on {o.dataset}: {o.error}\n" for o in failed)
@@ -341,40 +342,6 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
     (config.out / f"{TABLE_NAME}.json").write_text(json.dumps(payload, indent=2, default=str))
     plot_against_published(rows, config.out / f"{TABLE_NAME}.png")
     return payload
-
-
-def unfinished_runs(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome] = ()) -> list[dict[str, Any]]:
-    """The plan's runs without a finished folder, in plan order: how far each got, or that it failed this time."""
-    failed = {(o.dataset, o.method) for o in outcomes if o.status == "failed"}
-    rows = []
-    for dataset, method in config.plan():
-        folder = config.folder(dataset, method)
-        if run_finished(folder):
-            continue
-        progress = run_progress(folder)
-        state = "failed" if (dataset, method) in failed else "started" if progress is not None else "not started"
-        rows.append({"dataset": dataset, "method": method, "state": state,
-                     **(progress or {"chunks_done": 0, "chunks": None, "work_minutes": 0.0, "minutes_left": None})})
-    return rows
-
-
-def unfinished_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Progress of the unfinished runs, and the work left in those that have started, at their own rate so far."""
-    lines = ["| Dataset | Method | chunks written | minutes of work so far | minutes left at that rate |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        if row["state"] != "started":
-            shown = "failed (below)" if row["state"] == "failed" else row["state"]
-            lines.append(f"| {row['dataset']} | {row['method']} | {shown} | — | — |")
-            continue
-        left = "—" if row["minutes_left"] is None else f"{row['minutes_left']:.1f}"
-        lines.append(f"| {row['dataset']} | {row['method']} | {row['chunks_done']} of {row['chunks'] or '?'} "
-                     f"| {row['work_minutes']:.1f} | {left} |")
-    started = [r for r in rows if r["state"] == "started"]
-    hours = sum(r["minutes_left"] or 0.0 for r in started) / 60
-    waiting = sum(r["state"] == "not started" for r in rows)
-    return ("\n".join(lines) + f"\n\nAbout {hours:.1f} h of work left in the {len(started)} started run(s) (edits and "
-            f"scores, without a pre-edit capture per session); {waiting} not started.\n")
 
 
 def plot_against_published(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:

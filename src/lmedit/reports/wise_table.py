@@ -304,9 +304,14 @@ def retention_table(table: WiseTable, curves: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- a reproduction's files
 
 
-def write_table(out: Path, runs: Sequence[dict[str, Any]], table: WiseTable) -> dict[str, Any]:
-    """``wise-table.md``, ``.json`` and ``.png`` (plus the cost and retention plots) in ``out``; returns the JSON."""
+def write_table(out: Path, runs: Sequence[dict[str, Any]], table: WiseTable,
+                unfinished: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """``wise-table.md``, ``.json`` and ``.png`` (plus the cost and retention plots) in ``out``; returns the JSON.
+
+    ``unfinished``: the plan's runs not finished yet (:func:`lmedit.reproduce.unfinished_runs`), listed below.
+    """
     from lmedit.reports.plots import plot_cost, plot_retention, plot_table
+    from lmedit.reports.unfinished import unfinished_section
 
     collected = collect_rows(runs, table)
     cost = cost_along_chunk(runs, table)
@@ -316,11 +321,11 @@ def write_table(out: Path, runs: Sequence[dict[str, Any]], table: WiseTable) -> 
         text += "\n" + cost_table(cost)
     if curves:
         text += "\n" + retention_table(table, curves)
-    (out / f"{TABLE_NAME}.md").write_text(text + table_note(table))
+    (out / f"{TABLE_NAME}.md").write_text(text + table_note(table) + unfinished_section(unfinished))
     payload = {"table": TABLE_NAME, "layout": table.layout, "model": table.model, "data": table.data,
                "limit": table.limit, "offset": table.offset, "T": list(table.Ts), **collected,
                "cost_along_chunk": {m: {"T": e["T"], "bins": e["bins"]} for m, e in cost.items()},
-               "retention": curves}
+               "retention": curves, "unfinished": list(unfinished)}
     (out / f"{TABLE_NAME}.json").write_text(json.dumps(payload, indent=2))
     if collected["rows"]:
         plot_table(table, collected, out / f"{TABLE_NAME}.png")
