@@ -211,3 +211,15 @@ def test_run_progress_counts_chunks_not_records_and_every_session(tmp_path):
     progress = run_progress(tmp_path)  # the torn last line of a stopped run is skipped
     assert progress == {"chunks_done": 2, "chunks": 4, "work_minutes": pytest.approx(2.0),
                         "minutes_left": pytest.approx(2.0)}
+
+
+def test_a_damaged_folder_is_reported_and_the_others_are_still_listed(tmp_path):
+    from lmedit.reproduce import unfinished_runs
+
+    damaged, fine = tmp_path / "damaged", tmp_path / "fine"
+    for folder in (damaged, fine):
+        folder.mkdir()
+        (folder / "sessions.jsonl").write_text(json.dumps({"chunks_done": 0, "chunks": 2}) + "\n" + '{"chunks_d')
+    (damaged / "results.jsonl").write_text("not json\n" + json.dumps({"index": 1, "chunk": 1}) + "\n")
+    rows = unfinished_runs([("damaged", damaged), ("fine", fine)])
+    assert [(r["run"], r["state"], r["chunks"]) for r in rows] == [("damaged", "unreadable", None), ("fine", "started", 2)]

@@ -262,7 +262,8 @@ def run_progress(folder: Path) -> dict[str, Any] | None:
     sessions = folder / SESSIONS_FILE
     if not sessions.is_file():
         return None
-    starts = [json.loads(line) for line in sessions.read_text().splitlines() if line.strip()]
+    starts = [_json_or_none(line) for line in sessions.read_text().splitlines() if line.strip()]
+    starts = [s for s in starts if isinstance(s, dict)]  # a line torn by a stopped process is skipped
     total = starts[-1].get("chunks") if starts else None  # the runner's own plan, written at every start
     records = read_run_records(folder / RESULTS_FILE)
     done = len({r["chunk"] for r in records})
@@ -272,14 +273,30 @@ def run_progress(folder: Path) -> dict[str, Any] | None:
     return {"chunks_done": done, "chunks": total, "work_minutes": minutes, "minutes_left": left}
 
 
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def unfinished_runs(planned: Iterable[tuple[str, Path]], failed: Collection[str] = ()) -> list[dict[str, Any]]:
     """Of the ``(label, folder)`` runs of a plan, those not finished, in plan order: how far each got
-    (:func:`run_progress`), or that it failed (its label in ``failed``: tried this time and failed)."""
+    (:func:`run_progress`), that it failed (its label in ``failed``: tried this time and failed), or that its
+    records cannot be read (logged; the table is written all the same)."""
+    from lmedit.reports import ReportError
+
     rows = []
     for label, folder in planned:
         if run_finished(folder):
             continue
-        progress = run_progress(folder)
+        try:
+            progress = run_progress(folder)
+        except ReportError as exc:
+            LOG.warning("cannot tell how far %s got: %s", folder, exc)
+            rows.append({"run": label, "state": "unreadable", "chunks_done": 0, "chunks": None, "work_minutes": 0.0,
+                         "minutes_left": None})
+            continue
         state = "failed" if label in failed else "started" if progress is not None else "not started"
         rows.append({"run": label, "state": state,
                      **(progress or {"chunks_done": 0, "chunks": None, "work_minutes": 0.0, "minutes_left": None})})

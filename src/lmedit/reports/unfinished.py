@@ -15,7 +15,7 @@ def unfinished_section(rows: Sequence[dict[str, Any]]) -> str:
         return ""
     lines = ["| Run | chunks written | minutes of work so far | minutes left at that rate |", "|---|---|---|---|"]
     for row in rows:
-        if row["state"] != "started":  # "not started", or "failed": tried by this reproduction, and it failed
+        if row["state"] != "started":  # "not started", "failed" (tried by this reproduction), "unreadable" records
             lines.append(f"| {row['run']} | {row['state']} | — | — |")
             continue
         left = "—" if row["minutes_left"] is None else f"{row['minutes_left']:.1f}"
