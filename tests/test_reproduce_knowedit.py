@@ -146,6 +146,18 @@ def test_the_table_lists_what_is_not_finished_and_the_work_left(root, tmp_path, 
     assert "## Not finished" not in (config.out / "knowedit-table.md").read_text()
 
 
+def test_a_method_that_refuses_the_set_is_not_listed_as_merely_not_started(root, tmp_path):
+    records = json.loads((root / "ZsRE" / "ZsRE-test-all.json").read_text())
+    (root / "ZsRE" / "ZsRE-test-all.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "subject"}
+                                                                  for r in records]))
+    config = _config(root, tmp_path, sets=("ZsRE",), methods=("FT-M", "ROME"))
+    config.out.mkdir(parents=True)
+    rows = {r["run"]: r["state"] for r in write_table(config)["unfinished"]}  # what --table-only writes: no run
+    assert rows["ZsRE/FT-M"] == "not started"
+    assert rows["ZsRE/ROME"].startswith("cannot run: request 0: this method needs the subject")
+    assert "; 1 not started." in (config.out / "knowedit-table.md").read_text()
+
+
 def test_a_failing_method_is_reported_and_the_others_go_on(root, tmp_path, tiny_llama, word_tok):
     config = _config(root, tmp_path, sets=("ZsRE",), overrides={**TINY, "FT-L": {"layers": [99]}})
     payload = run_knowedit_table(config, model=tiny_llama, tok=word_tok, show_progress=False)

@@ -330,6 +330,10 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
                  f"pre-edit capture), on this machine; {hours:.1f} h in all.\n\n" + cost_table(rows))
     failed_labels = {f"{o.dataset}/{o.method}" for o in outcomes if o.status == "failed"}
     unfinished = unfinished_runs(((f"{d}/{m}", config.folder(d, m)) for d, m in config.plan()), failed_labels)
+    for row in unfinished:
+        why = _refused(config, *row["run"].split("/")) if row["state"] == "not started" else None
+        if why:
+            row["state"] = f"cannot run: {why}"
     text += unfinished_section(unfinished)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
@@ -342,6 +346,22 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
     (config.out / f"{TABLE_NAME}.json").write_text(json.dumps(payload, indent=2, default=str))
     plot_against_published(rows, config.out / f"{TABLE_NAME}.png")
     return payload
+
+
+def _refused(config: KnowEditTableConfig, dataset: str, method: str) -> str | None:
+    """Why ``method`` refuses the set's first request, which no run would change (ROME on records without a
+    subject); ``None`` when it takes it. So a table written from the folders alone (``--table-only``) does not
+    list such a run as merely not started."""
+    from lmedit.data import load_requests
+
+    chosen = selection(config, dataset)
+    try:
+        requests = load_requests(config.data_file(dataset), limit=1, offset=chosen["offset"],
+                                 format=chosen.get("data_format"))
+        get_method(method).check_requests(requests[:1])
+    except ValueError as exc:  # RequestError, MethodError, or a file that cannot be read as this set
+        return str(exc).split(";")[0]
+    return None
 
 
 def plot_against_published(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
