@@ -328,10 +328,11 @@ def write_table(config: KnowEditTableConfig, outcomes: Sequence[KnowEditOutcome]
         hours = sum(r["work_minutes"] or 0 for r in rows) / 60
         text += (f"\n## Cost\n\nSeconds per edit · minutes of work per run (edits, post-edit scoring and the "
                  f"pre-edit capture), on this machine; {hours:.1f} h in all.\n\n" + cost_table(rows))
+    runs_by_label = {f"{d}/{m}": (d, m) for d, m in config.plan()}
     failed_labels = {f"{o.dataset}/{o.method}" for o in outcomes if o.status == "failed"}
-    unfinished = unfinished_runs(((f"{d}/{m}", config.folder(d, m)) for d, m in config.plan()), failed_labels)
+    unfinished = unfinished_runs(((label, config.folder(*run)) for label, run in runs_by_label.items()), failed_labels)
     for row in unfinished:
-        why = _refused(config, *row["run"].split("/")) if row["state"] == "not started" else None
+        why = _refused(config, *runs_by_label[row["run"]]) if row["state"] == "not started" else None
         if why:
             row["state"] = f"cannot run: {why}"
     text += unfinished_section(unfinished)
@@ -359,7 +360,7 @@ def _refused(config: KnowEditTableConfig, dataset: str, method: str) -> str | No
         requests = load_requests(config.data_file(dataset), limit=1, offset=chosen["offset"],
                                  format=chosen.get("data_format"))
         get_method(method).check_requests(requests[:1])
-    except ValueError as exc:  # RequestError, MethodError, or a file that cannot be read as this set
+    except (ValueError, OSError) as exc:  # RequestError, MethodError, or a file that cannot be read as this set
         return str(exc).split(";")[0]
     return None
 
