@@ -49,6 +49,7 @@ def main() -> None:
     requests = load_requests(args.data, limit=args.limit)
     editor = Editor(model, tok, "IKE", overrides={"train_file": args.train_file})
     qa = build_suite("qa:context=question,max_new_tokens=10")
+    qa_alone = build_suite("qa:context=question,max_new_tokens=10,batch_size=1")  # EasyEdit's one prompt at a time
     seconds = {(way, part): 0.0 for way in (False, True) for part in ("generate", "qa")}
     outputs: dict[bool, list[Any]] = {False: [], True: []}
     changed = {False: 0, True: 0}  # qa answers that differ from the one-at-a-time answer, per way
@@ -57,8 +58,7 @@ def main() -> None:
         try:
             if args.one_at_a_time:
                 probes = qa_probes([request])
-                alone = build_suite("qa:context=question,max_new_tokens=10,batch_size=1").answers(
-                    model, tok, probes, SuiteContext(packing=False))
+                alone = qa_alone.answers(model, tok, probes, SuiteContext(packing=False))
                 for shared in (False, True):
                     batched = qa.answers(model, tok, probes, SuiteContext(packing=shared))
                     changed[shared] += sum(a != b for a, b in zip(alone, batched))
